@@ -1,0 +1,170 @@
+"""Timing helpers: JAX callables (wall clock around block_until_ready, plus a jitted loop that
+amortises dispatch) and torch CUDA callables (CUDA events).
+
+Every helper rotates among the given input sets (so repeated calls do not re-read one set from
+cache), caps its repetitions to a time budget, and returns a dict:
+``ms`` (the headline per-call time), ``ms_call`` / ``ms_min`` / ``ms_max`` / ``spread_pct``
+(per-call statistics), ``reps``, ``compile_s`` and, where known, ``ms_loop``, ``peak_bytes``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+import warnings
+from typing import Callable, Optional, Sequence
+
+
+def _stats(times_s: Sequence[float]) -> dict:
+    med = statistics.median(times_s)
+    return dict(ms_call=med * 1e3, ms_min=min(times_s) * 1e3, ms_max=max(times_s) * 1e3,
+                spread_pct=100.0 * (max(times_s) - min(times_s)) / med if med > 0 else 0.0,
+                reps=len(times_s))
+
+
+def _warm_up(call: Callable, input_sets: Sequence[tuple], budget_s: float) -> float:
+    """One call per input set (fewer when a call is slow); returns the mean seconds per call."""
+    t0 = time.perf_counter()
+    n = 0
+    for s in input_sets:
+        call(s)
+        n += 1
+        if time.perf_counter() - t0 > budget_s / 4:
+            break
+    return (time.perf_counter() - t0) / n
+
+
+def random_inputs(shapes, dtype, n_sets: int, seed: int = 0):
+    """``n_sets`` tuples of standard-normal JAX arrays of the given shapes (never zeros)."""
+    import jax
+
+    key = jax.random.PRNGKey(seed)
+    sets = []
+    for _ in range(n_sets):
+        arrays = []
+        for shape in shapes:
+            key, sub = jax.random.split(key)
+            arrays.append(jax.random.normal(sub, shape, dtype))
+        sets.append(tuple(arrays))
+    jax.block_until_ready(sets)
+    return sets
+
+
+def jax_peak_bytes() -> Optional[int]:
+    """Peak bytes in use on the first device so far (None if the device does not say)."""
+    import jax
+
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001 - some platforms raise instead of returning None
+        return None
+    return stats.get("peak_bytes_in_use")
+
+
+def _loop(fn: Callable, iterations: int) -> Callable:
+    """(sets, outs) -> (sets, outs), calling ``fn`` on every set ``iterations`` times.
+
+    The outputs are carried (and returned), and an optimization barrier ties the carried inputs
+    to them, so XLA can neither drop a call nor hoist it out of the loop as loop-invariant.
+    """
+    import jax
+
+    def run(sets, outs):
+        def body(_, carry):
+            sets, _ = carry
+            outs = tuple(fn(*s) for s in sets)
+            return jax.lax.optimization_barrier((sets, outs))
+
+        return jax.lax.fori_loop(0, iterations, body, (sets, outs))
+
+    return run
+
+
+def time_jax(fn: Callable, input_sets: Sequence[tuple], reps: int = 20, budget_s: float = 20.0,
+             loop: bool = True, loop_target_s: float = 0.05, max_loop_calls: int = 64) -> dict:
+    """Time ``fn(*inputs)`` (jitted here): compile, warm up on every set, then per-call runs,
+    then (``loop``) a jitted ``fori_loop`` of calls whose time is divided by the calls.
+
+    ``budget_s`` caps the timed part: the repetitions shrink when one call is slow. The
+    headline ``ms`` is the loop's per-call time when measured, else the per-call median.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    jf = jax.jit(fn)
+    t0 = time.perf_counter()
+    jax.block_until_ready(jf(*input_sets[0]))
+    compile_s = time.perf_counter() - t0
+
+    est = _warm_up(lambda s: jax.block_until_ready(jf(*s)), input_sets, budget_s)
+
+    n = max(1, min(reps, int(budget_s / max(est, 1e-9))))
+    times = []
+    for r in range(n):
+        s = input_sets[r % len(input_sets)]
+        t0 = time.perf_counter()
+        jax.block_until_ready(jf(*s))
+        times.append(time.perf_counter() - t0)
+    res = _stats(times)
+    res.update(compile_s=compile_s, ms=res["ms_call"])
+
+    nsets = len(input_sets)
+    iterations = max(1, min(max_loop_calls, math.ceil(loop_target_s / max(est, 1e-9))) // nsets)
+    loop_runs = 3
+    if loop and est * iterations * nsets * (loop_runs + 2) < budget_s:
+        try:
+            jl = jax.jit(_loop(fn, iterations), donate_argnums=(0, 1))
+            sets = jax.tree.map(jnp.copy, tuple(input_sets))
+            outs = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                jax.eval_shape(lambda ss: tuple(fn(*x) for x in ss), sets))
+            with warnings.catch_warnings():  # CPU cannot donate buffers; harmless
+                warnings.simplefilter("ignore")
+                carry = jax.block_until_ready(jl(sets, outs))  # compile + warm-up
+                loop_times = []
+                for _ in range(loop_runs):
+                    t0 = time.perf_counter()
+                    carry = jax.block_until_ready(jl(*carry))
+                    loop_times.append(time.perf_counter() - t0)
+            del carry, sets, outs
+            res["ms_loop"] = statistics.median(loop_times) * 1e3 / (iterations * nsets)
+            res["loop_calls"] = iterations * nsets
+            res["ms"] = res["ms_loop"]
+        except Exception as e:  # noqa: BLE001 - the per-call numbers still stand
+            res["loop_error"] = f"{type(e).__name__}: {e}"[:300]
+    res["peak_bytes"] = jax_peak_bytes()
+    return res
+
+
+def time_torch(fn: Callable, input_sets: Sequence[tuple], reps: int = 20,
+               budget_s: float = 20.0) -> dict:
+    """Time ``fn(*inputs)`` on the current CUDA device with CUDA events (median of ``reps``)."""
+    import torch
+
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    fn(*input_sets[0])
+    torch.cuda.synchronize()
+    compile_s = time.perf_counter() - t0
+
+    def call(s):
+        fn(*s)
+        torch.cuda.synchronize()
+
+    est = _warm_up(call, input_sets, budget_s)
+
+    n = max(1, min(reps, int(budget_s / max(est, 1e-9))))
+    times = []
+    for r in range(n):
+        s = input_sets[r % len(input_sets)]
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(*s)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    res = _stats(times)
+    res.update(compile_s=compile_s, ms=res["ms_call"],
+               peak_bytes=int(torch.cuda.max_memory_allocated()))
+    return res

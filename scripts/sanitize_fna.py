@@ -1,0 +1,25 @@
+"""One small fused-forward problem per rank, for compute-sanitizer (memcheck / racecheck).
+
+    compute-sanitizer --tool memcheck python3 scripts/sanitize_fna.py
+"""
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import natten_jax  # noqa: E402
+
+CASES = [
+    (natten_jax.na1d, (70,), 9, 2, 3, True, 64),
+    (natten_jax.na2d, (13, 19), (5, 4), (2, 1), (1, 3), (False, True), 32),
+    (natten_jax.na3d, (5, 6, 9), (3, 3, 4), (1, 2, 1), (1, 2, 2), (True, False, False), 128),
+]
+for i, (f, sp, k, s, d, c, D) in enumerate(CASES):
+    key = jax.random.split(jax.random.PRNGKey(i), 3)
+    q = jax.random.normal(key[0], (2, *sp, 4, D)).astype(jnp.bfloat16)
+    kk = jax.random.normal(key[1], (2, *sp, 2, D)).astype(jnp.bfloat16)
+    v = jax.random.normal(key[2], (2, *sp, 2, D)).astype(jnp.bfloat16)
+    out = f(q, kk, v, k, s, d, c, backend="fused").block_until_ready()
+    print(f"rank {len(sp)} ok", out.shape, bool(jnp.isfinite(out.astype(jnp.float32)).all()))

@@ -1,0 +1,143 @@
+// XLA FFI handler of the fused neighborhood-attention forward kernel.
+//
+// Attributes (names equal the Python kwargs): kernel_size, stride, dilation, is_causal (int64,
+// one per spatial axis), q_tile, kv_tile (int64 log2 tile extents per axis), scale (f32),
+// poison (int64; nonzero fills the outputs with NaN before the kernel runs, for tests).
+#include <cmath>
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "natten_jax/common/ffi_check.h"
+#include "natten_jax/fna/fna_fwd_params.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace natten_jax {
+namespace {
+
+// Fills `dst[3]` with `src` right-aligned (leading axes get `fill`).
+ffi::Error pad3(const char* name, ffi::Span<const int64_t> src, int rank, int fill, int* dst) {
+  if (static_cast<int>(src.size()) != rank)
+    return ffi::Error::InvalidArgument(std::string("natten_jax fna: attribute ") + name +
+                                       " must have one entry per spatial axis");
+  for (int a = 0; a < 3 - rank; ++a) dst[a] = fill;
+  for (int a = 0; a < rank; ++a) dst[3 - rank + a] = static_cast<int>(src[a]);
+  return ffi::Error::Success();
+}
+
+ffi::Error FnaForwardImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                          ffi::AnyBuffer v, ffi::Result<ffi::AnyBuffer> o,
+                          ffi::Result<ffi::Buffer<ffi::F32>> lse,
+                          ffi::Span<const int64_t> kernel_size, ffi::Span<const int64_t> stride,
+                          ffi::Span<const int64_t> dilation, ffi::Span<const int64_t> is_causal,
+                          ffi::Span<const int64_t> q_tile, ffi::Span<const int64_t> kv_tile,
+                          float scale, int64_t poison) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  const int nd = static_cast<int>(qd.size());
+  const int rank = nd - 3;
+  NJ_FFI_CHECK(rank >= 1 && rank <= 3, "q must be [batch, *spatial(1-3), heads, head_dim]");
+  NJ_FFI_CHECK(static_cast<int>(kd.size()) == nd && static_cast<int>(vd.size()) == nd,
+               "q, k, v ranks differ");
+  NJ_FFI_CHECK(q.element_type() == k.element_type() && q.element_type() == v.element_type() &&
+                   q.element_type() == o->element_type(),
+               "q, k, v, out dtypes differ");
+  fna::DType dtype;
+  if (q.element_type() == ffi::DataType::F16) {
+    dtype = fna::DType::kFloat16;
+  } else if (q.element_type() == ffi::DataType::BF16) {
+    dtype = fna::DType::kBFloat16;
+  } else {
+    return ffi::Error::InvalidArgument("natten_jax fna: dtype must be float16 or bfloat16");
+  }
+
+  fna::FnaFwdParams p{};
+  p.batch = static_cast<int>(qd[0]);
+  p.heads = static_cast<int>(qd[nd - 2]);
+  p.heads_kv = static_cast<int>(kd[nd - 2]);
+  p.head_dim = static_cast<int>(qd[nd - 1]);
+  NJ_FFI_CHECK(kd[nd - 1] == p.head_dim && vd[nd - 1] == p.head_dim,
+               "k and v head_dim must equal q head_dim");
+  NJ_FFI_CHECK(vd[nd - 2] == p.heads_kv && p.heads_kv > 0 && p.heads % p.heads_kv == 0,
+               "key/value heads must divide query heads");
+  NJ_FFI_CHECK(fna::fna_forward_supports_head_dim(p.head_dim), "head_dim must be 32, 64 or 128");
+  for (int a = 0; a < 3 - rank; ++a) p.extent[a] = 1;
+  for (int a = 0; a < rank; ++a) {
+    NJ_FFI_CHECK(kd[1 + a] == qd[1 + a] && vd[1 + a] == qd[1 + a], "q, k, v spatial shapes differ");
+    p.extent[3 - rank + a] = static_cast<int>(qd[1 + a]);
+  }
+  if (auto e = pad3("kernel_size", kernel_size, rank, 1, p.kernel); e.failure()) return e;
+  if (auto e = pad3("stride", stride, rank, 1, p.stride); e.failure()) return e;
+  if (auto e = pad3("dilation", dilation, rank, 1, p.dilation); e.failure()) return e;
+  if (auto e = pad3("is_causal", is_causal, rank, 0, p.causal); e.failure()) return e;
+  if (auto e = pad3("q_tile", q_tile, rank, 0, p.q_tile_log2); e.failure()) return e;
+  if (auto e = pad3("kv_tile", kv_tile, rank, 0, p.kv_tile_log2); e.failure()) return e;
+  int qsum = 0, kvsum = 0;
+  for (int a = 0; a < 3; ++a) {
+    qsum += p.q_tile_log2[a];
+    kvsum += p.kv_tile_log2[a];
+    NJ_FFI_CHECK(p.kernel[a] >= 1 && p.kernel[a] * p.dilation[a] <= p.extent[a] &&
+                     p.stride[a] >= 1 && p.stride[a] <= p.kernel[a],
+                 "invalid kernel_size / stride / dilation for the input extent");
+    NJ_FFI_CHECK(p.q_tile_log2[a] >= 0 && p.kv_tile_log2[a] >= 0, "tile extents must be >= 1");
+    int group0 = (p.extent[a] + p.dilation[a] - 1) / p.dilation[a];
+    int tq = 1 << p.q_tile_log2[a];
+    p.num_q_tiles[a] = (group0 + tq - 1) / tq;
+  }
+  NJ_FFI_CHECK(qsum == 6 && kvsum == 6, "q_tile and kv_tile must hold 64 tokens each");
+
+  // Contiguous heads-last strides (in elements).
+  const int64_t H = p.heads, Hkv = p.heads_kv, D = p.head_dim;
+  int64_t tq = H * D, tkv = Hkv * D, tl = H;
+  for (int a = 2; a >= 0; --a) {
+    p.q_token_stride[a] = tq;
+    p.kv_token_stride[a] = tkv;
+    p.lse_token_stride[a] = tl;
+    tq *= p.extent[a];
+    tkv *= p.extent[a];
+    tl *= p.extent[a];
+  }
+  p.q_batch_stride = tq;
+  p.kv_batch_stride = tkv;
+  p.lse_batch_stride = tl;
+  p.q_head_stride = D;
+  p.kv_head_stride = D;
+  NJ_FFI_CHECK(p.batch <= 65535 && static_cast<int64_t>(p.heads) * p.dilation[0] *
+                                           p.dilation[1] * p.dilation[2] <=
+                                       65535,
+               "batch and heads x dilation groups must each be <= 65535");
+
+  p.q = q.untyped_data();
+  p.k = k.untyped_data();
+  p.v = v.untyped_data();
+  p.o = o->untyped_data();
+  p.lse = lse->typed_data();
+  p.scale_log2 = scale * 1.4426950408889634f;
+  if (poison != 0) {  // tests: fill outputs with NaN so that an unwritten element shows
+    NJ_CUDA_CHECK(cudaMemsetAsync(p.o, 0xFF, o->size_bytes(), stream));
+    NJ_CUDA_CHECK(cudaMemsetAsync(p.lse, 0xFF, lse->size_bytes(), stream));
+  }
+  NJ_CUDA_CHECK(fna::fna_forward(p, dtype, stream));
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace natten_jax
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenJaxFnaForward, natten_jax::FnaForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()         // query
+                                  .Arg<ffi::AnyBuffer>()         // key
+                                  .Arg<ffi::AnyBuffer>()         // value
+                                  .Ret<ffi::AnyBuffer>()         // output
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // logsumexp
+                                  .Attr<ffi::Span<const int64_t>>("kernel_size")
+                                  .Attr<ffi::Span<const int64_t>>("stride")
+                                  .Attr<ffi::Span<const int64_t>>("dilation")
+                                  .Attr<ffi::Span<const int64_t>>("is_causal")
+                                  .Attr<ffi::Span<const int64_t>>("q_tile")
+                                  .Attr<ffi::Span<const int64_t>>("kv_tile")
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("poison"));

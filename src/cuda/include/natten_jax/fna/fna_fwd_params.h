@@ -1,0 +1,45 @@
+// Plain parameters of the fused neighborhood-attention forward kernel (host <-> device ABI).
+//
+// Every problem is viewed as rank 3: a rank-1 or rank-2 problem gets leading axes of extent 1,
+// kernel 1, stride 1, dilation 1 (such an axis has the single window [0, 1)).
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace natten_jax {
+namespace fna {
+
+enum class DType : int { kFloat16 = 0, kBFloat16 = 1 };
+
+struct FnaFwdParams {
+  const void* q;  // [B, *S, H, D]
+  const void* k;  // [B, *S, Hkv, D]
+  const void* v;  // [B, *S, Hkv, D]
+  void* o;        // [B, *S, H, D]
+  float* lse;     // [B, *S, H] (natural log)
+
+  int batch, heads, heads_kv, head_dim;
+  int extent[3], kernel[3], stride[3], dilation[3], causal[3];
+
+  // Q and KV tiles: 2^log2 tokens per axis, product 64.
+  int q_tile_log2[3], kv_tile_log2[3];
+  int num_q_tiles[3];  // per axis, for dilation group 0 (the longest)
+
+  // Element strides (contiguous heads-last tensors; computed on the host).
+  int64_t q_batch_stride, q_token_stride[3], q_head_stride;
+  int64_t kv_batch_stride, kv_token_stride[3], kv_head_stride;  // shared by k and v
+  int64_t lse_batch_stride, lse_token_stride[3];                // heads contiguous
+
+  float scale_log2;  // scale * log2(e)
+};
+
+// Head dims the forward kernel is built for (query, key and value head dim equal).
+bool fna_forward_supports_head_dim(int head_dim);
+
+// Launches the forward kernel on `stream`; returns the first CUDA error (attribute or launch).
+cudaError_t fna_forward(const FnaFwdParams& params, DType dtype, cudaStream_t stream);
+
+}  // namespace fna
+}  // namespace natten_jax

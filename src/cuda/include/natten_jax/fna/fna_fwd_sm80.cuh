@@ -1,0 +1,489 @@
+// Fused neighborhood attention forward, tensor-core path (mma.sync m16n8k16, cp.async,
+// ldmatrix): runs on sm_80 and later.
+//
+// One CTA of 4 warps computes one Q tile of 64 queries (a multi-dimensional box of 2^a x 2^b x
+// 2^c tokens of one dilation group) for one (batch, head). It visits the union of its queries'
+// windows as a sequence of KV boxes (64 keys, also multi-dimensional) that start at the union's
+// corner rather than on a fixed grid, double-buffered in shared memory. The fine-grained
+// neighborhood mask is applied only to boxes that are not inside every query's window. Online
+// softmax in fp32 (base 2); the output and the natural-log logsumexp are written at the end.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "natten_jax/fna/fna_fwd_params.h"
+#include "natten_jax/window.cuh"
+
+namespace natten_jax {
+namespace fna {
+namespace sm80 {
+
+constexpr int kTileQ = 64;    // queries per CTA (16 per warp)
+constexpr int kTileKV = 64;   // keys per KV box
+constexpr int kThreads = 128;
+
+template <typename T>
+struct MmaTraits;
+
+template <>
+struct MmaTraits<__half> {
+  static __device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t pack(float x, float y) {
+    __half2 h = __floats2half2_rn(x, y);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+
+template <>
+struct MmaTraits<__nv_bfloat16> {
+  static __device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t pack(float x, float y) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte async copy; src_bytes = 0 zero-fills the destination (used for tokens outside range).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
+               "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// Local coordinates of row `r` of a 3-D tile of 2^l[0] x 2^l[1] x 2^l[2] tokens (row-major).
+__device__ __forceinline__ void tile_coord(int r, const int* l, int* c) {
+  c[2] = r & ((1 << l[2]) - 1);
+  c[1] = (r >> l[2]) & ((1 << l[1]) - 1);
+  c[0] = r >> (l[1] + l[2]);
+}
+
+// Loads 64 rows of `D` elements into each of `n` shared-memory tiles from `n` sources that
+// share one token layout (K and V do): row r is token (origin + tile_coord(r)) if it lies below
+// `limit` on every axis, else zeros. Each `base[i]` already points at (batch, group, head).
+template <typename T, int D, int N>
+__device__ __forceinline__ void load_tiles(T* const (&smem)[N], const T* const (&base)[N],
+                                           const int64_t* tok_stride, const int* dil,
+                                           const int* origin, const int* limit, const int* l2,
+                                           int tid) {
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  constexpr int kPitch = D + 8;
+#pragma unroll
+  for (int i = 0; i < (kTileKV * kChunks) / kThreads; ++i) {
+    int idx = tid + i * kThreads;
+    int row = idx / kChunks, chunk = idx % kChunks;
+    int c[3];
+    tile_coord(row, l2, c);
+    bool valid = true;
+    int64_t off = 0;
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+      int x = origin[a] + c[a];
+      valid = valid && (x < limit[a]);
+      off += static_cast<int64_t>(x) * dil[a] * tok_stride[a];
+    }
+    off = valid ? off + chunk * 8 : 0;
+#pragma unroll
+    for (int t = 0; t < N; ++t) cp_async16(smem[t] + row * kPitch + chunk * 8, base[t] + off, valid);
+  }
+}
+
+// CTAs per SM the register budget aims at: small head dims are latency-bound, so more of them.
+template <int D>
+constexpr int min_ctas_per_sm() {
+  return D <= 32 ? 4 : (D <= 64 ? 3 : 2);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, min_ctas_per_sm<D>())
+    fna_fwd_kernel(const __grid_constant__ FnaFwdParams p) {
+  using Mma = MmaTraits<T>;
+  constexpr int kPitch = D + 8;  // 16-byte pad per row: conflict-free ldmatrix
+  constexpr int kDTiles = D / 8;
+  constexpr int kKChunks = D / 16;
+  constexpr int kNTiles = kTileKV / 8;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sK = sQ + kTileQ * kPitch;       // 2 stages
+  T* sV = sK + 2 * kTileKV * kPitch;  // 2 stages
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+
+  // ---- Which (batch, head, dilation group, Q tile) this CTA owns.
+  const int b = blockIdx.z;
+  const int h = blockIdx.y % p.heads;
+  int grp = blockIdx.y / p.heads;
+  int g[3], glen[3], dil[3], ks[3], st[3];
+  bool causal[3];
+#pragma unroll
+  for (int a = 2; a >= 0; --a) {
+    dil[a] = p.dilation[a];
+    g[a] = grp % dil[a];
+    grp /= dil[a];
+  }
+  int q0[3], qlast[3];
+  {
+    int t = blockIdx.x;
+#pragma unroll
+    for (int a = 2; a >= 0; --a) {
+      int tq = t % p.num_q_tiles[a];
+      t /= p.num_q_tiles[a];
+      q0[a] = tq << p.q_tile_log2[a];
+    }
+  }
+#pragma unroll
+  for (int a = 0; a < 3; ++a) {
+    ks[a] = p.kernel[a];
+    st[a] = p.stride[a];
+    causal[a] = p.causal[a] != 0;
+    glen[a] = group_extent(p.extent[a], dil[a], g[a]);
+    if (q0[a] >= glen[a]) return;  // this group is shorter than group 0 on this axis
+    qlast[a] = min(q0[a] + (1 << p.q_tile_log2[a]), glen[a]) - 1;
+  }
+
+  // ---- KV range of the CTA: the union [lo, hi) of its queries' windows (window starts and
+  // ends are monotone in the query index, so the first and last query bound it).
+  int lo[3], hi[3], nbox[3];
+  int total_boxes = 1;
+#pragma unroll
+  for (int a = 0; a < 3; ++a) {
+    lo[a] = window_start(q0[a], ks[a], st[a], glen[a], causal[a]);
+    int s_last = window_start(qlast[a], ks[a], st[a], glen[a], causal[a]);
+    hi[a] = window_end(qlast[a], s_last, ks[a], causal[a]);
+    int box = 1 << p.kv_tile_log2[a];
+    nbox[a] = (hi[a] - lo[a] + box - 1) / box;
+    total_boxes *= nbox[a];
+  }
+
+  // ---- Per warp: its 16 rows form a sub-box of the Q tile (tile extents are powers of two).
+  // A KV box outside the union [wlo, whi) of the warp's windows is skipped by the warp; one
+  // inside their intersection [wilo, wihi) needs no mask.
+  int wlo[3], whi[3], wilo[3], wihi[3];
+  bool warp_active = true;
+  {
+    int cf[3], cl[3];
+    tile_coord(warp * 16, p.q_tile_log2, cf);
+    tile_coord(warp * 16 + 15, p.q_tile_log2, cl);
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+      int first = q0[a] + cf[a];
+      int last = min(q0[a] + cl[a], glen[a] - 1);
+      warp_active = warp_active && first < glen[a];
+      first = min(first, glen[a] - 1);
+      int sf = window_start(first, ks[a], st[a], glen[a], causal[a]);
+      int sl = window_start(last, ks[a], st[a], glen[a], causal[a]);
+      wlo[a] = sf;
+      whi[a] = window_end(last, sl, ks[a], causal[a]);
+      wilo[a] = sl;
+      wihi[a] = window_end(first, sf, ks[a], causal[a]);
+    }
+  }
+
+  const int hkv = h / (p.heads / p.heads_kv);
+  int64_t goff_q = 0, goff_kv = 0;
+#pragma unroll
+  for (int a = 0; a < 3; ++a) {
+    goff_q += static_cast<int64_t>(g[a]) * p.q_token_stride[a];
+    goff_kv += static_cast<int64_t>(g[a]) * p.kv_token_stride[a];
+  }
+  const T* qbase = static_cast<const T*>(p.q) + b * p.q_batch_stride + goff_q + h * p.q_head_stride;
+  const T* kbase =
+      static_cast<const T*>(p.k) + b * p.kv_batch_stride + goff_kv + hkv * p.kv_head_stride;
+  const T* vbase =
+      static_cast<const T*>(p.v) + b * p.kv_batch_stride + goff_kv + hkv * p.kv_head_stride;
+
+  // ---- Per-thread query rows (g = lane/4 and g + 8 of the warp's 16) and their windows.
+  int ws[2][3], we[2][3];
+  bool row_valid[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    int row = warp * 16 + lane / 4 + r * 8;
+    int c[3];
+    tile_coord(row, p.q_tile_log2, c);
+    row_valid[r] = true;
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+      int x = q0[a] + c[a];
+      row_valid[r] = row_valid[r] && x < glen[a];
+      x = min(x, glen[a] - 1);
+      ws[r][a] = window_start(x, ks[a], st[a], glen[a], causal[a]);
+      we[r][a] = window_end(x, ws[r][a], ks[a], causal[a]);
+    }
+  }
+
+  // ---- Prologue: Q tile, first KV box.
+  int qlimit[3] = {glen[0], glen[1], glen[2]};
+  {
+    T* const dst[1] = {sQ};
+    const T* const src[1] = {qbase};
+    load_tiles<T, D, 1>(dst, src, p.q_token_stride, dil, q0, qlimit, p.q_tile_log2, tid);
+  }
+  cp_async_commit();
+
+  auto box_origin = [&](int j, int* o) {
+#pragma unroll
+    for (int a = 2; a >= 0; --a) {
+      o[a] = lo[a] + (j % nbox[a]) * (1 << p.kv_tile_log2[a]);
+      j /= nbox[a];
+    }
+  };
+  auto load_kv = [&](int j, int stage) {
+    int o[3];
+    box_origin(j, o);
+    T* const dst[2] = {sK + stage * kTileKV * kPitch, sV + stage * kTileKV * kPitch};
+    const T* const src[2] = {kbase, vbase};
+    load_tiles<T, D, 2>(dst, src, p.kv_token_stride, dil, o, hi, p.kv_tile_log2, tid);
+  };
+  load_kv(0, 0);
+  cp_async_commit();
+  cp_async_wait<1>();
+  __syncthreads();
+
+  uint32_t qf[kKChunks][4];
+#pragma unroll
+  for (int kc = 0; kc < kKChunks; ++kc) {
+    int row = warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
+    int col = kc * 16 + (lane / 16) * 8;
+    ldmatrix_x4(qf[kc], sQ + row * kPitch + col);
+  }
+
+  float acc_o[kDTiles][4];
+#pragma unroll
+  for (int i = 0; i < kDTiles; ++i) acc_o[i][0] = acc_o[i][1] = acc_o[i][2] = acc_o[i][3] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.f, 0.f};
+
+  for (int j = 0; j < total_boxes; ++j) {
+    const int stage = j & 1;
+    if (j + 1 < total_boxes) {
+      load_kv(j + 1, stage ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+
+    const T* k_s = sK + stage * kTileKV * kPitch;
+    const T* v_s = sV + stage * kTileKV * kPitch;
+
+    int o[3];
+    box_origin(j, o);
+    bool touch = warp_active, full = true;
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+      int box_hi = o[a] + (1 << p.kv_tile_log2[a]);
+      touch = touch && o[a] < whi[a] && box_hi > wlo[a];
+      full = full && o[a] >= wilo[a] && box_hi <= wihi[a];
+    }
+    if (touch) {
+    // S = Q K^T (16 x 64 per warp).
+    float s[kNTiles][4];
+#pragma unroll
+    for (int n = 0; n < kNTiles; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+    for (int kc = 0; kc < kKChunks; ++kc) {
+#pragma unroll
+      for (int np = 0; np < kNTiles / 2; ++np) {
+        uint32_t kb[4];
+        int key = np * 16 + (lane % 8) + ((lane / 8) / 2) * 8;
+        int col = kc * 16 + ((lane / 8) % 2) * 8;
+        ldmatrix_x4(kb, k_s + key * kPitch + col);
+        Mma::mma(s[2 * np], qf[kc], kb[0], kb[1]);
+        Mma::mma(s[2 * np + 1], qf[kc], kb[2], kb[3]);
+      }
+    }
+
+    // Fine-grained mask where the box is not inside every window of the warp's queries:
+    // key c is a neighbor of row r iff (unsigned)(o + c - ws) < (we - ws) on every axis.
+    if (!full) {
+      int rel[2][3];
+      unsigned len[2][3];
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int a = 0; a < 3; ++a) {
+          rel[r][a] = o[a] - ws[r][a];
+          len[r][a] = static_cast<unsigned>(we[r][a] - ws[r][a]);
+        }
+#pragma unroll
+      for (int n = 0; n < kNTiles; ++n) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          int c[3];
+          tile_coord(n * 8 + 2 * (lane % 4) + e, p.kv_tile_log2, c);
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            bool in = static_cast<unsigned>(rel[r][0] + c[0]) < len[r][0] &&
+                      static_cast<unsigned>(rel[r][1] + c[1]) < len[r][1] &&
+                      static_cast<unsigned>(rel[r][2] + c[2]) < len[r][2];
+            if (!in) s[n][r * 2 + e] = -INFINITY;
+          }
+        }
+      }
+    }
+
+    // Online softmax in base 2; the scale (> 0) is folded into the exponent.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int n = 0; n < kNTiles; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+      float m_new = fmaxf(row_max[r], mx * p.scale_log2);
+      float m_use = (m_new == -INFINITY) ? 0.f : m_new;
+      float alpha = exp2f(row_max[r] - m_use);
+      row_max[r] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int n = 0; n < kNTiles; ++n) {
+        s[n][2 * r] = exp2f(fmaf(s[n][2 * r], p.scale_log2, -m_use));
+        s[n][2 * r + 1] = exp2f(fmaf(s[n][2 * r + 1], p.scale_log2, -m_use));
+        sum += s[n][2 * r] + s[n][2 * r + 1];
+      }
+      row_sum[r] = row_sum[r] * alpha + sum;
+#pragma unroll
+      for (int d = 0; d < kDTiles; ++d) {
+        acc_o[d][2 * r] *= alpha;
+        acc_o[d][2 * r + 1] *= alpha;
+      }
+    }
+
+    // O += P V.
+#pragma unroll
+    for (int kk = 0; kk < kTileKV / 16; ++kk) {
+      uint32_t pa[4];
+      pa[0] = Mma::pack(s[2 * kk][0], s[2 * kk][1]);
+      pa[1] = Mma::pack(s[2 * kk][2], s[2 * kk][3]);
+      pa[2] = Mma::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[3] = Mma::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+      for (int dp = 0; dp < kDTiles / 2; ++dp) {
+        uint32_t vb[4];
+        int key = kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
+        int col = dp * 16 + ((lane / 8) / 2) * 8;
+        ldmatrix_x4_trans(vb, v_s + key * kPitch + col);
+        Mma::mma(acc_o[2 * dp], pa, vb[0], vb[1]);
+        Mma::mma(acc_o[2 * dp + 1], pa, vb[2], vb[3]);
+      }
+    }
+    }  // touch
+    __syncthreads();
+  }
+
+  // ---- Epilogue: normalise, stage O through shared memory, write 16-byte rows.
+  float inv[2], lse[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = row_sum[r];
+    l += __shfl_xor_sync(0xffffffff, l, 1);
+    l += __shfl_xor_sync(0xffffffff, l, 2);
+    inv[r] = l > 0.f ? 1.f / l : 0.f;
+    lse[r] = l > 0.f ? (row_max[r] + log2f(l)) * 0.69314718055994530942f : -INFINITY;
+  }
+#pragma unroll
+  for (int d = 0; d < kDTiles; ++d) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      int row = warp * 16 + lane / 4 + r * 8;
+      int col = d * 8 + 2 * (lane % 4);
+      *reinterpret_cast<uint32_t*>(sQ + row * kPitch + col) =
+          Mma::pack(acc_o[d][2 * r] * inv[r], acc_o[d][2 * r + 1] * inv[r]);
+    }
+  }
+  if (lane % 4 == 0) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (!row_valid[r]) continue;
+      int row = warp * 16 + lane / 4 + r * 8;
+      int c[3];
+      tile_coord(row, p.q_tile_log2, c);
+      int64_t off = b * p.lse_batch_stride + h;
+#pragma unroll
+      for (int a = 0; a < 3; ++a)
+        off += static_cast<int64_t>(g[a] + (q0[a] + c[a]) * dil[a]) * p.lse_token_stride[a];
+      p.lse[off] = lse[r];
+    }
+  }
+  __syncthreads();
+  T* obase = static_cast<T*>(p.o) + b * p.q_batch_stride + goff_q + h * p.q_head_stride;
+  constexpr int kChunks = D / 8;
+#pragma unroll
+  for (int i = 0; i < (kTileQ * kChunks) / kThreads; ++i) {
+    int idx = tid + i * kThreads;
+    int row = idx / kChunks, chunk = idx % kChunks;
+    int c[3];
+    tile_coord(row, p.q_tile_log2, c);
+    bool valid = true;
+    int64_t off = 0;
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+      int x = q0[a] + c[a];
+      valid = valid && x < glen[a];
+      off += static_cast<int64_t>(x) * dil[a] * p.q_token_stride[a];
+    }
+    if (valid)
+      *reinterpret_cast<uint4*>(obase + off + chunk * 8) =
+          *reinterpret_cast<const uint4*>(sQ + row * kPitch + chunk * 8);
+  }
+}
+
+template <typename T, int D>
+constexpr int smem_bytes() {
+  return (kTileQ + 4 * kTileKV) * (D + 8) * static_cast<int>(sizeof(T));
+}
+
+template <typename T, int D>
+cudaError_t launch(const FnaFwdParams& p, cudaStream_t stream) {
+  constexpr int bytes = smem_bytes<T, D>();
+  auto kernel = fna_fwd_kernel<T, D>;
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err != cudaSuccess) return err;
+  int groups = p.dilation[0] * p.dilation[1] * p.dilation[2];
+  dim3 grid(p.num_q_tiles[0] * p.num_q_tiles[1] * p.num_q_tiles[2], p.heads * groups, p.batch);
+  kernel<<<grid, kThreads, bytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace sm80
+}  // namespace fna
+}  // namespace natten_jax

@@ -1,0 +1,199 @@
+"""Brute-force float64 oracle for neighborhood attention (NATTEN's semantics).
+
+Deliberately independent of ``natten_jax.window``: the mask is transcribed from NATTEN's
+reference mask (``csrc/include/natten/cuda/reference/mask.hpp``)::
+
+    window_left = k // 2 ; window_right = k // 2 + (k % 2) - 1
+    qkv_fix_dilation(L, d, g) = L // d + 1 - ((g + (d - (L % d))) // d)
+    get_win_start(i, wl, wr, s, L, causal):
+      causal:     leader = min((i // s) * s + s - 1, L - 1); return max(leader - wl - wr, 0)
+      not causal: leader = min((i // s) * s + s // 2, L - 1)
+                  return max(leader - wl, 0) + (L - wr - leader - 1 if leader + wr >= L else 0)
+    get_win_end(i, start, k, L, causal): causal: min(i + 1, L); else start + k
+
+Key ``y`` is a neighbor of query ``x`` iff on every axis both are in the same dilation group and
+``start <= y // d < end`` (start/end from the query's in-group index and its group's extent).
+
+Everything here is plain Python loops / NumPy float64; ``dense_masked_attention`` is the same
+computation in jax.numpy (differentiable) for gradient checks on tiny problems.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import numpy as np
+
+
+# --------------------------------------------------------------------------------------------
+# NATTEN's window formulas, transcribed (scalar Python ints only).
+# --------------------------------------------------------------------------------------------
+
+def natten_window_left(k: int) -> int:
+    return k // 2
+
+
+def natten_window_right(k: int) -> int:
+    return k // 2 + (k % 2) - 1
+
+
+def qkv_fix_dilation(L: int, d: int, g: int) -> int:
+    """Extent of dilation group ``g`` on an axis of ``L`` tokens."""
+    return L // d + 1 - ((g + (d - (L % d))) // d)
+
+
+def get_win_start(i: int, wl: int, wr: int, s: int, L: int, causal: bool) -> int:
+    if causal:
+        leader = min((i // s) * s + s - 1, L - 1)
+        return max(leader - wl - wr, 0)
+    leader = min((i // s) * s + s // 2, L - 1)
+    return max(leader - wl, 0) + ((L - wr - leader - 1) if leader + wr >= L else 0)
+
+
+def get_win_end(i: int, start: int, k: int, L: int, causal: bool) -> int:
+    if causal:
+        return min(i + 1, L)
+    return start + k
+
+
+def natten_bounds(x: int, k: int, s: int, d: int, L: int, causal: bool):
+    """(start, end) in-group indices of global query coordinate ``x`` on one axis."""
+    g = x % d
+    i = x // d
+    Lg = qkv_fix_dilation(L, d, g)
+    start = get_win_start(i, natten_window_left(k), natten_window_right(k), s, Lg, causal)
+    end = get_win_end(i, start, k, Lg, causal)
+    return start, end
+
+
+def natten_is_neighbor_1d(x: int, y: int, k: int, s: int, d: int, L: int, causal: bool) -> bool:
+    if x % d != y % d:
+        return False
+    start, end = natten_bounds(x, k, s, d, L, causal)
+    return start <= y // d < end
+
+
+def _per_axis(v, rank, name):
+    if isinstance(v, (tuple, list)):
+        assert len(v) == rank, (name, v, rank)
+        return tuple(v)
+    return (v,) * rank
+
+
+def mask_1d(L: int, k: int, s: int, d: int, causal: bool) -> np.ndarray:
+    """bool [L, L]: m[x, y] = key y is a neighbor of query x on this axis."""
+    m = np.zeros((L, L), bool)
+    for x in range(L):
+        for y in range(L):
+            m[x, y] = natten_is_neighbor_1d(x, y, k, s, d, L, causal)
+    return m
+
+
+def na_mask(shape, kernel_size, stride=1, dilation=1, is_causal=False) -> np.ndarray:
+    """bool [T, T] over row-major flattened tokens: [query, key]."""
+    shape = tuple(int(s) for s in shape)
+    rank = len(shape)
+    ks = tuple(int(x) for x in _per_axis(kernel_size, rank, "kernel_size"))
+    st = tuple(int(x) for x in _per_axis(stride, rank, "stride"))
+    di = tuple(int(x) for x in _per_axis(dilation, rank, "dilation"))
+    ca = tuple(bool(x) for x in _per_axis(is_causal, rank, "is_causal"))
+    return _na_mask_cached(shape, ks, st, di, ca).copy()
+
+
+@functools.lru_cache(maxsize=4096)
+def _na_mask_cached(shape, ks, st, di, ca) -> np.ndarray:
+    rank = len(shape)
+    masks = [mask_1d(L, k, s, d, bool(c)) for L, k, s, d, c in zip(shape, ks, st, di, ca)]
+    T = int(np.prod(shape))
+    coords = list(itertools.product(*[range(L) for L in shape]))  # row-major order
+    out = np.zeros((T, T), bool)
+    for qi, xc in enumerate(coords):
+        for ki, yc in enumerate(coords):
+            out[qi, ki] = all(masks[a][xc[a], yc[a]] for a in range(rank))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Attention.
+# --------------------------------------------------------------------------------------------
+
+def na_oracle(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
+              additional_keys=None, additional_values=None):
+    """Float64 brute force. q [B, *S, H, D], k [B, *S, Hkv, D], v [B, *S, Hkv, Dv].
+
+    Returns (out [B, *S, H, Dv], lse [B, *S, H]) in float64.
+    """
+    q = np.asarray(q, np.float64)
+    k = np.asarray(k, np.float64)
+    v = np.asarray(v, np.float64)
+    B = q.shape[0]
+    S = q.shape[1:-2]
+    H, D = q.shape[-2:]
+    Hkv = k.shape[-2]
+    Dv = v.shape[-1]
+    assert H % Hkv == 0
+    G = H // Hkv
+    if scale is None:
+        scale = D ** -0.5
+    T = int(np.prod(S))
+    mask = na_mask(S, kernel_size, stride, dilation, is_causal)
+    qf = q.reshape(B, T, H, D)
+    # GQA: query head h uses kv head h // G -> repeat each kv head G times.
+    kf = np.repeat(k.reshape(B, T, Hkv, D), G, axis=2)
+    vf = np.repeat(v.reshape(B, T, Hkv, Dv), G, axis=2)
+    if additional_keys is not None:
+        ek = np.repeat(np.asarray(additional_keys, np.float64), G, axis=2)  # [B, N, H, D]
+        ev = np.repeat(np.asarray(additional_values, np.float64), G, axis=2)
+    out = np.zeros((B, T, H, Dv))
+    lse = np.zeros((B, T, H))
+    for t in range(T):
+        idx = np.nonzero(mask[t])[0]
+        keys, vals = kf[:, idx], vf[:, idx]  # [B, n, H, D]
+        if additional_keys is not None:
+            keys = np.concatenate([keys, ek], axis=1)
+            vals = np.concatenate([vals, ev], axis=1)
+        logits = scale * np.einsum("bhd,bnhd->bhn", qf[:, t], keys)
+        m = logits.max(axis=-1, keepdims=True)
+        e = np.exp(logits - m)
+        ssum = e.sum(axis=-1, keepdims=True)
+        lse[:, t] = (m + np.log(ssum))[..., 0]
+        out[:, t] = np.einsum("bhn,bnhe->bhe", e / ssum, vals)
+    return out.reshape((B,) + S + (H, Dv)), lse.reshape((B,) + S + (H,))
+
+
+def dense_masked_attention(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False,
+                           scale=None, additional_keys=None, additional_values=None):
+    """Same as ``na_oracle`` in jax.numpy over a dense [T, T] mask (differentiable).
+
+    K/V heads are repeated explicitly for GQA. Returns (out, lse) in the inputs' dtype.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    B = q.shape[0]
+    S = tuple(q.shape[1:-2])
+    H, D = q.shape[-2:]
+    Hkv = k.shape[-2]
+    Dv = v.shape[-1]
+    G = H // Hkv
+    if scale is None:
+        scale = D ** -0.5
+    T = int(np.prod(S))
+    mask = jnp.asarray(na_mask(S, kernel_size, stride, dilation, is_causal))
+    qf = q.reshape(B, T, H, D)
+    kf = jnp.repeat(k.reshape(B, T, Hkv, D), G, axis=2)
+    vf = jnp.repeat(v.reshape(B, T, Hkv, Dv), G, axis=2)
+    logits = scale * jnp.einsum("bqhd,bkhd->bhqk", qf, kf)
+    logits = jnp.where(mask[None, None], logits, -jnp.inf)
+    vals = vf
+    if additional_keys is not None:
+        ek = jnp.repeat(additional_keys, G, axis=2)
+        ev = jnp.repeat(additional_values, G, axis=2)
+        logits = jnp.concatenate([logits, scale * jnp.einsum("bqhd,bnhd->bhqn", qf, ek)], -1)
+        vals = jnp.concatenate([vf, ev], axis=1)
+    lse = jax.nn.logsumexp(logits, axis=-1)  # [B, H, T]
+    p = jnp.exp(logits - lse[..., None])
+    out = jnp.einsum("bhqk,bkhe->bqhe", p, vals)
+    return (out.reshape((B,) + S + (H, Dv)),
+            jnp.moveaxis(lse, 1, -1).reshape((B,) + S + (H,)))
