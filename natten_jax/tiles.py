@@ -10,13 +10,27 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 from typing import Sequence, Tuple
 
 import numpy as np
 
 from natten_jax.window import group_extent, window_bounds
 
-TILE_LOG2_SUM = 6  # 64 queries per Q tile and 64 keys per KV box
+KV_TILE_LOG2 = 6  # 64 keys per KV box
+Q_TILE_LOG2 = (6, 7)  # 64 queries (one m16 tile per warp) or 128 (two per warp)
+
+# Relative cost of one visited (query, key) pair by Q tile size (log2), measured on an H100
+# (docs/perf-log.md, v3): 128-query tiles feed two MMAs per K/V fragment read from shared memory,
+# 16% more visited TFLOP/s at head dim 128; at head dim 32 the kernel is latency-bound and fewer,
+# larger CTAs are slower (2d_nat_t: 0.37 -> 0.52 ms).
+def _pair_cost(q_log2: int, head_dim: int) -> float:
+    if q_log2 == 6:
+        return 1.0
+    return 0.87 if head_dim >= 64 else 1.4
+
+# NATTEN_JAX_FNA_Q_TILE=64 or 128 restricts the choice (benchmarks, A/B runs); unset: both.
+_Q_TILE_ENV = "NATTEN_JAX_FNA_Q_TILE"
 
 
 def _axis_pairs(extent, kernel, stride, dilation, causal, q_log2, kv_log2) -> int:
@@ -48,21 +62,38 @@ def visited_pairs(spatial: Tuple[int, ...], kernel_size, stride, dilation, is_ca
     return out
 
 
-def _candidates(rank: int):
-    return [t for t in itertools.product(range(TILE_LOG2_SUM + 1), repeat=rank)
-            if sum(t) == TILE_LOG2_SUM]
+def _candidates(rank: int, log2_sum: int):
+    return [t for t in itertools.product(range(log2_sum + 1), repeat=rank) if sum(t) == log2_sum]
+
+
+def _q_tile_sizes():
+    forced = os.environ.get(_Q_TILE_ENV, "").strip()
+    if forced:
+        if forced not in ("64", "128"):
+            raise ValueError(f"{_Q_TILE_ENV} must be 64 or 128, got {forced!r}")
+        return (6 if forced == "64" else 7,)
+    return Q_TILE_LOG2
+
+
+def choose_tiles(spatial: Tuple[int, ...], kernel_size, stride, dilation, is_causal,
+                 head_dim: int = 128):
+    """Log2 (Q tile, KV tile) extents per axis that minimise the modelled cost.
+
+    Cost = visited pairs x the per-pair cost of the Q tile size at this head dim. Ties go to the
+    shape with more tokens on the last axes (longer contiguous runs in memory).
+    """
+    return _choose_tiles(tuple(spatial), tuple(kernel_size), tuple(stride), tuple(dilation),
+                         tuple(is_causal), int(head_dim), _q_tile_sizes())
 
 
 @functools.lru_cache(maxsize=4096)
-def choose_tiles(spatial: Tuple[int, ...], kernel_size, stride, dilation, is_causal):
-    """Log2 (Q tile, KV tile) extents per axis that minimise the visited work.
-
-    Ties go to the shape with more tokens on the last axes (longer contiguous runs in memory).
-    """
+def _choose_tiles(spatial, kernel_size, stride, dilation, is_causal, head_dim, q_sizes):
     best = None
-    for qt in _candidates(len(spatial)):
-        for kt in _candidates(len(spatial)):
-            cost = visited_pairs(spatial, kernel_size, stride, dilation, is_causal, qt, kt)
+    rank = len(spatial)
+    for qt in (t for n in q_sizes for t in _candidates(rank, n)):
+        for kt in _candidates(rank, KV_TILE_LOG2):
+            pairs = visited_pairs(spatial, kernel_size, stride, dilation, is_causal, qt, kt)
+            cost = pairs * _pair_cost(sum(qt), head_dim)
             key = (cost, tuple(-x for x in reversed(qt)), tuple(-x for x in reversed(kt)))
             if best is None or key < best[0]:
                 best = (key, qt, kt)
@@ -73,5 +104,5 @@ def visited_flops(spatial: Sequence[int], kernel_size, stride, dilation, is_caus
                   heads: int, head_dim: int) -> int:
     """Forward FLOPs the fused kernel performs, masked pairs included (4 per pair and dim)."""
     args = tuple(tuple(x) for x in (spatial, kernel_size, stride, dilation, is_causal))
-    qt, kt = choose_tiles(*args)
+    qt, kt = choose_tiles(*args, head_dim)
     return 4 * batch * heads * head_dim * visited_pairs(*args, qt, kt)

@@ -1,7 +1,5 @@
 """jit / vmap / grad / checkpoint of the public API (reference backend) vs a dense oracle."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np

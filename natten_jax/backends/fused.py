@@ -44,7 +44,8 @@ def can_run(p: NAProblem):
 
 
 def _attrs(p: NAProblem, tiles=None):
-    qt, kt = tiles or choose_tiles(p.spatial, p.kernel_size, p.stride, p.dilation, p.is_causal)
+    qt, kt = tiles or choose_tiles(p.spatial, p.kernel_size, p.stride, p.dilation, p.is_causal,
+                                   p.head_dim)
     i64 = lambda x: np.asarray(x, np.int64)  # noqa: E731
     return dict(kernel_size=i64(p.kernel_size), stride=i64(p.stride), dilation=i64(p.dilation),
                 is_causal=i64(p.is_causal), q_tile=i64(qt), kv_tile=i64(kt),

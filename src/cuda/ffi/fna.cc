@@ -85,7 +85,8 @@ ffi::Error FnaForwardImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
     int tq = 1 << p.q_tile_log2[a];
     p.num_q_tiles[a] = (group0 + tq - 1) / tq;
   }
-  NJ_FFI_CHECK(qsum == 6 && kvsum == 6, "q_tile and kv_tile must hold 64 tokens each");
+  NJ_FFI_CHECK((qsum == 6 || qsum == 7) && kvsum == 6,
+               "q_tile must hold 64 or 128 tokens and kv_tile 64");
 
   // Contiguous heads-last strides (in elements).
   const int64_t H = p.heads, Hkv = p.heads_kv, D = p.head_dim;

@@ -8,12 +8,21 @@ bool fna_forward_supports_head_dim(int head_dim) {
   return head_dim == 32 || head_dim == 64 || head_dim == 128;
 }
 
+// Q tiles of 64 (one m16 tile per warp) or 128 queries (two per warp).
+template <typename T, int D>
+static cudaError_t dispatch_q_tile(const FnaFwdParams& p, cudaStream_t stream) {
+  int q_log2 = p.q_tile_log2[0] + p.q_tile_log2[1] + p.q_tile_log2[2];
+  if (q_log2 == 6) return sm80::launch<T, D, 1>(p, stream);
+  if (q_log2 == 7) return sm80::launch<T, D, 2>(p, stream);
+  return cudaErrorInvalidValue;
+}
+
 template <typename T>
 static cudaError_t dispatch_head_dim(const FnaFwdParams& p, cudaStream_t stream) {
   switch (p.head_dim) {
-    case 32: return sm80::launch<T, 32>(p, stream);
-    case 64: return sm80::launch<T, 64>(p, stream);
-    case 128: return sm80::launch<T, 128>(p, stream);
+    case 32: return dispatch_q_tile<T, 32>(p, stream);
+    case 64: return dispatch_q_tile<T, 64>(p, stream);
+    case 128: return dispatch_q_tile<T, 128>(p, stream);
     default: return cudaErrorInvalidValue;
   }
 }

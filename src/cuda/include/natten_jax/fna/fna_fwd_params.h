@@ -23,7 +23,7 @@ struct FnaFwdParams {
   int batch, heads, heads_kv, head_dim;
   int extent[3], kernel[3], stride[3], dilation[3], causal[3];
 
-  // Q and KV tiles: 2^log2 tokens per axis, product 64.
+  // Q and KV tiles: 2^log2 tokens per axis; Q tiles hold 64 or 128 tokens, KV boxes 64.
   int q_tile_log2[3], kv_tile_log2[3];
   int num_q_tiles[3];  // per axis, for dilation group 0 (the longest)
 

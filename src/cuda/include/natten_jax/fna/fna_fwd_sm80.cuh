@@ -1,8 +1,9 @@
 // Fused neighborhood attention forward, tensor-core path (mma.sync m16n8k16, cp.async,
 // ldmatrix): runs on sm_80 and later.
 //
-// One CTA of 4 warps computes one Q tile of 64 queries (a multi-dimensional box of 2^a x 2^b x
-// 2^c tokens of one dilation group) for one (batch, head). It visits the union of its queries'
+// One CTA of 4 warps computes one Q tile of 64 * MT queries (a multi-dimensional box of
+// 2^a x 2^b x 2^c tokens of one dilation group) for one (batch, head); each warp owns 16 * MT
+// query rows (MT m16 tiles), so each K/V fragment read from shared memory feeds MT MMAs. It visits the union of its queries'
 // windows as a sequence of KV boxes (64 keys, also multi-dimensional) that start at the union's
 // corner rather than on a fixed grid, double-buffered in shared memory. The fine-grained
 // neighborhood mask is applied only to boxes that are not inside every query's window. Online
@@ -22,8 +23,7 @@ namespace natten_jax {
 namespace fna {
 namespace sm80 {
 
-constexpr int kTileQ = 64;    // queries per CTA (16 per warp)
-constexpr int kTileKV = 64;   // keys per KV box
+constexpr int kTileKV = 64;   // keys per KV box (and query rows per CTA per m-tile)
 constexpr int kThreads = 128;
 
 template <typename T>
@@ -125,24 +125,37 @@ __device__ __forceinline__ void load_tiles(T* const (&smem)[N], const T* const (
 }
 
 // CTAs per SM the register budget aims at: small head dims are latency-bound, so more of them.
-template <int D>
-constexpr int min_ctas_per_sm() {
-  return D <= 32 ? 4 : (D <= 64 ? 3 : 2);
+template <int D, int MT>
+__host__ __device__ constexpr int min_ctas_per_sm() {
+  return MT > 1 ? (D <= 64 ? 2 : 1) : (D <= 32 ? 4 : (D <= 64 ? 3 : 2));
 }
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, min_ctas_per_sm<D>())
+// Q fragments stay in registers unless that would crowd out the accumulators.
+template <int D, int MT>
+__host__ __device__ constexpr bool q_in_registers() {
+  return MT * D <= 128;
+}
+
+template <typename T, int D, int MT>
+__global__ void __launch_bounds__(kThreads, min_ctas_per_sm<D, MT>())
     fna_fwd_kernel(const __grid_constant__ FnaFwdParams p) {
   using Mma = MmaTraits<T>;
+  constexpr int kTileQ = 64 * MT;
+  constexpr int kWarpRows = 16 * MT;
   constexpr int kPitch = D + 8;  // 16-byte pad per row: conflict-free ldmatrix
   constexpr int kDTiles = D / 8;
   constexpr int kKChunks = D / 16;
-  constexpr int kNTiles = kTileKV / 8;
+  // Keys per softmax step: a KV box in one step, or in two halves where S would crowd out the
+  // output accumulators (MT * D > 128).
+  constexpr int kStepN = (MT * D > 128) ? kTileKV / 2 : kTileKV;
+  constexpr int kNTiles = kStepN / 8;
+  constexpr bool kQRegs = q_in_registers<D, MT>();
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sK = sQ + kTileQ * kPitch;       // 2 stages
   T* sV = sK + 2 * kTileKV * kPitch;  // 2 stages
+  int* sWin = reinterpret_cast<int*>(sV + 2 * kTileKV * kPitch);  // [kTileQ][3][2]: ws, len
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 
@@ -192,15 +205,15 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<D>())
     total_boxes *= nbox[a];
   }
 
-  // ---- Per warp: its 16 rows form a sub-box of the Q tile (tile extents are powers of two).
+  // ---- Per warp: its rows form a sub-box of the Q tile (tile extents are powers of two).
   // A KV box outside the union [wlo, whi) of the warp's windows is skipped by the warp; one
   // inside their intersection [wilo, wihi) needs no mask.
   int wlo[3], whi[3], wilo[3], wihi[3];
   bool warp_active = true;
   {
     int cf[3], cl[3];
-    tile_coord(warp * 16, p.q_tile_log2, cf);
-    tile_coord(warp * 16 + 15, p.q_tile_log2, cl);
+    tile_coord(warp * kWarpRows, p.q_tile_log2, cf);
+    tile_coord(warp * kWarpRows + kWarpRows - 1, p.q_tile_log2, cl);
 #pragma unroll
     for (int a = 0; a < 3; ++a) {
       int first = q0[a] + cf[a];
@@ -213,6 +226,19 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<D>())
       whi[a] = window_end(last, sl, ks[a], causal[a]);
       wilo[a] = sl;
       wihi[a] = window_end(first, sf, ks[a], causal[a]);
+    }
+  }
+
+  // ---- Every query row's window (start, length) per axis, in shared memory for the mask.
+  for (int row = tid; row < kTileQ; row += kThreads) {
+    int c[3];
+    tile_coord(row, p.q_tile_log2, c);
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+      int x = min(q0[a] + c[a], glen[a] - 1);
+      int ws = window_start(x, ks[a], st[a], glen[a], causal[a]);
+      sWin[row * 6 + 2 * a] = ws;
+      sWin[row * 6 + 2 * a + 1] = window_end(x, ws, ks[a], causal[a]) - ws;
     }
   }
 
@@ -229,31 +255,25 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<D>())
   const T* vbase =
       static_cast<const T*>(p.v) + b * p.kv_batch_stride + goff_kv + hkv * p.kv_head_stride;
 
-  // ---- Per-thread query rows (g = lane/4 and g + 8 of the warp's 16) and their windows.
-  int ws[2][3], we[2][3];
-  bool row_valid[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    int row = warp * 16 + lane / 4 + r * 8;
-    int c[3];
-    tile_coord(row, p.q_tile_log2, c);
-    row_valid[r] = true;
-#pragma unroll
-    for (int a = 0; a < 3; ++a) {
-      int x = q0[a] + c[a];
-      row_valid[r] = row_valid[r] && x < glen[a];
-      x = min(x, glen[a] - 1);
-      ws[r][a] = window_start(x, ks[a], st[a], glen[a], causal[a]);
-      we[r][a] = window_end(x, ws[r][a], ks[a], causal[a]);
-    }
-  }
-
   // ---- Prologue: Q tile, first KV box.
   int qlimit[3] = {glen[0], glen[1], glen[2]};
-  {
-    T* const dst[1] = {sQ};
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    // Rows [64m, 64m + 64) of the Q tile: origin shifted by tile_coord(64m).
+    int cm[3], om[3];
+    tile_coord(m * kTileKV, p.q_tile_log2, cm);
+    int l2[3] = {p.q_tile_log2[0], p.q_tile_log2[1], p.q_tile_log2[2]};
+    // A 64-row slice of a 2^7-row tile is a 2^6-row sub-box: drop one bit from the outermost
+    // axis that has one (row-major order).
+    if (MT > 1) {
+      int a = (l2[0] > 0) ? 0 : ((l2[1] > 0) ? 1 : 2);
+      l2[a] -= 1;
+    }
+#pragma unroll
+    for (int a = 0; a < 3; ++a) om[a] = q0[a] + cm[a];
+    T* const dst[1] = {sQ + m * kTileKV * kPitch};
     const T* const src[1] = {qbase};
-    load_tiles<T, D, 1>(dst, src, p.q_token_stride, dil, q0, qlimit, p.q_tile_log2, tid);
+    load_tiles<T, D, 1>(dst, src, p.q_token_stride, dil, om, qlimit, l2, tid);
   }
   cp_async_commit();
 
@@ -276,19 +296,32 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<D>())
   cp_async_wait<1>();
   __syncthreads();
 
-  uint32_t qf[kKChunks][4];
-#pragma unroll
-  for (int kc = 0; kc < kKChunks; ++kc) {
-    int row = warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
+  // A-operand fragment of m-tile m, k-chunk kc from shared memory.
+  auto load_q = [&](uint32_t* f, int m, int kc) {
+    int row = warp * kWarpRows + m * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
     int col = kc * 16 + (lane / 16) * 8;
-    ldmatrix_x4(qf[kc], sQ + row * kPitch + col);
+    ldmatrix_x4(f, sQ + row * kPitch + col);
+  };
+  uint32_t qf[kQRegs ? MT : 1][kQRegs ? kKChunks : 1][4];
+  if constexpr (kQRegs) {
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int kc = 0; kc < kKChunks; ++kc) load_q(qf[m][kc], m, kc);
   }
 
-  float acc_o[kDTiles][4];
+  float acc_o[MT][kDTiles][4];
 #pragma unroll
-  for (int i = 0; i < kDTiles; ++i) acc_o[i][0] = acc_o[i][1] = acc_o[i][2] = acc_o[i][3] = 0.f;
-  float row_max[2] = {-INFINITY, -INFINITY};
-  float row_sum[2] = {0.f, 0.f};
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int i = 0; i < kDTiles; ++i)
+      acc_o[m][i][0] = acc_o[m][i][1] = acc_o[m][i][2] = acc_o[m][i][3] = 0.f;
+  float row_max[MT][2], row_sum[MT][2];
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    row_max[m][0] = row_max[m][1] = -INFINITY;
+    row_sum[m][0] = row_sum[m][1] = 0.f;
+  }
 
   for (int j = 0; j < total_boxes; ++j) {
     const int stage = j & 1;
@@ -314,133 +347,153 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<D>())
       full = full && o[a] >= wilo[a] && box_hi <= wihi[a];
     }
     if (touch) {
-    // S = Q K^T (16 x 64 per warp).
-    float s[kNTiles][4];
+#pragma unroll 1
+     for (int n0 = 0; n0 < kTileKV; n0 += kStepN) {
+      // S = Q K^T (16 MT x kStepN per warp); each K fragment feeds MT MMAs.
+      float s[MT][kNTiles][4];
 #pragma unroll
-    for (int n = 0; n < kNTiles; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+      for (int m = 0; m < MT; ++m)
 #pragma unroll
-    for (int kc = 0; kc < kKChunks; ++kc) {
+        for (int n = 0; n < kNTiles; ++n) s[m][n][0] = s[m][n][1] = s[m][n][2] = s[m][n][3] = 0.f;
 #pragma unroll
-      for (int np = 0; np < kNTiles / 2; ++np) {
-        uint32_t kb[4];
-        int key = np * 16 + (lane % 8) + ((lane / 8) / 2) * 8;
-        int col = kc * 16 + ((lane / 8) % 2) * 8;
-        ldmatrix_x4(kb, k_s + key * kPitch + col);
-        Mma::mma(s[2 * np], qf[kc], kb[0], kb[1]);
-        Mma::mma(s[2 * np + 1], qf[kc], kb[2], kb[3]);
-      }
-    }
-
-    // Fine-grained mask where the box is not inside every window of the warp's queries:
-    // key c is a neighbor of row r iff (unsigned)(o + c - ws) < (we - ws) on every axis.
-    if (!full) {
-      int rel[2][3];
-      unsigned len[2][3];
+      for (int kc = 0; kc < kKChunks; ++kc) {
+        uint32_t qt[MT][4];
+        if constexpr (!kQRegs) {
 #pragma unroll
-      for (int r = 0; r < 2; ++r)
-#pragma unroll
-        for (int a = 0; a < 3; ++a) {
-          rel[r][a] = o[a] - ws[r][a];
-          len[r][a] = static_cast<unsigned>(we[r][a] - ws[r][a]);
+          for (int m = 0; m < MT; ++m) load_q(qt[m], m, kc);
         }
 #pragma unroll
-      for (int n = 0; n < kNTiles; ++n) {
+        for (int np = 0; np < kNTiles / 2; ++np) {
+          uint32_t kb[4];
+          int key = n0 + np * 16 + (lane % 8) + ((lane / 8) / 2) * 8;
+          int col = kc * 16 + ((lane / 8) % 2) * 8;
+          ldmatrix_x4(kb, k_s + key * kPitch + col);
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          int c[3];
-          tile_coord(n * 8 + 2 * (lane % 4) + e, p.kv_tile_log2, c);
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            bool in = static_cast<unsigned>(rel[r][0] + c[0]) < len[r][0] &&
-                      static_cast<unsigned>(rel[r][1] + c[1]) < len[r][1] &&
-                      static_cast<unsigned>(rel[r][2] + c[2]) < len[r][2];
-            if (!in) s[n][r * 2 + e] = -INFINITY;
+          for (int m = 0; m < MT; ++m) {
+            const uint32_t* a = kQRegs ? qf[kQRegs ? m : 0][kQRegs ? kc : 0] : qt[m];
+            Mma::mma(s[m][2 * np], a, kb[0], kb[1]);
+            Mma::mma(s[m][2 * np + 1], a, kb[2], kb[3]);
           }
         }
       }
-    }
 
-    // Online softmax in base 2; the scale (> 0) is folded into the exponent.
+      // Fine-grained mask where the box is not inside every window of the warp's queries:
+      // key c is a neighbor of row r iff (unsigned)(o + c - ws) < len on every axis.
+      if (!full) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = -INFINITY;
+        for (int m = 0; m < MT; ++m) {
 #pragma unroll
-      for (int n = 0; n < kNTiles; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-      float m_new = fmaxf(row_max[r], mx * p.scale_log2);
-      float m_use = (m_new == -INFINITY) ? 0.f : m_new;
-      float alpha = exp2f(row_max[r] - m_use);
-      row_max[r] = m_new;
-      float sum = 0.f;
+          for (int r = 0; r < 2; ++r) {
+            const int* w = sWin + (warp * kWarpRows + m * 16 + lane / 4 + r * 8) * 6;
+            int rel0 = o[0] - w[0], rel1 = o[1] - w[2], rel2 = o[2] - w[4];
+            unsigned len0 = w[1], len1 = w[3], len2 = w[5];
 #pragma unroll
-      for (int n = 0; n < kNTiles; ++n) {
-        s[n][2 * r] = exp2f(fmaf(s[n][2 * r], p.scale_log2, -m_use));
-        s[n][2 * r + 1] = exp2f(fmaf(s[n][2 * r + 1], p.scale_log2, -m_use));
-        sum += s[n][2 * r] + s[n][2 * r + 1];
+            for (int n = 0; n < kNTiles; ++n) {
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                int c[3];
+                tile_coord(n0 + n * 8 + 2 * (lane % 4) + e, p.kv_tile_log2, c);
+                bool in = static_cast<unsigned>(rel0 + c[0]) < len0 &&
+                          static_cast<unsigned>(rel1 + c[1]) < len1 &&
+                          static_cast<unsigned>(rel2 + c[2]) < len2;
+                if (!in) s[m][n][r * 2 + e] = -INFINITY;
+              }
+            }
+          }
+        }
       }
-      row_sum[r] = row_sum[r] * alpha + sum;
-#pragma unroll
-      for (int d = 0; d < kDTiles; ++d) {
-        acc_o[d][2 * r] *= alpha;
-        acc_o[d][2 * r + 1] *= alpha;
-      }
-    }
 
-    // O += P V.
+      // Online softmax in base 2; the scale (> 0) is folded into the exponent.
 #pragma unroll
-    for (int kk = 0; kk < kTileKV / 16; ++kk) {
-      uint32_t pa[4];
-      pa[0] = Mma::pack(s[2 * kk][0], s[2 * kk][1]);
-      pa[1] = Mma::pack(s[2 * kk][2], s[2 * kk][3]);
-      pa[2] = Mma::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      pa[3] = Mma::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      for (int m = 0; m < MT; ++m) {
 #pragma unroll
-      for (int dp = 0; dp < kDTiles / 2; ++dp) {
-        uint32_t vb[4];
-        int key = kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
-        int col = dp * 16 + ((lane / 8) / 2) * 8;
-        ldmatrix_x4_trans(vb, v_s + key * kPitch + col);
-        Mma::mma(acc_o[2 * dp], pa, vb[0], vb[1]);
-        Mma::mma(acc_o[2 * dp + 1], pa, vb[2], vb[3]);
+        for (int r = 0; r < 2; ++r) {
+          float mx = -INFINITY;
+#pragma unroll
+          for (int n = 0; n < kNTiles; ++n)
+            mx = fmaxf(mx, fmaxf(s[m][n][2 * r], s[m][n][2 * r + 1]));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+          float m_new = fmaxf(row_max[m][r], mx * p.scale_log2);
+          float m_use = (m_new == -INFINITY) ? 0.f : m_new;
+          float alpha = exp2f(row_max[m][r] - m_use);
+          row_max[m][r] = m_new;
+          float sum = 0.f;
+#pragma unroll
+          for (int n = 0; n < kNTiles; ++n) {
+            s[m][n][2 * r] = exp2f(fmaf(s[m][n][2 * r], p.scale_log2, -m_use));
+            s[m][n][2 * r + 1] = exp2f(fmaf(s[m][n][2 * r + 1], p.scale_log2, -m_use));
+            sum += s[m][n][2 * r] + s[m][n][2 * r + 1];
+          }
+          row_sum[m][r] = row_sum[m][r] * alpha + sum;
+#pragma unroll
+          for (int d = 0; d < kDTiles; ++d) {
+            acc_o[m][d][2 * r] *= alpha;
+            acc_o[m][d][2 * r + 1] *= alpha;
+          }
+        }
       }
-    }
+
+      // O += P V; each V fragment feeds MT MMAs.
+#pragma unroll
+      for (int kk = 0; kk < kStepN / 16; ++kk) {
+        uint32_t pa[MT][4];
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          pa[m][0] = Mma::pack(s[m][2 * kk][0], s[m][2 * kk][1]);
+          pa[m][1] = Mma::pack(s[m][2 * kk][2], s[m][2 * kk][3]);
+          pa[m][2] = Mma::pack(s[m][2 * kk + 1][0], s[m][2 * kk + 1][1]);
+          pa[m][3] = Mma::pack(s[m][2 * kk + 1][2], s[m][2 * kk + 1][3]);
+        }
+#pragma unroll
+        for (int dp = 0; dp < kDTiles / 2; ++dp) {
+          uint32_t vb[4];
+          int key = n0 + kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
+          int col = dp * 16 + ((lane / 8) / 2) * 8;
+          ldmatrix_x4_trans(vb, v_s + key * kPitch + col);
+#pragma unroll
+          for (int m = 0; m < MT; ++m) {
+            Mma::mma(acc_o[m][2 * dp], pa[m], vb[0], vb[1]);
+            Mma::mma(acc_o[m][2 * dp + 1], pa[m], vb[2], vb[3]);
+          }
+        }
+      }
+     }  // n0
     }  // touch
     __syncthreads();
   }
 
   // ---- Epilogue: normalise, stage O through shared memory, write 16-byte rows.
-  float inv[2], lse[2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float l = row_sum[r];
-    l += __shfl_xor_sync(0xffffffff, l, 1);
-    l += __shfl_xor_sync(0xffffffff, l, 2);
-    inv[r] = l > 0.f ? 1.f / l : 0.f;
-    lse[r] = l > 0.f ? (row_max[r] + log2f(l)) * 0.69314718055994530942f : -INFINITY;
-  }
-#pragma unroll
-  for (int d = 0; d < kDTiles; ++d) {
+  for (int m = 0; m < MT; ++m) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      int row = warp * 16 + lane / 4 + r * 8;
-      int col = d * 8 + 2 * (lane % 4);
-      *reinterpret_cast<uint32_t*>(sQ + row * kPitch + col) =
-          Mma::pack(acc_o[d][2 * r] * inv[r], acc_o[d][2 * r + 1] * inv[r]);
-    }
-  }
-  if (lane % 4 == 0) {
+      float l = row_sum[m][r];
+      l += __shfl_xor_sync(0xffffffff, l, 1);
+      l += __shfl_xor_sync(0xffffffff, l, 2);
+      float inv = l > 0.f ? 1.f / l : 0.f;
+      int row = warp * kWarpRows + m * 16 + lane / 4 + r * 8;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      if (!row_valid[r]) continue;
-      int row = warp * 16 + lane / 4 + r * 8;
-      int c[3];
-      tile_coord(row, p.q_tile_log2, c);
-      int64_t off = b * p.lse_batch_stride + h;
+      for (int d = 0; d < kDTiles; ++d) {
+        int col = d * 8 + 2 * (lane % 4);
+        *reinterpret_cast<uint32_t*>(sQ + row * kPitch + col) =
+            Mma::pack(acc_o[m][d][2 * r] * inv, acc_o[m][d][2 * r + 1] * inv);
+      }
+      if (lane % 4 == 0) {
+        int c[3];
+        tile_coord(row, p.q_tile_log2, c);
+        bool valid = true;
+        int64_t off = b * p.lse_batch_stride + h;
 #pragma unroll
-      for (int a = 0; a < 3; ++a)
-        off += static_cast<int64_t>(g[a] + (q0[a] + c[a]) * dil[a]) * p.lse_token_stride[a];
-      p.lse[off] = lse[r];
+        for (int a = 0; a < 3; ++a) {
+          int x = q0[a] + c[a];
+          valid = valid && x < glen[a];
+          off += static_cast<int64_t>(g[a] + x * dil[a]) * p.lse_token_stride[a];
+        }
+        if (valid)
+          p.lse[off] = l > 0.f ? (row_max[m][r] + log2f(l)) * 0.69314718055994530942f
+                               : -INFINITY;
+      }
     }
   }
   __syncthreads();
@@ -466,15 +519,16 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<D>())
   }
 }
 
-template <typename T, int D>
+template <typename T, int D, int MT>
 constexpr int smem_bytes() {
-  return (kTileQ + 4 * kTileKV) * (D + 8) * static_cast<int>(sizeof(T));
+  return (64 * MT + 4 * kTileKV) * (D + 8) * static_cast<int>(sizeof(T)) +
+         64 * MT * 6 * static_cast<int>(sizeof(int));
 }
 
-template <typename T, int D>
+template <typename T, int D, int MT>
 cudaError_t launch(const FnaFwdParams& p, cudaStream_t stream) {
-  constexpr int bytes = smem_bytes<T, D>();
-  auto kernel = fna_fwd_kernel<T, D>;
+  constexpr int bytes = smem_bytes<T, D, MT>();
+  auto kernel = fna_fwd_kernel<T, D, MT>;
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (err != cudaSuccess) return err;

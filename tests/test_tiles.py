@@ -1,0 +1,84 @@
+"""Tile choice and visited-work accounting of the fused kernel (CPU, no kernel needed)."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from natten_jax import tiles
+from natten_jax.window import group_extent, window_bounds
+
+
+def _brute_visited(spatial, kernel, stride, dilation, causal, qt, kt):
+    """Pairs a CTA-per-Q-tile kernel computes: for each dilation group and Q tile, the tile's
+    (padded) queries times the keys of the KV boxes covering the union of its windows."""
+    total = 0
+    groups = itertools.product(*[range(d) for d in dilation])
+    for g in groups:
+        glen = [group_extent(L, d, gi) for L, d, gi in zip(spatial, dilation, g)]
+        tiles_per_axis = [range(0, n, 1 << t) for n, t in zip(glen, qt)]
+        for origin in itertools.product(*tiles_per_axis):
+            keys = 1
+            for a, o in enumerate(origin):
+                first, last = o, min(o + (1 << qt[a]), glen[a]) - 1
+                s0, _ = window_bounds(first * dilation[a] + g[a], kernel[a], stride[a],
+                                      dilation[a], spatial[a], causal[a])
+                s1, e1 = window_bounds(last * dilation[a] + g[a], kernel[a], stride[a],
+                                       dilation[a], spatial[a], causal[a])
+                box = 1 << kt[a]
+                keys *= -(-(e1 - s0) // box) * box
+            total += (1 << sum(qt)) * keys
+    return total
+
+
+@pytest.mark.parametrize("case", [
+    ((37,), (7,), (1,), (1,), (False,), (6,), (6,)),
+    ((50,), (9,), (3,), (2,), (True,), (7,), (6,)),
+    ((11, 13), (5, 4), (2, 1), (1, 2), (False, True), (3, 3), (2, 4)),
+    ((9, 20), (3, 7), (1, 1), (3, 1), (False, False), (1, 6), (4, 2)),
+    ((5, 6, 7), (3, 3, 2), (1, 2, 1), (1, 2, 2), (True, False, False), (2, 2, 3), (1, 2, 3)),
+])
+def test_visited_pairs_matches_brute_force(case):
+    spatial, kernel, stride, dilation, causal, qt, kt = case
+    assert tiles.visited_pairs(spatial, kernel, stride, dilation, causal, qt, kt) == \
+        _brute_visited(spatial, kernel, stride, dilation, causal, qt, kt)
+
+
+def test_window_bounds_are_monotone():
+    """The kernel bounds a Q tile's union of windows by its first and last query: window starts
+    and ends must never decrease along an axis."""
+    for L in range(1, 24):
+        for k in range(1, L + 1):
+            for s in range(1, k + 1):
+                for c in (False, True):
+                    start, end = window_bounds(np.arange(L), k, s, 1, L, c)
+                    assert np.all(np.diff(start) >= 0) and np.all(np.diff(end) >= 0)
+
+
+def test_choose_tiles_shapes_and_choices(monkeypatch):
+    monkeypatch.delenv("NATTEN_JAX_FNA_Q_TILE", raising=False)
+    for rank in (1, 2, 3):
+        spatial = (40,) * rank
+        qt, kt = tiles.choose_tiles(spatial, (7,) * rank, (1,) * rank, (1,) * rank,
+                                    (False,) * rank, 64)
+        assert len(qt) == len(kt) == rank and sum(qt) in (6, 7) and sum(kt) == 6
+    # Measured on an H100 (docs/perf-log.md, v3): long 1-D windows favour 128-query tiles,
+    # small head dims 64-query tiles.
+    qt, _ = tiles.choose_tiles((32768,), (2047,), (1,), (1,), (False,), 128)
+    assert sum(qt) == 7
+    qt, _ = tiles.choose_tiles((56, 56), (7, 7), (1, 1), (1, 1), (False, False), 32)
+    assert sum(qt) == 6
+    monkeypatch.setenv("NATTEN_JAX_FNA_Q_TILE", "64")
+    qt, _ = tiles.choose_tiles((32768,), (2047,), (1,), (1,), (False,), 128)
+    assert sum(qt) == 6
+    monkeypatch.setenv("NATTEN_JAX_FNA_Q_TILE", "96")
+    with pytest.raises(ValueError, match="NATTEN_JAX_FNA_Q_TILE"):
+        tiles.choose_tiles((64,), (3,), (1,), (1,), (False,), 64)
+
+
+def test_visited_flops_counts_at_least_useful_work():
+    spatial, kernel = (128, 128), (31, 31)
+    useful = 4 * 2 * 3 * 64 * math.prod(spatial) * math.prod(kernel)
+    visited = tiles.visited_flops(spatial, kernel, (1, 1), (1, 1), (False, False), 2, 3, 64)
+    assert useful <= visited <= 2 * useful
