@@ -76,14 +76,16 @@ def _q_tile_sizes():
 
 
 def choose_tiles(spatial: Tuple[int, ...], kernel_size, stride, dilation, is_causal,
-                 head_dim: int = 128):
+                 head_dim: int = 128, backward: bool = False):
     """Log2 (Q tile, KV tile) extents per axis that minimise the modelled cost.
 
     Cost = visited pairs x the per-pair cost of the Q tile size at this head dim. Ties go to the
-    shape with more tokens on the last axes (longer contiguous runs in memory).
+    shape with more tokens on the last axes (longer contiguous runs in memory). The backward
+    kernels take 64-token Q tiles only.
     """
+    q_sizes = (Q_TILE_LOG2[0],) if backward else _q_tile_sizes()
     return _choose_tiles(tuple(spatial), tuple(kernel_size), tuple(stride), tuple(dilation),
-                         tuple(is_causal), int(head_dim), _q_tile_sizes())
+                         tuple(is_causal), int(head_dim), q_sizes)
 
 
 @functools.lru_cache(maxsize=4096)

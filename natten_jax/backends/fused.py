@@ -1,13 +1,19 @@
-"""The fused (FNA) CUDA backend: our forward kernel through an XLA FFI custom call.
+"""The fused (FNA) CUDA backend: our kernels through XLA FFI custom calls.
 
 Forward runs ``natten_jax_fna_forward`` (output and fp32 logsumexp). Extra key/value tokens are
-merged exactly through the two logsumexps. Until the fused backward kernel lands, the VJP
-recomputes the reference backend's VJP (correct gradients, not fast ones).
+merged exactly through the two logsumexps. The VJP has two implementations, chosen by
+``NATTEN_JAX_FUSED_BACKWARD`` (read when a function is traced):
+
+* ``reference`` (default): recomputes the reference backend's VJP (correct, not fast);
+* ``kernel``: the fused backward kernels ``natten_jax_fna_backward`` (dQ and dK/dV kernels,
+  deterministic). Experimental: compiled and unit-tested on the GPU machine before it becomes
+  the default.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +25,8 @@ from natten_jax.reference import na_reference
 from natten_jax.tiles import choose_tiles, visited_flops  # noqa: F401 (benchmarks use it)
 
 TARGET = "natten_jax_fna_forward"
+TARGET_BACKWARD = "natten_jax_fna_backward"
+BACKWARD_ENV = "NATTEN_JAX_FUSED_BACKWARD"
 HEAD_DIMS = (32, 64, 128)
 DTYPES = ("float16", "bfloat16")
 
@@ -43,38 +51,58 @@ def can_run(p: NAProblem):
     return True, ""
 
 
-def _attrs(p: NAProblem, tiles=None):
+def _attrs(p: NAProblem, tiles=None, backward=False):
     qt, kt = tiles or choose_tiles(p.spatial, p.kernel_size, p.stride, p.dilation, p.is_causal,
-                                   p.head_dim)
+                                   p.head_dim, backward=backward)
     i64 = lambda x: np.asarray(x, np.int64)  # noqa: E731
     return dict(kernel_size=i64(p.kernel_size), stride=i64(p.stride), dilation=i64(p.dilation),
                 is_causal=i64(p.is_causal), q_tile=i64(qt), kv_tile=i64(kt),
                 scale=np.float32(p.scale), poison=np.int64(1 if POISON_OUTPUTS else 0))
 
 
-def _forward_call(p: NAProblem, q, k, v, tiles=None):
-    """The custom call; vmap folds extra batch axes into batch. ``tiles``: (q, kv) log2 extents
-    per axis (default: :func:`natten_jax.tiles.choose_tiles`)."""
-    _ffi.register()
-    attrs = _attrs(p, tiles)
+def _ffi_batched(target, out_types, attrs):
+    """``ffi_call`` of ``target`` whose operands and results all lead with the batch axis;
+    vmap folds the mapped axis into batch (the kernels take one batch axis)."""
 
     @jax.custom_batching.custom_vmap
-    def call(q, k, v):
-        out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype),
-                     jax.ShapeDtypeStruct(q.shape[:-1], jnp.float32))
-        return jax.ffi.ffi_call(TARGET, out_types)(q, k, v, **attrs)
+    def call(*xs):
+        return jax.ffi.ffi_call(target, out_types(*xs))(*xs, **attrs)
 
     @call.def_vmap
-    def _vmap(axis_size, in_batched, q, k, v):
+    def _vmap(axis_size, in_batched, *xs):
         xs = [x if bat else jnp.broadcast_to(x, (axis_size,) + x.shape)
-              for x, bat in zip((q, k, v), in_batched)]
-        folded = [x.reshape((axis_size * x.shape[1],) + x.shape[2:]) for x in xs]
-        out, lse = call(*folded)
-        out = out.reshape((axis_size, -1) + out.shape[1:])
-        lse = lse.reshape((axis_size, -1) + lse.shape[1:])
-        return (out, lse), (True, True)
+              for x, bat in zip(xs, in_batched)]
+        outs = call(*[x.reshape((axis_size * x.shape[1],) + x.shape[2:]) for x in xs])
+        outs = tuple(o.reshape((axis_size, -1) + o.shape[1:]) for o in outs)
+        return outs, tuple(True for _ in outs)
 
-    return call(q, k, v)
+    return call
+
+
+def _forward_call(p: NAProblem, q, k, v, tiles=None):
+    """The forward custom call -> (out, lse). ``tiles``: (q, kv) log2 extents per axis
+    (default: :func:`natten_jax.tiles.choose_tiles`)."""
+    _ffi.register()
+    out_types = lambda q, k, v: (jax.ShapeDtypeStruct(q.shape, q.dtype),  # noqa: E731
+                                 jax.ShapeDtypeStruct(q.shape[:-1], jnp.float32))
+    return _ffi_batched(TARGET, out_types, _attrs(p, tiles))(q, k, v)
+
+
+def _backward_call(p: NAProblem, q, k, v, dout, lse, delta, tiles=None):
+    """The backward custom call -> (dq, dk, dv); delta = rowsum(dO * O) - d(lse)."""
+    _ffi.register()
+    out_types = lambda q, k, v, *_: (jax.ShapeDtypeStruct(q.shape, q.dtype),  # noqa: E731
+                                     jax.ShapeDtypeStruct(k.shape, k.dtype),
+                                     jax.ShapeDtypeStruct(v.shape, v.dtype))
+    attrs = _attrs(p, tiles, backward=True)
+    return _ffi_batched(TARGET_BACKWARD, out_types, attrs)(q, k, v, dout, lse, delta)
+
+
+def backward_mode() -> str:
+    mode = os.environ.get(BACKWARD_ENV, "reference").strip() or "reference"
+    if mode not in ("reference", "kernel"):
+        raise ValueError(f"{BACKWARD_ENV} must be 'reference' or 'kernel', got {mode!r}")
+    return mode
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -83,11 +111,17 @@ def _na_fused(p: NAProblem, q, k, v):
 
 
 def _na_fused_fwd(p, q, k, v):
-    return _forward_call(p, q, k, v), (q, k, v)
+    out, lse = _forward_call(p, q, k, v)
+    return (out, lse), (q, k, v, out, lse)
 
 
 def _na_fused_bwd(p, res, cts):
-    q, k, v = res
+    q, k, v, out, lse = res
+    d_out, d_lse = cts
+    if backward_mode() == "kernel":
+        f32 = jnp.float32
+        delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1) - d_lse.astype(f32)
+        return _backward_call(p, q, k, v, d_out.astype(q.dtype), lse, delta)
     _, vjp = jax.vjp(lambda q, k, v: na_reference(p, q, k, v), q, k, v)
     return vjp(cts)
 

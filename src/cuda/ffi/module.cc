@@ -18,7 +18,8 @@ namespace nb = nanobind;
 // clang-format off
 #define NATTEN_JAX_FFI_TARGETS(X)                          \
   X("natten_jax_window_bounds", NattenJaxWindowBounds)     \
-  X("natten_jax_fna_forward", NattenJaxFnaForward)
+  X("natten_jax_fna_forward", NattenJaxFnaForward)       \
+  X("natten_jax_fna_backward", NattenJaxFnaBackward)
 // clang-format on
 
 #define NJ_DECLARE_WEAK_HANDLER(name, symbol)                        \

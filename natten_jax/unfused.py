@@ -1,0 +1,362 @@
+"""Unfused neighborhood attention: the attention-weight operators of NATTEN < 0.20.
+
+``na{1,2,3}d_qk`` computes the neighborhood logits ("pointwise-neighborhood", PN) and
+``na{1,2,3}d_av`` applies attention weights to the neighborhood values ("neighborhood-
+neighborhood", NN); their backward passes (the "inverse-neighborhood", IN, operators of NATTEN)
+come from JAX autodiff. NAT and DiNAT use them with a relative positional bias (RPB)::
+
+    attn = na2d_qk(query * scale, key, kernel_size, dilation, rpb=rpb)
+    attn = jax.nn.softmax(attn, axis=-1)          # (+ dropout, etc.)
+    out = na2d_av(attn, value, kernel_size, dilation)
+
+which equals ``na2d(query, key, value, kernel_size, dilation=dilation, scale=scale)`` when
+``rpb`` is None. Layout is heads-last (NATTEN < 0.20 used heads-first ``[B, H, *S, D]``):
+
+* ``query [B, *S, H, D]``, ``key [B, *S, Hkv, D]``, ``value [B, *S, Hkv, Dv]``;
+  ``Hkv`` divides ``H`` and query head ``h`` uses key/value head ``h // (H // Hkv)`` (GQA/MQA,
+  an extension: NATTEN's unfused ops required equal heads).
+* ``attn [B, *S, H, prod(kernel_size)]``, ``rpb [H, 2*k0 - 1, (2*k1 - 1, (2*k2 - 1))]``.
+
+There is no ``scale`` argument (NATTEN's ``na*d_qk`` never scaled: scale the query first) and no
+``stride`` (these ops are defined for stride 1 only).
+
+**Neighbor order.** The last axis of ``attn`` enumerates the query's window row-major over the
+kernel window, starting at the window start: on each axis ``a`` the window of query coordinate
+``x`` is ``[start_a, end_a)`` in in-group indices of ``x``'s dilation group (see
+:func:`natten_jax.window.window_bounds`, stride 1), and entry ``j_a`` of that axis is the key
+coordinate ``x % d_a + d_a * (start_a + j_a)``. The flat index is
+``((j_0 * k_1) + j_1) * k_2 + j_2`` (NATTEN's ``ki * KERNEL_SIZE + kj`` in the naive kernels).
+
+**Causal windows.** With ``is_causal`` on an axis, a query near the start of that axis has
+fewer than ``k`` neighbors on it (``end - start < k``); entries with ``j_a >= end_a - start_a``
+on any axis are not neighbors. ``na*_qk`` returns ``-inf`` there (as NATTEN's naive kernels do),
+so a softmax gives them weight 0; ``na*_av`` ignores those entries of ``attn`` (their weights are
+treated as 0 whatever they hold, and receive zero gradient).
+
+**Relative positional bias.** For odd ``k`` (NATTEN only defines RPB for odd kernels), entry
+``j`` on axis ``a`` of query ``x`` adds ``rpb[h, ..., r_a + k_a - 1, ...]`` where
+``r_a = (y_a - x_a) // d_a`` is the key's offset from the query in dilated steps (``-(k-1) <= r
+<= k-1``; in-group indices ``start + j - x // d``). This is NATTEN's
+``rpb[h, pb_start(x) + j]`` with ``get_pb_start`` of ``natten_commons.cuh``: ``k // 2`` in the
+interior, ``k - 1 - x // d`` near the start and ``(L - x - 1) // d`` near the end. Restrictions
+mirrored from NATTEN: ``rpb`` with any causal axis raises ``NotImplementedError``; ``rpb`` with an
+even ``kernel_size`` raises ``ValueError`` (NATTEN rejected even kernels in these ops; without
+``rpb`` we accept them, with the window rules of :mod:`natten_jax.window`).
+
+Memory grows with tokens x window: windows are gathered per axis and queries are processed in
+blocks of rows of the first spatial axis, as in :mod:`natten_jax.reference`. Inputs of
+float16/bfloat16/float32 are computed in float32 (float64 stays float64); ``na*_qk`` returns the
+query's dtype, ``na*_av`` the value's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from natten_jax.checks import FLOAT_DTYPES, per_axis_bools, per_axis_ints
+from natten_jax.reference import _gather_windows
+from natten_jax.window import window_offsets
+
+IntOrTuple = Union[int, Sequence[int]]
+BoolOrTuple = Union[bool, Sequence[bool]]
+
+# Elements of one row block's gathered K (or V), and of its logits: 2**25 fp32 = 128 MiB.
+_BLOCK_ELEMENTS = 1 << 25
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks.
+# --------------------------------------------------------------------------------------------
+
+def _check_array(op: str, name: str, x, rank: int, layout: str) -> None:
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{op}: `{name}` must be an array, got {type(x).__name__}.")
+    if x.ndim != rank + 3:
+        raise ValueError(
+            f"{op} expects `{name}` of rank {rank + 3} ({layout}), got shape {tuple(x.shape)}.")
+    if not any(x.dtype == d for d in FLOAT_DTYPES):
+        raise TypeError(
+            f"{op}: `{name}` must be float16, bfloat16, float32 or float64, got dtype {x.dtype}.")
+    if any(s < 1 for s in x.shape):
+        raise ValueError(f"{op}: empty dimensions are not supported, got `{name}` shape "
+                         f"{tuple(x.shape)}.")
+
+
+def _check_window_args(op: str, rank: int, spatial, kernel_size, dilation, is_causal):
+    ks = per_axis_ints("kernel_size", kernel_size, rank, 1)
+    di = per_axis_ints("dilation", dilation, rank, 1)
+    ca = per_axis_bools("is_causal", is_causal, rank)
+    for a in range(rank):
+        if ks[a] * di[a] > spatial[a]:
+            raise ValueError(
+                f"{op}: `kernel_size` * `dilation` must not exceed the extent on every axis, got "
+                f"kernel_size={ks}, dilation={di} for spatial shape {tuple(spatial)}.")
+    return ks, di, ca
+
+
+def _check_heads(op: str, a_name: str, heads: int, b_name: str, heads_kv: int) -> None:
+    if heads % heads_kv != 0:
+        raise ValueError(
+            f"{op}: `{b_name}` heads ({heads_kv}) must divide `{a_name}` heads ({heads}) for "
+            f"grouped-query attention.")
+
+
+def _check_rpb(op: str, rpb, heads: int, ks, ca):
+    if not hasattr(rpb, "shape") or not hasattr(rpb, "dtype"):
+        raise TypeError(f"{op}: `rpb` must be an array or None, got {type(rpb).__name__}.")
+    if any(ca):
+        raise NotImplementedError(
+            f"{op}: relative positional bias (`rpb`) is not supported with causal masking "
+            f"(is_causal={ca}), as in NATTEN.")
+    if any(k % 2 == 0 for k in ks):
+        raise ValueError(
+            f"{op}: relative positional bias (`rpb`) needs an odd `kernel_size` on every axis "
+            f"(NATTEN defines RPB for odd kernels only), got kernel_size={ks}.")
+    want = (heads,) + tuple(2 * k - 1 for k in ks)
+    if tuple(rpb.shape) != want:
+        raise ValueError(
+            f"{op}: `rpb` must have shape [heads, 2 * kernel_size - 1 per axis] = {want}, got "
+            f"{tuple(rpb.shape)}.")
+    if not any(rpb.dtype == d for d in FLOAT_DTYPES):
+        raise TypeError(
+            f"{op}: `rpb` must be float16, bfloat16, float32 or float64, got dtype {rpb.dtype}.")
+
+
+# --------------------------------------------------------------------------------------------
+# Window helpers.
+# --------------------------------------------------------------------------------------------
+
+def _compute_dtype(*dtypes):
+    return jnp.float64 if any(d == jnp.float64 for d in dtypes) else jnp.float32
+
+
+def _windows(spatial, ks, di, ca):
+    """Per-axis key coordinates [L, k] (jnp), the window validity mask [L0.., k0..] (np) and the
+    per-axis RPB indices [L, k] (np)."""
+    rank = len(spatial)
+    offsets = window_offsets(spatial, ks, (1,) * rank, di, ca)
+    coords = [jnp.asarray(c) for c, _ in offsets]
+    valid = np.ones((), bool)
+    for a, (_, m) in enumerate(offsets):  # product of per-axis masks -> [L0.., k0..]
+        shape = [1] * (2 * rank)
+        shape[a], shape[rank + a] = m.shape
+        valid = valid & m.reshape(shape)
+    valid = np.broadcast_to(valid, tuple(spatial) + tuple(ks))
+    # RPB index of entry [x, j]: the key's offset from the query in dilated steps, + k - 1.
+    bias_idx = [((c - np.arange(L)[:, None]) // d + (k - 1)).astype(np.int32)
+                for (c, _), L, k, d in zip(offsets, spatial, ks, di)]
+    return coords, valid, bias_idx
+
+
+def _row_blocks(L0: int, per_row: int):
+    R = int(max(1, min(L0, _BLOCK_ELEMENTS // max(per_row, 1))))
+    return R, -(-L0 // R)
+
+
+def _run_blocks(block, L0: int, R: int, nblocks: int, B: int):
+    """Runs ``block(r0)`` -> [B, R, ...] over all row blocks -> [B, L0, ...]."""
+    if nblocks == 1:
+        return block(0)[:, :L0]
+    outs = jax.lax.map(block, jnp.arange(nblocks) * R)  # [nb, B, R, ...]
+    out = jnp.moveaxis(outs, 0, 1).reshape((B, nblocks * R) + outs.shape[3:])
+    return out[:, :L0]
+
+
+# --------------------------------------------------------------------------------------------
+# Rank-generic operators.
+# --------------------------------------------------------------------------------------------
+
+def na_qk_generic(rank: int, query, key, kernel_size, dilation=1, is_causal=False, rpb=None):
+    """Neighborhood logits ``[B, *S, H, prod(kernel_size)]`` (see the module docstring)."""
+    op = f"na{rank}d_qk"
+    layout = f"[batch, *{rank} spatial, heads, head_dim]"
+    _check_array(op, "query", query, rank, layout)
+    _check_array(op, "key", key, rank, layout)
+    if query.dtype != key.dtype:
+        raise TypeError(f"{op}: `query` and `key` must share a dtype, got {query.dtype} and "
+                        f"{key.dtype}.")
+    qs, ks_ = tuple(query.shape), tuple(key.shape)
+    if qs[0] != ks_[0] or qs[1:-2] != ks_[1:-2]:
+        raise ValueError(f"{op}: `query` {qs} and `key` {ks_} must match in batch and spatial "
+                         f"shape.")
+    if qs[-1] != ks_[-1]:
+        raise ValueError(f"{op}: `key` head_dim {ks_[-1]} must equal `query` head_dim "
+                         f"{qs[-1]}.")
+    B, spatial, H, D = qs[0], qs[1:-2], qs[-2], qs[-1]
+    Hkv = ks_[-2]
+    _check_heads(op, "query", H, "key", Hkv)
+    ks, di, ca = _check_window_args(op, rank, spatial, kernel_size, dilation, is_causal)
+    if rpb is not None:
+        _check_rpb(op, rpb, H, ks, ca)
+
+    G = H // Hkv
+    W = math.prod(ks)
+    cdt = _compute_dtype(query.dtype)
+    q = query.astype(cdt).reshape((B,) + spatial + (Hkv, G, D))
+    k = key.astype(cdt)
+    coords, valid, bias_idx = _windows(spatial, ks, di, ca)
+    valid = jnp.asarray(valid)
+    if rpb is not None:
+        # NATTEN casts the bias to the inputs' dtype before adding it.
+        bias = rpb.astype(query.dtype).astype(cdt)
+        bias_idx = [jnp.asarray(b) for b in bias_idx]
+
+    L0 = spatial[0]
+    per_row = B * W * max(Hkv * D, H) * math.prod(spatial[1:])
+    R, nblocks = _row_blocks(L0, per_row)
+
+    def block(r0):
+        rows = jnp.minimum(r0 + jnp.arange(R), L0 - 1)
+        kw = _gather_windows(k, coords, coords[0][rows])  # [B, R, L1.., k.., Hkv, D]
+        kw = kw.reshape(kw.shape[: rank + 1] + (W,) + kw.shape[-2:])
+        qb = jnp.take(q, rows, axis=1)  # [B, R, L1.., Hkv, G, D]
+        s = jnp.einsum("...hgd,...whd->...hgw", qb, kw)  # [B, R, L1.., Hkv, G, W]
+        if rpb is not None:
+            # bias[h, I0[x0, j0], I1[x1, j1], ...] -> [H, R, k0, L1, k1, ...]
+            idx = []
+            for a in range(rank):
+                ia = bias_idx[a][rows] if a == 0 else bias_idx[a]
+                shape = [1] * (2 * rank)
+                shape[2 * a], shape[2 * a + 1] = ia.shape
+                idx.append(ia.reshape(shape))
+            bw = bias[(slice(None),) + tuple(idx)]
+            # -> [R, L1.., k0.., H] -> [R, L1.., Hkv, G, W]
+            perm = ([1 + 2 * a for a in range(rank)] + [2 + 2 * a for a in range(rank)] + [0])
+            bw = jnp.transpose(bw, perm)
+            bw = bw.reshape(bw.shape[:rank] + (W, Hkv, G))
+            s = s + jnp.moveaxis(bw, rank, -1)[None]
+        m = jnp.take(valid, rows, axis=0).reshape((R,) + valid.shape[1:rank] + (W,))
+        return jnp.where(m[None, ..., None, None, :], s, -jnp.inf)
+
+    out = _run_blocks(block, L0, R, nblocks, B)
+    return out.reshape((B,) + spatial + (H, W)).astype(query.dtype)
+
+
+def na_av_generic(rank: int, attn, value, kernel_size, dilation=1, is_causal=False):
+    """Neighborhood-weighted values ``[B, *S, H, Dv]`` (see the module docstring)."""
+    op = f"na{rank}d_av"
+    _check_array(op, "attn", attn, rank, f"[batch, *{rank} spatial, heads, prod(kernel_size)]")
+    _check_array(op, "value", value, rank, f"[batch, *{rank} spatial, heads, head_dim]")
+    as_, vs = tuple(attn.shape), tuple(value.shape)
+    if as_[0] != vs[0] or as_[1:-2] != vs[1:-2]:
+        raise ValueError(f"{op}: `attn` {as_} and `value` {vs} must match in batch and spatial "
+                         f"shape.")
+    B, spatial, H, W_in = as_[0], as_[1:-2], as_[-2], as_[-1]
+    Hkv, Dv = vs[-2], vs[-1]
+    _check_heads(op, "attn", H, "value", Hkv)
+    ks, di, ca = _check_window_args(op, rank, spatial, kernel_size, dilation, is_causal)
+    W = math.prod(ks)
+    if W_in != W:
+        raise ValueError(
+            f"{op}: the last axis of `attn` must be prod(kernel_size) = {W} for kernel_size="
+            f"{ks}, got {W_in} (attn shape {as_}).")
+
+    G = H // Hkv
+    cdt = _compute_dtype(value.dtype)
+    # NATTEN casts the weights to the value's dtype.
+    a = attn.astype(value.dtype).astype(cdt).reshape((B,) + spatial + (Hkv, G, W))
+    v = value.astype(cdt)
+    coords, valid, _ = _windows(spatial, ks, di, ca)
+    valid = jnp.asarray(valid)
+
+    L0 = spatial[0]
+    per_row = B * W * max(Hkv * Dv, H) * math.prod(spatial[1:])
+    R, nblocks = _row_blocks(L0, per_row)
+
+    def block(r0):
+        rows = jnp.minimum(r0 + jnp.arange(R), L0 - 1)
+        vw = _gather_windows(v, coords, coords[0][rows])  # [B, R, L1.., k.., Hkv, Dv]
+        vw = vw.reshape(vw.shape[: rank + 1] + (W,) + vw.shape[-2:])
+        ab = jnp.take(a, rows, axis=1)  # [B, R, L1.., Hkv, G, W]
+        m = jnp.take(valid, rows, axis=0).reshape((R,) + valid.shape[1:rank] + (W,))
+        ab = jnp.where(m[None, ..., None, None, :], ab, jnp.zeros((), cdt))
+        return jnp.einsum("...hgw,...whe->...hge", ab, vw)  # [B, R, L1.., Hkv, G, Dv]
+
+    out = _run_blocks(block, L0, R, nblocks, B)
+    return out.reshape((B,) + spatial + (H, Dv)).astype(value.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-rank wrappers.
+# --------------------------------------------------------------------------------------------
+
+def _qk_doc(rank: int) -> str:
+    S = ", ".join(f"S{i}" for i in range(rank))
+    K = " * ".join(f"k{i}" for i in range(rank))
+    R = ", ".join(f"2*k{i}-1" for i in range(rank))
+    return f"""{rank}-D neighborhood logits (NATTEN's ``na{rank}d_qk``, heads-last).
+
+    Args:
+      query: ``[B, {S}, H, D]`` (already scaled: no scale is applied).
+      key: ``[B, {S}, Hkv, D]``; ``Hkv`` divides ``H``.
+      kernel_size: int or one per axis; ``kernel_size * dilation`` must not exceed the extent.
+      dilation: int or one per axis (default 1).
+      is_causal: bool or one per axis (default False).
+      rpb: optional relative positional bias ``[H, {R}]`` (odd kernel sizes, not causal).
+
+    Returns:
+      ``[B, {S}, H, {K}]`` in query's dtype: ``q . k (+ rpb)`` for each neighbor, row-major over
+      the kernel window from the window start; ``-inf`` where a causal window has no neighbor.
+      See :mod:`natten_jax.unfused` for the neighbor order and the RPB indexing rule.
+    """
+
+
+def _av_doc(rank: int) -> str:
+    S = ", ".join(f"S{i}" for i in range(rank))
+    K = " * ".join(f"k{i}" for i in range(rank))
+    return f"""{rank}-D neighborhood weighted sum of values (NATTEN's ``na{rank}d_av``, heads-last).
+
+    Args:
+      attn: ``[B, {S}, H, {K}]`` weights in the neighbor order of ``na{rank}d_qk``.
+      value: ``[B, {S}, Hkv, Dv]``; ``Hkv`` divides ``H``.
+      kernel_size, dilation, is_causal: as in ``na{rank}d_qk``.
+
+    Returns:
+      ``[B, {S}, H, Dv]`` in value's dtype: ``sum_j attn[..., j] * value[neighbor j]``; entries
+      that are not neighbors (causal windows near the start) are ignored.
+    """
+
+
+def na1d_qk(query, key, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
+            is_causal: BoolOrTuple = False, rpb=None):
+    return na_qk_generic(1, query, key, kernel_size, dilation, is_causal, rpb)
+
+
+def na2d_qk(query, key, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
+            is_causal: BoolOrTuple = False, rpb=None):
+    return na_qk_generic(2, query, key, kernel_size, dilation, is_causal, rpb)
+
+
+def na3d_qk(query, key, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
+            is_causal: BoolOrTuple = False, rpb=None):
+    return na_qk_generic(3, query, key, kernel_size, dilation, is_causal, rpb)
+
+
+def na1d_av(attn, value, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
+            is_causal: BoolOrTuple = False):
+    return na_av_generic(1, attn, value, kernel_size, dilation, is_causal)
+
+
+def na2d_av(attn, value, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
+            is_causal: BoolOrTuple = False):
+    return na_av_generic(2, attn, value, kernel_size, dilation, is_causal)
+
+
+def na3d_av(attn, value, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
+            is_causal: BoolOrTuple = False):
+    return na_av_generic(3, attn, value, kernel_size, dilation, is_causal)
+
+
+for _r, _f in ((1, na1d_qk), (2, na2d_qk), (3, na3d_qk)):
+    _f.__doc__ = _qk_doc(_r)
+for _r, _f in ((1, na1d_av), (2, na2d_av), (3, na3d_av)):
+    _f.__doc__ = _av_doc(_r)
+del _r, _f
+
+__all__ = ["na1d_qk", "na2d_qk", "na3d_qk", "na1d_av", "na2d_av", "na3d_av",
+           "na_qk_generic", "na_av_generic"]

@@ -1,0 +1,644 @@
+// Fused neighborhood attention backward, tensor-core path (mma.sync m16n8k16): two
+// deterministic kernels (no atomics), both recomputing P = exp(scale * Q K^T - lse):
+//
+// * dQ (query-stationary, the forward's structure): a CTA owns a 64-query tile and visits the
+//   KV boxes covering the union of its windows; dS = P * (dO V^T - delta); dQ = scale * dS K.
+// * dK/dV (key-stationary): a CTA owns a 64-key tile of one key/value head and visits, for each
+//   query head of its group (GQA: the sum over the group), the Q boxes covering the tile's
+//   inverse neighborhood (the queries whose windows reach it); dV += P^T dO, dK += scale dS^T Q.
+//
+// delta = rowsum(dO * O) - d(lse) comes from the caller (one fused XLA reduction).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "natten_jax/fna/fna_bwd_params.h"
+#include "natten_jax/fna/sm80_common.cuh"
+#include "natten_jax/window.cuh"
+
+namespace natten_jax {
+namespace fna {
+namespace sm80 {
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Dilation group and in-group extents of a CTA (group index `grp` over the product of the
+// per-axis dilations, last axis fastest).
+struct GroupInfo {
+  int g[3], glen[3], dil[3], ks[3], st[3];
+  bool causal[3];
+
+  __device__ __forceinline__ GroupInfo(const FnaFwdParams& p, int grp) {
+#pragma unroll
+    for (int a = 2; a >= 0; --a) {
+      dil[a] = p.dilation[a];
+      g[a] = grp % dil[a];
+      grp /= dil[a];
+    }
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+      ks[a] = p.kernel[a];
+      st[a] = p.stride[a];
+      causal[a] = p.causal[a] != 0;
+      glen[a] = group_extent(p.extent[a], dil[a], g[a]);
+    }
+  }
+  __device__ __forceinline__ int start(int a, int i) const {
+    return window_start(i, ks[a], st[a], glen[a], causal[a]);
+  }
+  __device__ __forceinline__ int end(int a, int i) const {
+    return window_end(i, start(a, i), ks[a], causal[a]);
+  }
+};
+
+// Decodes a flat tile index into per-axis tile origins (last axis fastest).
+__device__ __forceinline__ void tile_origin(int t, const int* count, const int* l2, int* o) {
+#pragma unroll
+  for (int a = 2; a >= 0; --a) {
+    o[a] = (t % count[a]) << l2[a];
+    t /= count[a];
+  }
+}
+
+// Element offset of a token's row (in-group coordinates x) from the group's base pointer.
+__device__ __forceinline__ int64_t token_offset(const int* x, const int* dil,
+                                                const int64_t* stride) {
+  return static_cast<int64_t>(x[0]) * dil[0] * stride[0] +
+         static_cast<int64_t>(x[1]) * dil[1] * stride[1] +
+         static_cast<int64_t>(x[2]) * dil[2] * stride[2];
+}
+
+// Writes 64 rows (tile rows r, token origin + tile_coord(r)) from shared memory to global,
+// skipping rows outside `limit`.
+template <typename T, int D>
+__device__ __forceinline__ void store_tile(T* base, const T* smem, const int64_t* tok_stride,
+                                           const int* dil, const int* origin, const int* limit,
+                                           const int* l2, int tid) {
+  constexpr int kChunks = D / 8;
+  constexpr int kPitch = D + 8;
+#pragma unroll
+  for (int i = 0; i < (kTileKV * kChunks) / kThreads; ++i) {
+    int idx = tid + i * kThreads;
+    int row = idx / kChunks, chunk = idx % kChunks;
+    int c[3], x[3];
+    tile_coord(row, l2, c);
+    bool valid = true;
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+      x[a] = origin[a] + c[a];
+      valid = valid && x[a] < limit[a];
+    }
+    if (valid)
+      *reinterpret_cast<uint4*>(base + token_offset(x, dil, tok_stride) + chunk * 8) =
+          *reinterpret_cast<const uint4*>(smem + row * kPitch + chunk * 8);
+  }
+}
+
+// A-operand fragment (16 rows x 16 of the k dim) at (row0, col0) of a shared-memory tile.
+template <int kPitch, typename T>
+__device__ __forceinline__ void load_a(uint32_t* f, const T* s, int row0, int col0, int lane) {
+  ldmatrix_x4(f, s + (row0 + (lane % 8) + ((lane / 8) % 2) * 8) * kPitch + col0 +
+                     (lane / 16) * 8);
+}
+// B-operand fragments of two n8 tiles (rows n0..n0+15 of a [n][k] tile, k chunk col0).
+template <int kPitch, typename T>
+__device__ __forceinline__ void load_b(uint32_t* f, const T* s, int n0, int col0, int lane) {
+  ldmatrix_x4(f, s + (n0 + (lane % 8) + ((lane / 8) / 2) * 8) * kPitch + col0 +
+                     ((lane / 8) % 2) * 8);
+}
+// B-operand fragments of two n8 tiles from a [k][n] tile (k rows k0..k0+15, n cols n0..n0+15).
+template <int kPitch, typename T>
+__device__ __forceinline__ void load_b_trans(uint32_t* f, const T* s, int k0, int n0, int lane) {
+  ldmatrix_x4_trans(f, s + (k0 + (lane % 8) + ((lane / 8) % 2) * 8) * kPitch + n0 +
+                           ((lane / 8) / 2) * 8);
+}
+
+// ------------------------------------------------------------------------------------------
+// dQ kernel.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 2)
+    fna_bwd_dq_kernel(const __grid_constant__ FnaBwdParams bp) {
+  using Mma = MmaTraits<T>;
+  const FnaFwdParams& p = bp.f;
+  constexpr int kPitch = D + 8;
+  constexpr int kDTiles = D / 8;
+  constexpr int kKChunks = D / 16;
+  constexpr int kNTiles = kTileKV / 8;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sdO = sQ + kTileKV * kPitch;
+  T* sK = sdO + kTileKV * kPitch;     // 2 stages
+  T* sV = sK + 2 * kTileKV * kPitch;  // 2 stages
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int b = blockIdx.z;
+  const int h = blockIdx.y % p.heads;
+  const GroupInfo gi(p, blockIdx.y / p.heads);
+  int q0[3], qlast[3];
+  tile_origin(blockIdx.x, p.num_q_tiles, p.q_tile_log2, q0);
+#pragma unroll
+  for (int a = 0; a < 3; ++a) {
+    if (q0[a] >= gi.glen[a]) return;
+    qlast[a] = min(q0[a] + (1 << p.q_tile_log2[a]), gi.glen[a]) - 1;
+  }
+
+  int lo[3], hi[3], nbox[3];
+  int total_boxes = 1;
+#pragma unroll
+  for (int a = 0; a < 3; ++a) {
+    lo[a] = gi.start(a, q0[a]);
+    hi[a] = gi.end(a, qlast[a]);
+    int box = 1 << p.kv_tile_log2[a];
+    nbox[a] = (hi[a] - lo[a] + box - 1) / box;
+    total_boxes *= nbox[a];
+  }
+
+  // Per warp: union and intersection of its 16 queries' windows (see the forward kernel).
+  int wlo[3], whi[3], wilo[3], wihi[3];
+  bool warp_active = true;
+  {
+    int cf[3], cl[3];
+    tile_coord(warp * 16, p.q_tile_log2, cf);
+    tile_coord(warp * 16 + 15, p.q_tile_log2, cl);
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+      int first = q0[a] + cf[a];
+      int last = min(q0[a] + cl[a], gi.glen[a] - 1);
+      warp_active = warp_active && first < gi.glen[a];
+      first = min(first, gi.glen[a] - 1);
+      wlo[a] = gi.start(a, first);
+      whi[a] = gi.end(a, last);
+      wilo[a] = gi.start(a, last);
+      wihi[a] = gi.end(a, first);
+    }
+  }
+
+  // This thread's two query rows: window (start, length), lse (base 2) and delta.
+  int ws[2][3];
+  unsigned wl[2][3];
+  float lse2[2], delta[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    int c[3], x[3];
+    tile_coord(warp * 16 + lane / 4 + r * 8, p.q_tile_log2, c);
+    bool valid = true;
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+      x[a] = q0[a] + c[a];
+      valid = valid && x[a] < gi.glen[a];
+    }
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+      int xi = min(x[a], gi.glen[a] - 1);
+      ws[r][a] = gi.start(a, xi);
+      wl[r][a] = valid ? static_cast<unsigned>(gi.end(a, xi) - ws[r][a]) : 0u;
+    }
+    lse2[r] = 0.f;
+    delta[r] = 0.f;
+    if (valid) {
+      int64_t off = b * p.lse_batch_stride + h;
+#pragma unroll
+      for (int a = 0; a < 3; ++a)
+        off += static_cast<int64_t>(gi.g[a] + x[a] * gi.dil[a]) * p.lse_token_stride[a];
+      lse2[r] = p.lse[off] * kLog2e;
+      delta[r] = bp.delta[off];
+    }
+  }
+
+  const int hkv = h / (p.heads / p.heads_kv);
+  int64_t goff_q = 0, goff_kv = 0;
+#pragma unroll
+  for (int a = 0; a < 3; ++a) {
+    goff_q += static_cast<int64_t>(gi.g[a]) * p.q_token_stride[a];
+    goff_kv += static_cast<int64_t>(gi.g[a]) * p.kv_token_stride[a];
+  }
+  const int64_t qoff = b * p.q_batch_stride + goff_q + h * p.q_head_stride;
+  const int64_t kvoff = b * p.kv_batch_stride + goff_kv + hkv * p.kv_head_stride;
+  const T* kbase = static_cast<const T*>(p.k) + kvoff;
+  const T* vbase = static_cast<const T*>(p.v) + kvoff;
+
+  {
+    T* const dst[2] = {sQ, sdO};
+    const T* const src[2] = {static_cast<const T*>(p.q) + qoff,
+                             static_cast<const T*>(bp.dout) + qoff};
+    load_tiles<T, D, 2>(dst, src, p.q_token_stride, gi.dil, q0, gi.glen, p.q_tile_log2, tid);
+  }
+  cp_async_commit();
+  auto box_origin = [&](int j, int* o) {
+#pragma unroll
+    for (int a = 2; a >= 0; --a) {
+      o[a] = lo[a] + (j % nbox[a]) * (1 << p.kv_tile_log2[a]);
+      j /= nbox[a];
+    }
+  };
+  auto load_kv = [&](int j, int stage) {
+    int o[3];
+    box_origin(j, o);
+    T* const dst[2] = {sK + stage * kTileKV * kPitch, sV + stage * kTileKV * kPitch};
+    const T* const src[2] = {kbase, vbase};
+    load_tiles<T, D, 2>(dst, src, p.kv_token_stride, gi.dil, o, hi, p.kv_tile_log2, tid);
+  };
+  load_kv(0, 0);
+  cp_async_commit();
+
+  float acc[kDTiles][4];
+#pragma unroll
+  for (int i = 0; i < kDTiles; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+
+  for (int j = 0; j < total_boxes; ++j) {
+    const int stage = j & 1;
+    if (j + 1 < total_boxes) {
+      load_kv(j + 1, stage ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* k_s = sK + stage * kTileKV * kPitch;
+    const T* v_s = sV + stage * kTileKV * kPitch;
+
+    int o[3];
+    box_origin(j, o);
+    bool touch = warp_active, full = true;
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+      int box_hi = o[a] + (1 << p.kv_tile_log2[a]);
+      touch = touch && o[a] < whi[a] && box_hi > wlo[a];
+      full = full && o[a] >= wilo[a] && box_hi <= wihi[a];
+    }
+    if (touch) {
+      // S = Q K^T and dP = dO V^T (16 x 64 per warp).
+      float s[kNTiles][4], dp[kNTiles][4];
+#pragma unroll
+      for (int n = 0; n < kNTiles; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
+#pragma unroll
+      for (int kc = 0; kc < kKChunks; ++kc) {
+        uint32_t qa[4], da[4];
+        load_a<kPitch>(qa, sQ, warp * 16, kc * 16, lane);
+        load_a<kPitch>(da, sdO, warp * 16, kc * 16, lane);
+#pragma unroll
+        for (int np = 0; np < kNTiles / 2; ++np) {
+          uint32_t kb[4], vb[4];
+          load_b<kPitch>(kb, k_s, np * 16, kc * 16, lane);
+          load_b<kPitch>(vb, v_s, np * 16, kc * 16, lane);
+          Mma::mma(s[2 * np], qa, kb[0], kb[1]);
+          Mma::mma(s[2 * np + 1], qa, kb[2], kb[3]);
+          Mma::mma(dp[2 * np], da, vb[0], vb[1]);
+          Mma::mma(dp[2 * np + 1], da, vb[2], vb[3]);
+        }
+      }
+      // P and dS = P * (dP - delta), masked outside the windows.
+#pragma unroll
+      for (int n = 0; n < kNTiles; ++n) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          int c[3];
+          tile_coord(n * 8 + 2 * (lane % 4) + e, p.kv_tile_log2, c);
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            bool in = full || (static_cast<unsigned>(o[0] + c[0] - ws[r][0]) < wl[r][0] &&
+                               static_cast<unsigned>(o[1] + c[1] - ws[r][1]) < wl[r][1] &&
+                               static_cast<unsigned>(o[2] + c[2] - ws[r][2]) < wl[r][2]);
+            float pv = in ? exp2f(fmaf(s[n][2 * r + e], p.scale_log2, -lse2[r])) : 0.f;
+            dp[n][2 * r + e] = pv * (dp[n][2 * r + e] - delta[r]);
+          }
+        }
+      }
+      // dQ += dS K.
+#pragma unroll
+      for (int kk = 0; kk < kTileKV / 16; ++kk) {
+        uint32_t a[4];
+        a[0] = Mma::pack(dp[2 * kk][0], dp[2 * kk][1]);
+        a[1] = Mma::pack(dp[2 * kk][2], dp[2 * kk][3]);
+        a[2] = Mma::pack(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
+        a[3] = Mma::pack(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
+#pragma unroll
+        for (int dn = 0; dn < kDTiles / 2; ++dn) {
+          uint32_t kb[4];
+          load_b_trans<kPitch>(kb, k_s, kk * 16, dn * 16, lane);
+          Mma::mma(acc[2 * dn], a, kb[0], kb[1]);
+          Mma::mma(acc[2 * dn + 1], a, kb[2], kb[3]);
+        }
+      }
+    }
+    __syncthreads();
+  }
+
+  // dQ = scale * acc, staged through sQ.
+  const float scale = p.scale_log2 / kLog2e;
+#pragma unroll
+  for (int d = 0; d < kDTiles; ++d)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      int row = warp * 16 + lane / 4 + r * 8;
+      *reinterpret_cast<uint32_t*>(sQ + row * kPitch + d * 8 + 2 * (lane % 4)) =
+          Mma::pack(acc[d][2 * r] * scale, acc[d][2 * r + 1] * scale);
+    }
+  __syncthreads();
+  store_tile<T, D>(static_cast<T*>(bp.dq) + qoff, sQ, p.q_token_stride, gi.dil, q0, gi.glen,
+                   p.q_tile_log2, tid);
+}
+
+// ------------------------------------------------------------------------------------------
+// dK / dV kernel.
+
+// Smallest i in [0, n) with pred(i) (pred false then true), n if none.
+template <typename Pred>
+__device__ __forceinline__ int lower_bound(int n, Pred pred) {
+  int lo = 0, hi = n;
+  while (lo < hi) {
+    int mid = (lo + hi) / 2;
+    if (pred(mid))
+      hi = mid;
+    else
+      lo = mid + 1;
+  }
+  return lo;
+}
+
+template <int D>
+__host__ __device__ constexpr int dkdv_step_q() {
+  return D > 64 ? 32 : 64;  // queries per step: S^T, dP^T and both accumulators in registers
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 2)
+    fna_bwd_dkdv_kernel(const __grid_constant__ FnaBwdParams bp) {
+  using Mma = MmaTraits<T>;
+  const FnaFwdParams& p = bp.f;
+  constexpr int kPitch = D + 8;
+  constexpr int kDTiles = D / 8;
+  constexpr int kKChunks = D / 16;
+  constexpr int kStepQ = dkdv_step_q<D>();
+  constexpr int kNTiles = kStepQ / 8;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sV = sK + kTileKV * kPitch;
+  T* sQ = sV + kTileKV * kPitch;      // 2 stages
+  T* sdO = sQ + 2 * kTileKV * kPitch;  // 2 stages
+  int* sWin = reinterpret_cast<int*>(sdO + 2 * kTileKV * kPitch);  // 2 x [64][6]
+  float* sLse = reinterpret_cast<float*>(sWin + 2 * kTileKV * 6);   // 2 x [64]
+  float* sDelta = sLse + 2 * kTileKV;                               // 2 x [64]
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int b = blockIdx.z;
+  const int hkv = blockIdx.y % p.heads_kv;
+  const GroupInfo gi(p, blockIdx.y / p.heads_kv);
+  const int group_heads = p.heads / p.heads_kv;
+  int k0[3], k1[3];
+  tile_origin(blockIdx.x, bp.num_kv_tiles, p.kv_tile_log2, k0);
+#pragma unroll
+  for (int a = 0; a < 3; ++a) {
+    if (k0[a] >= gi.glen[a]) return;
+    k1[a] = min(k0[a] + (1 << p.kv_tile_log2[a]), gi.glen[a]);
+  }
+
+  // Inverse neighborhood per axis: queries i with end(i) > k0 and start(i) < k1 (both monotone
+  // in i), covered by Q boxes from i_lo.
+  int ilo[3], nq[3];
+  int boxes = 1;
+#pragma unroll
+  for (int a = 0; a < 3; ++a) {
+    const int n = gi.glen[a];
+    ilo[a] = lower_bound(n, [&](int i) { return gi.end(a, i) > k0[a]; });
+    int ihi = lower_bound(n, [&](int i) { return gi.start(a, i) >= k1[a]; });
+    int box = 1 << p.q_tile_log2[a];
+    nq[a] = ihi > ilo[a] ? (ihi - ilo[a] + box - 1) / box : 0;
+    boxes *= nq[a];
+  }
+  const int total = boxes * group_heads;
+
+  // This thread's two key rows (in-group coordinates).
+  int kc[2][3];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    int c[3];
+    tile_coord(warp * 16 + lane / 4 + r * 8, p.kv_tile_log2, c);
+#pragma unroll
+    for (int a = 0; a < 3; ++a) kc[r][a] = k0[a] + c[a];
+  }
+
+  int64_t goff_q = 0, goff_kv = 0;
+#pragma unroll
+  for (int a = 0; a < 3; ++a) {
+    goff_q += static_cast<int64_t>(gi.g[a]) * p.q_token_stride[a];
+    goff_kv += static_cast<int64_t>(gi.g[a]) * p.kv_token_stride[a];
+  }
+  const int64_t kvoff = b * p.kv_batch_stride + goff_kv + hkv * p.kv_head_stride;
+  {
+    T* const dst[2] = {sK, sV};
+    const T* const src[2] = {static_cast<const T*>(p.k) + kvoff,
+                             static_cast<const T*>(p.v) + kvoff};
+    load_tiles<T, D, 2>(dst, src, p.kv_token_stride, gi.dil, k0, gi.glen, p.kv_tile_log2, tid);
+  }
+  cp_async_commit();
+
+  auto qbox = [&](int t, int& h, int* o) {
+    h = hkv * group_heads + t / boxes;
+    int j = t % boxes;
+#pragma unroll
+    for (int a = 2; a >= 0; --a) {
+      o[a] = ilo[a] + (j % nq[a]) * (1 << p.q_tile_log2[a]);
+      j /= nq[a];
+    }
+  };
+  // Q and dO rows by cp.async; each query row's window, lse (base 2) and delta by plain loads.
+  auto load_q = [&](int t, int stage) {
+    int h, o[3];
+    qbox(t, h, o);
+    const int64_t qoff = b * p.q_batch_stride + goff_q + h * p.q_head_stride;
+    T* const dst[2] = {sQ + stage * kTileKV * kPitch, sdO + stage * kTileKV * kPitch};
+    const T* const src[2] = {static_cast<const T*>(p.q) + qoff,
+                             static_cast<const T*>(bp.dout) + qoff};
+    load_tiles<T, D, 2>(dst, src, p.q_token_stride, gi.dil, o, gi.glen, p.q_tile_log2, tid);
+    for (int row = tid; row < kTileKV; row += kThreads) {
+      int c[3], x[3];
+      tile_coord(row, p.q_tile_log2, c);
+      bool valid = true;
+#pragma unroll
+      for (int a = 0; a < 3; ++a) {
+        x[a] = o[a] + c[a];
+        valid = valid && x[a] < gi.glen[a];
+      }
+      int* w = sWin + (stage * kTileKV + row) * 6;
+      float l2 = 0.f, dl = 0.f;
+      if (valid) {
+        int64_t off = b * p.lse_batch_stride + h;
+#pragma unroll
+        for (int a = 0; a < 3; ++a) {
+          int s0 = gi.start(a, x[a]);
+          w[2 * a] = s0;
+          w[2 * a + 1] = gi.end(a, x[a]) - s0;
+          off += static_cast<int64_t>(gi.g[a] + x[a] * gi.dil[a]) * p.lse_token_stride[a];
+        }
+        l2 = p.lse[off] * kLog2e;
+        dl = bp.delta[off];
+      } else {
+#pragma unroll
+        for (int a = 0; a < 3; ++a) w[2 * a] = w[2 * a + 1] = 0;  // empty window: masked
+      }
+      sLse[stage * kTileKV + row] = l2;
+      sDelta[stage * kTileKV + row] = dl;
+    }
+  };
+
+  float acc_dk[kDTiles][4], acc_dv[kDTiles][4];
+#pragma unroll
+  for (int i = 0; i < kDTiles; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_dk[i][e] = acc_dv[i][e] = 0.f;
+
+  if (total > 0) {
+    load_q(0, 0);
+    cp_async_commit();
+  }
+  for (int t = 0; t < total; ++t) {
+    const int stage = t & 1;
+    if (t + 1 < total) {
+      load_q(t + 1, stage ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* q_s = sQ + stage * kTileKV * kPitch;
+    const T* do_s = sdO + stage * kTileKV * kPitch;
+    const int* win = sWin + stage * kTileKV * 6;
+    const float* lse_s = sLse + stage * kTileKV;
+    const float* dl_s = sDelta + stage * kTileKV;
+
+#pragma unroll 1
+    for (int q0 = 0; q0 < kTileKV; q0 += kStepQ) {
+      // S^T = K Q^T and dP^T = V dO^T (16 keys x kStepQ queries per warp).
+      float s[kNTiles][4], dp[kNTiles][4];
+#pragma unroll
+      for (int n = 0; n < kNTiles; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
+#pragma unroll
+      for (int kc2 = 0; kc2 < kKChunks; ++kc2) {
+        uint32_t ka[4], va[4];
+        load_a<kPitch>(ka, sK, warp * 16, kc2 * 16, lane);
+        load_a<kPitch>(va, sV, warp * 16, kc2 * 16, lane);
+#pragma unroll
+        for (int np = 0; np < kNTiles / 2; ++np) {
+          uint32_t qb[4], db[4];
+          load_b<kPitch>(qb, q_s, q0 + np * 16, kc2 * 16, lane);
+          load_b<kPitch>(db, do_s, q0 + np * 16, kc2 * 16, lane);
+          Mma::mma(s[2 * np], ka, qb[0], qb[1]);
+          Mma::mma(s[2 * np + 1], ka, qb[2], qb[3]);
+          Mma::mma(dp[2 * np], va, db[0], db[1]);
+          Mma::mma(dp[2 * np + 1], va, db[2], db[3]);
+        }
+      }
+      // P^T (masked) and dS^T = P^T * (dP^T - delta).
+#pragma unroll
+      for (int n = 0; n < kNTiles; ++n) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = q0 + n * 8 + 2 * (lane % 4) + e;
+          const int* w = win + col * 6;
+          const float l2 = lse_s[col], dl = dl_s[col];
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            bool in = static_cast<unsigned>(kc[r][0] - w[0]) < static_cast<unsigned>(w[1]) &&
+                      static_cast<unsigned>(kc[r][1] - w[2]) < static_cast<unsigned>(w[3]) &&
+                      static_cast<unsigned>(kc[r][2] - w[4]) < static_cast<unsigned>(w[5]);
+            float pv = in ? exp2f(fmaf(s[n][2 * r + e], p.scale_log2, -l2)) : 0.f;
+            s[n][2 * r + e] = pv;
+            dp[n][2 * r + e] = pv * (dp[n][2 * r + e] - dl);
+          }
+        }
+      }
+      // dV += P^T dO and dK += dS^T Q (k dim = queries).
+#pragma unroll
+      for (int kk = 0; kk < kStepQ / 16; ++kk) {
+        uint32_t pa[4], sa[4];
+        pa[0] = Mma::pack(s[2 * kk][0], s[2 * kk][1]);
+        pa[1] = Mma::pack(s[2 * kk][2], s[2 * kk][3]);
+        pa[2] = Mma::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        pa[3] = Mma::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+        sa[0] = Mma::pack(dp[2 * kk][0], dp[2 * kk][1]);
+        sa[1] = Mma::pack(dp[2 * kk][2], dp[2 * kk][3]);
+        sa[2] = Mma::pack(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
+        sa[3] = Mma::pack(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
+#pragma unroll
+        for (int dn = 0; dn < kDTiles / 2; ++dn) {
+          uint32_t db[4], qb[4];
+          load_b_trans<kPitch>(db, do_s, q0 + kk * 16, dn * 16, lane);
+          load_b_trans<kPitch>(qb, q_s, q0 + kk * 16, dn * 16, lane);
+          Mma::mma(acc_dv[2 * dn], pa, db[0], db[1]);
+          Mma::mma(acc_dv[2 * dn + 1], pa, db[2], db[3]);
+          Mma::mma(acc_dk[2 * dn], sa, qb[0], qb[1]);
+          Mma::mma(acc_dk[2 * dn + 1], sa, qb[2], qb[3]);
+        }
+      }
+    }
+    __syncthreads();
+  }
+  if (total == 0) {
+    cp_async_wait<0>();
+    __syncthreads();
+  }
+
+  // dK = scale * acc_dk, dV = acc_dv, staged through the (now free) Q / dO buffers.
+  const float scale = p.scale_log2 / kLog2e;
+#pragma unroll
+  for (int d = 0; d < kDTiles; ++d)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      int off = (warp * 16 + lane / 4 + r * 8) * kPitch + d * 8 + 2 * (lane % 4);
+      *reinterpret_cast<uint32_t*>(sQ + off) =
+          Mma::pack(acc_dk[d][2 * r] * scale, acc_dk[d][2 * r + 1] * scale);
+      *reinterpret_cast<uint32_t*>(sdO + off) = Mma::pack(acc_dv[d][2 * r], acc_dv[d][2 * r + 1]);
+    }
+  __syncthreads();
+  store_tile<T, D>(static_cast<T*>(bp.dk) + kvoff, sQ, p.kv_token_stride, gi.dil, k0, gi.glen,
+                   p.kv_tile_log2, tid);
+  store_tile<T, D>(static_cast<T*>(bp.dv) + kvoff, sdO, p.kv_token_stride, gi.dil, k0, gi.glen,
+                   p.kv_tile_log2, tid);
+}
+
+template <typename T, int D>
+cudaError_t launch_backward(const FnaBwdParams& bp, cudaStream_t stream) {
+  const FnaFwdParams& p = bp.f;
+  const int groups = p.dilation[0] * p.dilation[1] * p.dilation[2];
+  constexpr int kPitchBytes = (D + 8) * static_cast<int>(sizeof(T));
+  {
+    constexpr int bytes = 6 * kTileKV * kPitchBytes;
+    auto kernel = fna_bwd_dq_kernel<T, D>;
+    cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    if (err != cudaSuccess) return err;
+    dim3 grid(p.num_q_tiles[0] * p.num_q_tiles[1] * p.num_q_tiles[2], p.heads * groups,
+              p.batch);
+    kernel<<<grid, kThreads, bytes, stream>>>(bp);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+  {
+    constexpr int bytes = 6 * kTileKV * kPitchBytes +
+                          2 * kTileKV * (6 * static_cast<int>(sizeof(int)) + 2 * 4);
+    auto kernel = fna_bwd_dkdv_kernel<T, D>;
+    cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    if (err != cudaSuccess) return err;
+    dim3 grid(bp.num_kv_tiles[0] * bp.num_kv_tiles[1] * bp.num_kv_tiles[2],
+              p.heads_kv * groups, p.batch);
+    kernel<<<grid, kThreads, bytes, stream>>>(bp);
+    return cudaGetLastError();
+  }
+}
+
+}  // namespace sm80
+}  // namespace fna
+}  // namespace natten_jax

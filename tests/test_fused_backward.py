@@ -1,0 +1,77 @@
+"""Fused (FNA) backward kernels vs the reference backend's VJP on the GPU."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import natten_jax
+from natten_jax.backends import fused
+from natten_jax.checks import check_na_call
+from natten_jax.reference import na_reference
+
+from test_fused import CASES, TOL, _inputs, _rel
+
+pytestmark = pytest.mark.gpu
+fused.POISON_OUTPUTS = True  # every gradient element must be written by the kernels
+
+
+def _ref_grads(q, k, v, dout, d_lse, spatial, kernel, stride, dilation, causal, scale=None):
+    f64 = lambda x: x.astype(jnp.float64)  # noqa: E731
+    p = check_na_call(len(spatial), f64(q), f64(k), f64(v), kernel, stride, dilation, causal,
+                      scale)
+    _, vjp = jax.vjp(lambda q, k, v: na_reference(p, q, k, v), f64(q), f64(k), f64(v))
+    return vjp((f64(dout), f64(d_lse)))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_backward_kernel_matches_reference(case, dtype, monkeypatch):
+    monkeypatch.setenv(fused.BACKWARD_ENV, "kernel")
+    spatial, kernel, stride, dilation, causal = CASES[case]
+    D = (32, 64, 128)[case % 3]
+    H, Hkv = [(4, 4), (4, 2), (4, 1)][case % 3]
+    q, k, v = _inputs(jax.random.PRNGKey(2000 + case), spatial, 2, H, Hkv, D, dtype)
+    kd, kl = jax.random.split(jax.random.PRNGKey(3000 + case))
+    dout = jax.random.normal(kd, q.shape, jnp.float32).astype(dtype)
+    d_lse = jax.random.normal(kl, q.shape[:-1], jnp.float32)
+    f = getattr(natten_jax, f"na{len(spatial)}d")
+
+    def loss(q, k, v):
+        out, lse = f(q, k, v, kernel, stride, dilation, causal, backend="fused", return_lse=True)
+        return (jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32))
+                + jnp.sum(lse * d_lse))
+
+    got = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    want = _ref_grads(q, k, v, dout, d_lse, spatial, kernel, stride, dilation, causal)
+    for name, g, w in zip("qkv", got, want):
+        g = np.asarray(g.astype(jnp.float32))
+        assert np.isfinite(g).all(), f"d{name}: unwritten or non-finite elements"
+        assert _rel(g, w) < 2 * TOL[dtype], (name, _rel(g, w))
+
+
+def test_backward_kernel_under_vmap_and_extra_tokens(monkeypatch):
+    monkeypatch.setenv(fused.BACKWARD_ENV, "kernel")
+    spatial, kernel = (12, 14), (5, 3)
+    q, k, v = _inputs(jax.random.PRNGKey(11), spatial, 2, 4, 2, 64, "bfloat16")
+    ek = jax.random.normal(jax.random.PRNGKey(12), (2, 3, 2, 64)).astype(jnp.bfloat16)
+    ev = jax.random.normal(jax.random.PRNGKey(13), (2, 3, 2, 64)).astype(jnp.bfloat16)
+
+    def loss(backend):
+        def f(q, k, v, ek, ev):
+            out = natten_jax.na2d(q, k, v, kernel, additional_keys=ek, additional_values=ev,
+                                  backend=backend)
+            return jnp.sum(out.astype(jnp.float32) ** 2)
+        return f
+
+    got = jax.grad(loss("fused"), argnums=(0, 1, 2, 3, 4))(q, k, v, ek, ev)
+    f64 = lambda x: x.astype(jnp.float64)  # noqa: E731
+    want = jax.grad(loss("reference"), argnums=(0, 1, 2, 3, 4))(f64(q), f64(k), f64(v), f64(ek),
+                                                                f64(ev))
+    for g, w in zip(got, want):
+        assert _rel(g.astype(jnp.float32), w) < 3e-2
+    qs = jnp.stack([q, q[::-1]])
+    gv = jax.vmap(jax.grad(lambda q: loss("fused")(q, k, v, ek, ev)))(qs)
+    g0 = jax.grad(lambda q: loss("fused")(q, k, v, ek, ev))(q)
+    np.testing.assert_allclose(np.asarray(gv[0], np.float32), np.asarray(g0, np.float32),
+                               rtol=1e-2, atol=1e-2)
