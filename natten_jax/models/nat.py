@@ -83,11 +83,6 @@ def _unfused():
             f"(fused kernels) instead. Original error: {e}") from e
 
 
-def _int_or_tuple(t):
-    """A per-axis tuple as NATTEN accepts it: an int when all axes agree."""
-    return t[0] if all(v == t[0] for v in t) else tuple(t)
-
-
 class NATAttention(NeighborhoodAttention2D):
     """2-D neighborhood attention with optional relative positional biases (NNX).
 
@@ -126,6 +121,10 @@ class NATAttention(NeighborhoodAttention2D):
             if any(s != 1 for s in self.stride):
                 raise NotImplementedError(
                     f"rpb=True supports only stride=1, got stride={self.stride}; use rpb=False.")
+            if any(k % 2 == 0 for k in self.kernel_size):
+                raise ValueError(
+                    f"rpb=True needs an odd kernel_size on every axis (as NATTEN), got "
+                    f"kernel_size={self.kernel_size}.")
             shape = (num_heads,) + tuple(2 * k - 1 for k in self.kernel_size)
             param_dtype = kwargs.get("param_dtype", jnp.float32)
             self.rpb = nnx.Param(rpb_init(rngs.params(), shape, param_dtype))
@@ -166,17 +165,14 @@ class NATAttention(NeighborhoodAttention2D):
         return self.proj_drop(out, deterministic=deterministic, rngs=rngs)
 
     def _attend_with_rpb(self, q, k, v):
+        """NATTEN's unfused path: ``softmax(scale * q.k + rpb) @ v`` (softmax in float32)."""
         unfused = _unfused()
-        if self.num_kv_heads != self.num_heads:
-            group = self.num_heads // self.num_kv_heads
-            k = jnp.repeat(k, group, axis=-2)
-            v = jnp.repeat(v, group, axis=-2)
         scale = self.qk_scale if self.qk_scale is not None else self.head_dim ** -0.5
         q = q * jnp.asarray(scale, q.dtype)  # NATTEN scales q before q.k
-        ks, dil = _int_or_tuple(self.kernel_size), _int_or_tuple(self.dilation)
-        logits = unfused.na2d_qk(q, k, ks, dilation=dil, rpb=self.rpb[...].astype(q.dtype))
+        logits = unfused.na2d_qk(q, k, self.kernel_size, dilation=self.dilation,
+                                 rpb=self.rpb[...])  # GQA: k/v keep num_kv_heads heads
         attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        return unfused.na2d_av(attn, v, ks, dilation=dil)
+        return unfused.na2d_av(attn, v, self.kernel_size, dilation=self.dilation)
 
 
 class Mlp(nnx.Module):
