@@ -46,13 +46,14 @@ even ``kernel_size`` raises ``ValueError`` (NATTEN rejected even kernels in thes
 Memory grows with tokens x window: windows are gathered per axis and queries are processed in
 blocks of rows of the first spatial axis, as in :mod:`natten_jax.reference`. Inputs of
 float16/bfloat16/float32 are computed in float32 (float64 stays float64); ``na*_qk`` returns the
-query's dtype, ``na*_av`` the value's dtype.
+query's dtype, ``na*_av`` the value's dtype (``attn`` is first cast to the value's dtype and
+``rpb`` to the query's, as NATTEN does).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import jax
 import jax.numpy as jnp
