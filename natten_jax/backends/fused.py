@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from natten_jax import _ffi
+from natten_jax import _ffi, autotune
 from natten_jax.checks import NAProblem
 from natten_jax.reference import na_reference
 from natten_jax.tiles import choose_tiles, visited_flops  # noqa: F401 (benchmarks use it)
@@ -52,8 +52,8 @@ def can_run(p: NAProblem):
 
 
 def _attrs(p: NAProblem, tiles=None, backward=False):
-    qt, kt = tiles or choose_tiles(p.spatial, p.kernel_size, p.stride, p.dilation, p.is_causal,
-                                   p.head_dim, backward=backward)
+    # The cost model (choose_tiles), or the auto-tuner if NATTEN_JAX_AUTOTUNE is on/thorough.
+    qt, kt = tiles or autotune.select_tiles(p, backward=backward)
     i64 = lambda x: np.asarray(x, np.int64)  # noqa: E731
     return dict(kernel_size=i64(p.kernel_size), stride=i64(p.stride), dilation=i64(p.dilation),
                 is_causal=i64(p.is_causal), q_tile=i64(qt), kv_tile=i64(kt),

@@ -1,0 +1,465 @@
+"""Auto-tuning of the fused kernels' tile shapes, with a cache on disk shared by processes.
+
+The fused forward and backward kernels take a Q tile and a KV box shape (log2 extents per axis,
+see :mod:`natten_jax.tiles`). By default the shape comes from the cost model of
+:func:`natten_jax.tiles.choose_tiles`. The auto-tuner times candidate shapes on the device
+instead and remembers the fastest one per problem.
+
+Modes, from the ``mode`` argument of :func:`select_tiles` or else the environment variable
+``NATTEN_JAX_AUTOTUNE`` (read at every call, i.e. whenever a function is traced):
+
+* ``off`` (default): the cost model's choice, nothing is timed and no file is touched;
+* ``on``: time the :data:`TOP_K` best candidates by the cost model (the model's own choice
+  always among them) and keep the fastest;
+* ``thorough``: time every legal candidate (for 3-D problems up to 1,792 forward shapes, each
+  compiled once: minutes per problem).
+
+Tuning happens at trace time, on fresh random inputs of the problem's shapes (never on the
+traced operands), so it needs memory for one more set of the problem's Q, K, V (and O, dO for
+the backward) on the device while it runs. The tile shape only changes how the kernel
+partitions the work: every shape computes the same attention, masked exactly, so tuning never
+changes results beyond floating-point reassociation (the order in which the online softmax
+accumulates KV boxes).
+
+Winners are stored in ``$NATTEN_JAX_CACHE_DIR/autotune-v1.json`` (default
+``~/.cache/natten_jax``), keyed by the device kind, dtype, shapes, window parameters, direction
+and the natten_jax version (:func:`problem_key`). The file is read once per process (then kept in
+memory) and written atomically (a temporary file in the same directory, then ``os.replace``),
+merging with what other processes wrote in the meantime. Processes that need the same key at
+the same time serialise on an exclusive ``fcntl`` lock: the first one tunes, the others wait and
+then read its winner instead of timing again. An unreadable or corrupt cache gives a warning and
+counts as empty; a cache that cannot be written gives a warning and the winner lives in memory
+only. Tuning failures never stop the program: a candidate whose timing fails is skipped, and if
+none can be timed the cost model's choice is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import statistics
+import tempfile
+import threading
+import time
+import warnings
+from typing import Callable, Dict, List, Optional, Tuple
+
+try:  # POSIX; elsewhere processes do not coordinate (each may tune once)
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
+from natten_jax import tiles
+from natten_jax.checks import NAProblem
+
+MODE_ENV = "NATTEN_JAX_AUTOTUNE"
+CACHE_DIR_ENV = "NATTEN_JAX_CACHE_DIR"
+MODES = ("off", "on", "thorough")
+CACHE_FILE = "autotune-v1.json"
+CACHE_FORMAT = 1
+TOP_K = 6  # candidates timed in mode "on"
+
+Tiles = Tuple[Tuple[int, ...], Tuple[int, ...]]
+Timer = Callable[[NAProblem, Tiles, bool], float]
+
+_MODE_RANK = {"on": 1, "thorough": 2}  # an entry tuned in a mode serves that mode and below
+
+# In-memory state: cache path -> {key: entry}, the paths already read from disk, and one
+# threading lock per (path, key) so that threads of one process also tune a key only once.
+_state_lock = threading.Lock()
+_memory: Dict[str, Dict[str, dict]] = {}
+_key_locks: Dict[Tuple[str, str], threading.Lock] = {}
+
+
+# ----------------------------------------------------------------------------------------------
+# Mode, key, candidates
+
+
+def resolve_mode(mode: Optional[str] = None) -> str:
+    """``mode`` if given, else ``$NATTEN_JAX_AUTOTUNE`` (default ``off``); validated."""
+    if mode is not None:
+        m = str(mode).strip().lower()
+        if m not in MODES:
+            raise ValueError(f"autotune `mode` must be one of {MODES}, got {mode!r}")
+        return m
+    raw = os.environ.get(MODE_ENV, "")
+    m = raw.strip().lower() or "off"
+    if m not in MODES:
+        raise ValueError(f"{MODE_ENV} must be one of {MODES} (or unset), got {raw!r}")
+    return m
+
+
+def device_kind() -> str:
+    """The kind of device the kernels run on (the first GPU, else JAX's first device)."""
+    import jax
+
+    try:
+        return str(jax.devices("gpu")[0].device_kind)
+    except Exception:  # noqa: BLE001 (no GPU backend: "Unknown backend", init failures)
+        return str(jax.devices()[0].device_kind)
+
+
+def _axes(xs) -> str:
+    return "x".join(str(int(x)) for x in xs)
+
+
+def problem_key(p: NAProblem, backward: bool = False, *, device: Optional[str] = None) -> str:
+    """Stable string naming everything the fastest tile shape may depend on."""
+    import natten_jax
+
+    parts = [
+        f"device={device if device is not None else device_kind()}",
+        f"dtype={p.dtype}",
+        f"dir={'backward' if backward else 'forward'}",
+        f"spatial={_axes(p.spatial)}",
+        f"kernel={_axes(p.kernel_size)}",
+        f"stride={_axes(p.stride)}",
+        f"dilation={_axes(p.dilation)}",
+        f"causal={_axes(p.is_causal)}",
+        f"head_dim={p.head_dim}",
+        f"head_dim_v={p.head_dim_v}",
+        f"heads={p.heads}",
+        f"heads_kv={p.heads_kv}",
+        f"batch={p.batch}",
+        f"natten_jax={natten_jax.__version__}",
+    ]
+    if not backward and _q_sizes(False) != tuple(tiles.Q_TILE_LOG2):
+        # NATTEN_JAX_FNA_Q_TILE restricts the candidates: a separate entry
+        parts.append(f"q_tile_log2={_axes(_q_sizes(False))}")
+    return "|".join(parts)
+
+
+def _q_sizes(backward: bool) -> Tuple[int, ...]:
+    """Log2 Q tile sizes the kernel accepts: forward 64 or 128 tokens (as restricted by
+    NATTEN_JAX_FNA_Q_TILE), backward 64."""
+    return (tiles.Q_TILE_LOG2[0],) if backward else tuple(tiles._q_tile_sizes())
+
+
+def _heuristic(p: NAProblem, backward: bool) -> Tiles:
+    qt, kt = tiles.choose_tiles(p.spatial, p.kernel_size, p.stride, p.dilation, p.is_causal,
+                                p.head_dim, backward=backward)
+    return tuple(qt), tuple(kt)
+
+
+def candidates(p: NAProblem, backward: bool = False, mode: str = "thorough",
+               top_k: int = TOP_K) -> List[Tiles]:
+    """Legal (q_tile, kv_tile) log2 shapes, best first by the cost model (visited pairs x the
+    per-pair cost of the Q tile size; ties as in ``choose_tiles``). Mode ``on``: the first
+    ``top_k``, always including the cost model's choice; ``thorough``: all of them."""
+    ranked = []
+    for qn in _q_sizes(backward):
+        for qt in tiles._candidates(p.rank, qn):
+            for kt in tiles._candidates(p.rank, tiles.KV_TILE_LOG2):
+                pairs = tiles.visited_pairs(tuple(p.spatial), tuple(p.kernel_size),
+                                            tuple(p.stride), tuple(p.dilation),
+                                            tuple(p.is_causal), qt, kt)
+                cost = pairs * tiles._pair_cost(sum(qt), p.head_dim)
+                order = (cost, tuple(-x for x in reversed(qt)), tuple(-x for x in reversed(kt)))
+                ranked.append((order, (tuple(qt), tuple(kt))))
+    ranked.sort()
+    out = [t for _, t in ranked]
+    if mode == "thorough":
+        return out
+    chosen = out[:max(1, int(top_k))]
+    h = _heuristic(p, backward)
+    if h not in chosen:  # cannot happen with the shared ordering; kept as a guarantee
+        chosen[-1] = h
+    return chosen
+
+
+def _legal(p: NAProblem, backward: bool, t) -> Optional[Tiles]:
+    """``t`` (from the cache file) as a Tiles tuple if the kernel accepts it, else None."""
+    try:
+        qt, kt = (tuple(int(x) for x in t[0]), tuple(int(x) for x in t[1]))
+    except (TypeError, ValueError, IndexError, KeyError):
+        return None
+    if len(qt) != p.rank or len(kt) != p.rank or min(qt + kt) < 0:
+        return None
+    if sum(qt) not in _q_sizes(backward) or sum(kt) != tiles.KV_TILE_LOG2:
+        return None
+    return qt, kt
+
+
+# ----------------------------------------------------------------------------------------------
+# Cache file
+
+
+def cache_dir() -> str:
+    d = os.environ.get(CACHE_DIR_ENV, "").strip()
+    return os.path.abspath(os.path.expanduser(d or os.path.join("~", ".cache", "natten_jax")))
+
+
+def cache_path() -> str:
+    return os.path.join(cache_dir(), CACHE_FILE)
+
+
+def clear_memory_cache() -> None:
+    """Forget what this process has read or tuned (the file on disk is kept)."""
+    with _state_lock:
+        _memory.clear()
+        _key_locks.clear()
+
+
+def _read_file(path: str) -> Dict[str, dict]:
+    """Entries of the cache file; {} (with a warning) if it is unreadable or corrupt."""
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        warnings.warn(f"natten_jax autotune cache {path} is unreadable ({type(e).__name__}: {e});"
+                      f" treating it as empty", RuntimeWarning, stacklevel=3)
+        return {}
+    if not (isinstance(data, dict) and data.get("format") == CACHE_FORMAT
+            and isinstance(data.get("entries"), dict)):
+        warnings.warn(f"natten_jax autotune cache {path} has an unknown layout; treating it as "
+                      f"empty", RuntimeWarning, stacklevel=3)
+        return {}
+    return {k: v for k, v in data["entries"].items() if isinstance(k, str) and isinstance(v, dict)}
+
+
+def _write_atomic(path: str, entries: Dict[str, dict]) -> None:
+    d = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix=".autotune-", suffix=".tmp", dir=d)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"format": CACHE_FORMAT, "entries": entries}, f, indent=1, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def _file_lock(lock_path: str):
+    """Exclusive ``flock`` on ``lock_path`` (created if needed); a no-op where it cannot be had
+    (no fcntl, or an unwritable directory: that process then works without coordination)."""
+    fd = None
+    if fcntl is not None:
+        try:
+            os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            if fd is not None:
+                os.close(fd)
+                fd = None
+            warnings.warn(f"natten_jax autotune: cannot lock {lock_path} ({e}); tuning without "
+                          f"coordination with other processes", RuntimeWarning, stacklevel=4)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+
+def _key_lock_path(path: str, key: str) -> str:
+    h = hashlib.sha256(key.encode()).hexdigest()[:24]
+    return os.path.join(os.path.dirname(path), "locks", f"autotune-{h}.lock")
+
+
+def _persist(path: str, key: str, entry: dict) -> None:
+    """Merge ``entry`` into the file under its lock (re-read, add, atomic replace)."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with _file_lock(path + ".lock"):
+            entries = _read_file(path)
+            entries[key] = entry
+            _write_atomic(path, entries)
+    except OSError as e:
+        warnings.warn(f"natten_jax autotune: cannot write {path} ({e}); the result is kept for "
+                      f"this process only", RuntimeWarning, stacklevel=3)
+
+
+def _memory_for(path: str) -> Dict[str, dict]:
+    """This process's entries for ``path``, read from disk on first use."""
+    with _state_lock:
+        mem = _memory.get(path)
+    if mem is None:
+        loaded = _read_file(path)
+        with _state_lock:
+            mem = _memory.setdefault(path, loaded)
+    return mem
+
+
+def _usable(p: NAProblem, backward: bool, entry: Optional[dict], mode: str) -> Optional[Tiles]:
+    if not entry or _MODE_RANK.get(entry.get("mode"), 0) < _MODE_RANK[mode]:
+        return None
+    return _legal(p, backward, (entry.get("q_tile"), entry.get("kv_tile")))
+
+
+# ----------------------------------------------------------------------------------------------
+# Selection and tuning
+
+
+def select_tiles(p: NAProblem, *, backward: bool = False, mode: Optional[str] = None,
+                 timer: Optional[Timer] = None, top_k: int = TOP_K) -> Tiles:
+    """(q_tile, kv_tile) log2 extents per axis for the fused kernel on ``p``.
+
+    Mode ``off``: :func:`natten_jax.tiles.choose_tiles`. Otherwise the cached winner for
+    :func:`problem_key`, tuning now (see the module docstring) if there is none.
+    ``timer(p, tiles, backward) -> seconds`` times one candidate (default :func:`default_timer`).
+    """
+    mode = resolve_mode(mode)
+    if mode == "off":
+        return _heuristic(p, backward)
+    path = cache_path()
+    key = problem_key(p, backward)
+    entry = _memory_for(path).get(key)
+    if entry is not None and entry.get("failed"):  # nothing could be timed in this process
+        return _heuristic(p, backward)
+    got = _usable(p, backward, entry, mode)
+    if got is not None:
+        return got
+    with _state_lock:
+        tlock = _key_locks.setdefault((path, key), threading.Lock())
+    with tlock, _file_lock(_key_lock_path(path, key)):
+        # Another thread or process may have tuned this key while we waited for the locks.
+        mem = _memory_for(path)
+        got = _usable(p, backward, mem.get(key), mode)
+        if got is None:
+            disk = _read_file(path).get(key)
+            got = _usable(p, backward, disk, mode)
+            if got is not None:
+                mem[key] = disk
+        if got is not None:
+            return got
+        entry = _tune(p, backward, mode, timer or default_timer, top_k)
+        mem[key] = entry
+        if entry.get("failed"):
+            return _heuristic(p, backward)
+        _persist(path, key, entry)
+        return _usable(p, backward, entry, mode)
+
+
+def _tune(p: NAProblem, backward: bool, mode: str, timer: Timer, top_k: int) -> dict:
+    cands = candidates(p, backward, mode, top_k)
+    heuristic = _heuristic(p, backward)
+    times: Dict[Tiles, float] = {}
+    failures = []
+    try:
+        for t in cands:
+            try:
+                s = float(timer(p, t, backward))
+            except Exception as e:  # noqa: BLE001 (a failed candidate must not stop the program)
+                failures.append(f"{t}: {type(e).__name__}: {e}")
+                continue
+            if math.isfinite(s) and s >= 0:
+                times[t] = s
+            else:
+                failures.append(f"{t}: timer returned {s!r}")
+    finally:
+        _release_inputs()
+    if failures:
+        warnings.warn(f"natten_jax autotune: {len(failures)} of {len(cands)} candidates could not "
+                      f"be timed ({failures[0]}{' ...' if len(failures) > 1 else ''})",
+                      RuntimeWarning, stacklevel=3)
+    if not times:  # keep the cost model's choice for this process, do not persist
+        return {"mode": mode, "failed": True}
+    best = min(times, key=lambda t: (times[t], cands.index(t)))
+    return {
+        "mode": mode,
+        "q_tile": list(best[0]),
+        "kv_tile": list(best[1]),
+        "seconds": times[best],
+        "heuristic": [list(heuristic[0]), list(heuristic[1])],
+        "heuristic_seconds": times.get(heuristic),
+        "timed": len(times),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Default timer: the real kernels on the device
+
+
+_inputs_lock = threading.Lock()
+_inputs: Dict[str, object] = {}  # at most one problem's random operands, freed after tuning
+
+
+def _release_inputs() -> None:
+    with _inputs_lock:
+        _inputs.clear()
+
+
+def _random_operands(p: NAProblem, backward: bool):
+    """Concrete device arrays of ``p``'s shapes: normal(0, 1) Q, K, V (and dO), never zero
+    arrays; the backward also gets O and LSE from the forward kernel and delta = rowsum(dO*O).
+    Reused across the candidates of one tuning run."""
+    import jax
+    import jax.numpy as jnp
+
+    from natten_jax.backends import fused
+
+    tag = repr((p, backward))
+    with _inputs_lock:
+        if _inputs.get("tag") == tag:
+            return _inputs["args"]
+        _inputs.clear()
+    dtype = jnp.dtype(p.dtype)
+    q_shape = (p.batch,) + tuple(p.spatial) + (p.heads, p.head_dim)
+    k_shape = (p.batch,) + tuple(p.spatial) + (p.heads_kv, p.head_dim)
+    v_shape = (p.batch,) + tuple(p.spatial) + (p.heads_kv, p.head_dim_v)
+    seed = int(hashlib.sha256(tag.encode()).hexdigest()[:8], 16)
+    keys = jax.random.split(jax.random.key(seed), 4)
+    normal = jax.jit(lambda key, shape: jax.random.normal(key, shape, jnp.float32).astype(dtype),
+                     static_argnums=1)
+    q, k, v = normal(keys[0], q_shape), normal(keys[1], k_shape), normal(keys[2], v_shape)
+    if backward:
+        fwd_tiles = _heuristic(p, False)  # explicit tiles: no recursion into the tuner
+        out, lse = jax.jit(lambda q, k, v: fused._forward_call(p, q, k, v, tiles=fwd_tiles))(
+            q, k, v)
+        dout = normal(keys[3], q_shape)
+        delta = jax.jit(lambda d, o: jnp.sum(d.astype(jnp.float32) * o.astype(jnp.float32),
+                                             axis=-1))(dout, out)
+        args = (q, k, v, dout, lse, delta)
+    else:
+        args = (q, k, v)
+    jax.block_until_ready(args)
+    with _inputs_lock:
+        _inputs["tag"], _inputs["args"] = tag, args
+    return args
+
+
+def default_timer(p: NAProblem, t: Tiles, backward: bool, *, reps: int = 5,
+                  target_s: float = 0.01) -> float:
+    """Seconds per call of the fused forward (or backward) kernel with tiles ``t`` on ``p``:
+    one compile-and-run warm-up, one sizing run, then the median of ``reps`` timed batches of
+    back-to-back calls (about ``target_s`` each) ended by ``block_until_ready``.
+
+    Called at trace time: evaluation is forced eager (``jax.ensure_compile_time_eval``) and the
+    operands are fresh random device arrays, never the traced ones.
+    """
+    import jax
+
+    from natten_jax.backends import fused
+
+    with jax.ensure_compile_time_eval():
+        args = _random_operands(p, backward)
+        if backward:
+            fn = jax.jit(lambda *a: fused._backward_call(p, *a, tiles=t))
+        else:
+            fn = jax.jit(lambda q, k, v: fused._forward_call(p, q, k, v, tiles=t))
+        jax.block_until_ready(fn(*args))  # compile + first run
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        one = max(time.perf_counter() - t0, 1e-6)
+        n = max(1, min(100, int(target_s / one)))
+        samples = []
+        for _ in range(max(1, reps)):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                out = fn(*args)
+            jax.block_until_ready(out)
+            samples.append((time.perf_counter() - t0) / n)
+    return statistics.median(samples)
