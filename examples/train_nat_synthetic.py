@@ -40,7 +40,7 @@ def make_images(rng: np.random.Generator, n: int, size: int, classes: int):
     proj = (np.cos(angle)[:, None, None] * xx + np.sin(angle)[:, None, None] * yy)
     wave = np.sin(freq[:, None, None] * proj + phase[:, None, None])
     tint = rng.uniform(0.5, 1.0, (n, 1, 1, 3))
-    images = wave[..., None] * tint + rng.normal(0, 0.5, (n, size, size, 3))
+    images = wave[..., None] * tint + rng.normal(0, 1.0, (n, size, size, 3))
     return images.astype(np.float32), labels.astype(np.int32)
 
 
@@ -65,7 +65,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--image-size", type=int, default=32)
-    ap.add_argument("--classes", type=int, default=4)
+    ap.add_argument("--classes", type=int, default=6)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--label-smoothing", type=float, default=0.1)

@@ -97,9 +97,9 @@ class NATAttention(NeighborhoodAttention2D):
         :func:`natten_jax.na2d` (fused kernels when available, see ``backend``). ``rpb=True``
         requires ``stride=1`` and no causal masking (as NATTEN).
       pad_to_window: if the feature map is smaller than ``kernel_size * dilation`` on an axis,
-        zero-pad it at the bottom / right before the qkv projection and crop the output (what
-        the NATTEN releases the official checkpoints were trained with did). Without it such
-        inputs raise ``ValueError``.
+        zero-pad it at the bottom / right before the qkv projection and crop the output (as
+        NATTEN <= 0.14, which the official checkpoints were trained with, did). Without it
+        such inputs raise ``ValueError``.
       rpb_init: initialiser of ``rpb`` (truncated normal, std 0.02).
 
     Other arguments as :class:`natten_jax.nnx.NeighborhoodAttention`. The NAT models use
@@ -399,8 +399,8 @@ class NAT(nnx.Module):
 # ---------------------------------------------------------------------------------------------
 # Official configurations (classification/nat.py and classification/dinat.py of
 # SHI-Labs/Neighborhood-Attention-Transformer). Parameter counts (ImageNet-1k head, rpb=True):
-# NAT-Mini 20.0M, Tiny 27.9M, Small 50.7M, Base 89.8M; DiNAT-Large 200.9M (README: 20M, 28M,
-# 51M, 90M; DiNAT-Large 200M).
+# NAT-Mini 19.98M, Tiny 27.90M, Small 50.74M, Base 89.77M; DiNAT-Mini/Tiny/Base as NAT,
+# DiNAT-Small 50.72M (no layer scale), DiNAT-Large 200.94M (READMEs: 20M, 28M, 51M, 90M, 200M).
 
 _NAT_MINI = dict(embed_dim=64, mlp_ratio=3.0, depths=(3, 4, 6, 5), num_heads=(2, 4, 8, 16),
                  drop_path_rate=0.2, kernel_size=7)
