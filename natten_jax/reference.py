@@ -47,6 +47,20 @@ def _gather_windows(x, coords, row_coords):
     return jnp.transpose(g, [0] + q_axes + k_axes + [n - 2, n - 1])
 
 
+def window_gather_plan(spatial, kernel_size, stride, dilation, is_causal):
+    """Per-axis key coordinates ``[L, k]`` (jnp) of every query's window, the window validity
+    mask ``[L0.., k0..]`` (np; all True unless causal) and the raw per-axis offsets."""
+    rank = len(spatial)
+    offsets = window_offsets(spatial, kernel_size, stride, dilation, is_causal)
+    coords = [jnp.asarray(c) for c, _ in offsets]
+    valid = np.ones((), bool)
+    for a, (_, m) in enumerate(offsets):  # product of per-axis masks -> [L0.., k0..]
+        shape = [1] * (2 * rank)
+        shape[a], shape[rank + a] = m.shape
+        valid = valid & m.reshape(shape)
+    return coords, np.broadcast_to(valid, tuple(spatial) + tuple(kernel_size)), offsets
+
+
 def na_reference(p: NAProblem, query, key, value, additional_keys=None, additional_values=None):
     """Neighborhood attention of a validated problem ``p``. Returns (out, lse)."""
     cdt = _compute_dtype(query.dtype)
@@ -55,13 +69,8 @@ def na_reference(p: NAProblem, query, key, value, additional_keys=None, addition
     v = value.astype(cdt)
     rank, B = p.rank, p.batch
     G = p.heads // p.heads_kv
-    offsets = window_offsets(p.spatial, p.kernel_size, p.stride, p.dilation, p.is_causal)
-    coords = [jnp.asarray(c) for c, _ in offsets]
-    valid = np.ones((), bool)
-    for a, (_, m) in enumerate(offsets):  # product of per-axis masks -> [L0.., k0..]
-        shape = [1] * (2 * rank)
-        shape[a], shape[rank + a] = m.shape
-        valid = valid & m.reshape(shape)
+    coords, valid, _ = window_gather_plan(p.spatial, p.kernel_size, p.stride, p.dilation,
+                                          p.is_causal)
     valid = jnp.asarray(valid)
     W = p.window
 

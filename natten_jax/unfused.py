@@ -60,8 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from natten_jax.checks import FLOAT_DTYPES, per_axis_bools, per_axis_ints
-from natten_jax.reference import _gather_windows
-from natten_jax.window import window_offsets
+from natten_jax.reference import _gather_windows, window_gather_plan
 
 IntOrTuple = Union[int, Sequence[int]]
 BoolOrTuple = Union[bool, Sequence[bool]]
@@ -139,15 +138,7 @@ def _compute_dtype(*dtypes):
 def _windows(spatial, ks, di, ca):
     """Per-axis key coordinates [L, k] (jnp), the window validity mask [L0.., k0..] (np) and the
     per-axis RPB indices [L, k] (np)."""
-    rank = len(spatial)
-    offsets = window_offsets(spatial, ks, (1,) * rank, di, ca)
-    coords = [jnp.asarray(c) for c, _ in offsets]
-    valid = np.ones((), bool)
-    for a, (_, m) in enumerate(offsets):  # product of per-axis masks -> [L0.., k0..]
-        shape = [1] * (2 * rank)
-        shape[a], shape[rank + a] = m.shape
-        valid = valid & m.reshape(shape)
-    valid = np.broadcast_to(valid, tuple(spatial) + tuple(ks))
+    coords, valid, offsets = window_gather_plan(spatial, ks, (1,) * len(spatial), di, ca)
     # RPB index of entry [x, j]: the key's offset from the query in dilated steps, + k - 1.
     bias_idx = [((c - np.arange(L)[:, None]) // d + (k - 1)).astype(np.int32)
                 for (c, _), L, k, d in zip(offsets, spatial, ks, di)]
