@@ -9,7 +9,8 @@
 #   NATTEN_JAX_CUDA_ARCHS  CUDA architectures to build (default "90a")
 #   PYTEST_MARK            pytest -m expression (default "gpu"; empty: every test)
 #   PYTEST_ARGS            extra pytest arguments, e.g. "-x -k window"
-#   BENCH=1                also run `python3 -m benchmarks.bench_na --out $OUT/bench.json`
+#   BENCH=1                also run `python3 -m benchmarks.bench_na $BENCH_ARGS --out $OUT/bench.json`
+#   BENCH_ARGS             default "--fwd-only --backends fused --peers cudnn --time-limit-s 240"
 #   SKIP_BUILD=1           reuse the module built by an earlier run
 #
 # Wheels carried in .whl/ (scripts/fetch_wheels.sh: nvidia-cutlass) are installed to /tmp/site
@@ -104,7 +105,9 @@ bench_status="not requested (BENCH=1)"
 if [ "${BENCH:-0}" = 1 ]; then
   if [ -f benchmarks/bench_na.py ]; then
     t0=$(now)
-    if "$PY" -m benchmarks.bench_na --out "$OUT/bench.json" > "$OUT/bench.log" 2>&1; then
+    # shellcheck disable=SC2086
+    if "$PY" -m benchmarks.bench_na ${BENCH_ARGS:---fwd-only --backends fused --peers cudnn --time-limit-s 240} \
+         --out "$OUT/bench.json" > "$OUT/bench.log" 2>&1; then
       bench_status="done in $(elapsed "$t0" "$(now)") s -> $OUT/bench.json"
     else
       bench_status="FAILED (see $OUT/bench.log)"
@@ -115,7 +118,8 @@ if [ "${BENCH:-0}" = 1 ]; then
   fi
 fi
 
-# ---- (5) summary (last)
+# ---- (5) summary (last): the benchmark table, then the status lines
+[ -f "$OUT/bench.log" ] && grep -E '^\|' "$OUT/bench.log" | cut -c1-110
 {
   echo
   echo "================ natten_jax GPU check summary ================"
