@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from natten_jax import _ffi, autotune
+from natten_jax import _ffi, autotune, sharding
 from natten_jax.checks import NAProblem
 from natten_jax.reference import na_reference
 from natten_jax.tiles import choose_tiles, visited_flops  # noqa: F401 (benchmarks use it)
@@ -60,13 +60,24 @@ def _attrs(p: NAProblem, tiles=None, backward=False):
                 scale=np.float32(p.scale), poison=np.int64(1 if POISON_OUTPUTS else 0))
 
 
-def _ffi_batched(target, out_types, attrs):
+def _per_shard_call(target, out_types, attrs):
+    """The custom call on one shard's operands (local shapes under SPMD partitioning)."""
+    return lambda *xs: jax.ffi.ffi_call(target, out_types(*xs))(*xs, **attrs)
+
+
+def _ffi_batched(target, out_types, attrs, in_kinds, out_kinds):
     """``ffi_call`` of ``target`` whose operands and results all lead with the batch axis;
-    vmap folds the mapped axis into batch (the kernels take one batch axis)."""
+    vmap folds the mapped axis into batch (the kernels take one batch axis). Under SPMD each
+    device runs it on its batch/heads shard (:mod:`natten_jax.sharding`; kinds: layouts).
+    With a single device the partitioning wrapper is left out (the plain call, as validated
+    on one GPU)."""
+    per_shard = _per_shard_call(target, out_types, attrs)
+    if jax.device_count() > 1:
+        per_shard = sharding.partitioned(per_shard, in_kinds, out_kinds, name=target)
 
     @jax.custom_batching.custom_vmap
     def call(*xs):
-        return jax.ffi.ffi_call(target, out_types(*xs))(*xs, **attrs)
+        return per_shard(*xs)
 
     @call.def_vmap
     def _vmap(axis_size, in_batched, *xs):
@@ -85,7 +96,8 @@ def _forward_call(p: NAProblem, q, k, v, tiles=None):
     _ffi.register()
     out_types = lambda q, k, v: (jax.ShapeDtypeStruct(q.shape, q.dtype),  # noqa: E731
                                  jax.ShapeDtypeStruct(q.shape[:-1], jnp.float32))
-    return _ffi_batched(TARGET, out_types, _attrs(p, tiles))(q, k, v)
+    return _ffi_batched(TARGET, out_types, _attrs(p, tiles), ("q", "k", "v"),
+                        ("o", "lse"))(q, k, v)
 
 
 def _backward_call(p: NAProblem, q, k, v, dout, lse, delta, tiles=None):
@@ -95,7 +107,8 @@ def _backward_call(p: NAProblem, q, k, v, dout, lse, delta, tiles=None):
                                      jax.ShapeDtypeStruct(k.shape, k.dtype),
                                      jax.ShapeDtypeStruct(v.shape, v.dtype))
     attrs = _attrs(p, tiles, backward=True)
-    return _ffi_batched(TARGET_BACKWARD, out_types, attrs)(q, k, v, dout, lse, delta)
+    return _ffi_batched(TARGET_BACKWARD, out_types, attrs, ("q", "k", "v", "o", "lse", "lse"),
+                        ("q", "k", "v"))(q, k, v, dout, lse, delta)
 
 
 def backward_mode() -> str:
