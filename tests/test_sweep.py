@@ -1,0 +1,239 @@
+"""CPU tests of benchmarks/sweep.py (the problem grid, the CLI) and benchmarks/report.py (tables
+and plots from a sweep JSON). The GPU test runs a few grid problems with the fused kernel."""
+
+import importlib.util
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from benchmarks import report, sweep
+from natten_jax.checks import check_na_call
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAS_MPL = importlib.util.find_spec("matplotlib") is not None
+
+
+# ---------------------------------------------------------------------------------------- grid
+@pytest.mark.parametrize("size", sorted(sweep.SIZES))
+def test_grid_deterministic_and_valid(size):
+    spec = sweep.SIZES[size]
+    for rank in (1, 2, 3):
+        g = sweep.grid(rank, size)
+        assert g == sweep.grid(rank, size), "the grid must not change between calls"
+        assert len(g) == spec["ranks"][rank]["n"]
+        assert len({p.name for p in g}) == len(g)
+        for p in g:
+            assert p.rank == rank
+            assert p.head_dim in spec["head_dim"] and p.batch in spec["batch"]
+            assert p.heads % p.heads_kv == 0
+            assert p.stride == (1,) * rank and p.causal == (False,) * rank
+            for L, k, d in zip(p.spatial, p.kernel, p.dilation):
+                assert k * d <= L, p.name
+            assert p.batch * p.tokens * p.heads * p.head_dim <= spec["max_elems"]
+            assert 4 * p.batch * p.heads * p.tokens ** 2 * p.head_dim <= spec["max_dense_flops"]
+            q = jax.ShapeDtypeStruct((p.batch,) + p.spatial + (p.heads, p.head_dim), "float16")
+            kv = jax.ShapeDtypeStruct((p.batch,) + p.spatial + (p.heads_kv, p.head_dim),
+                                      "float16")
+            check_na_call(rank, q, kv, kv, p.kernel, p.stride, p.dilation, p.causal, None)
+    # the grid varies what it should
+    allp = [p for r in (1, 2, 3) for p in sweep.grid(r, size)]
+    if size != "quick":
+        assert {p.head_dim for p in allp} == {32, 64, 128}
+    assert any(max(p.dilation) > 1 for p in allp) and any(max(p.dilation) == 1 for p in allp)
+    assert any(p.heads_kv < p.heads for p in allp)
+
+
+def test_sweep_problems_interleaves_ranks():
+    ps = sweep.sweep_problems([1, 2, 3], "medium")
+    assert [p.rank for p in ps[:6]] == [1, 2, 3, 1, 2, 3]
+    assert len(ps) == sum(sweep.SIZES["medium"]["ranks"][r]["n"] for r in (1, 2, 3))
+    assert [p.name for p in sweep.sweep_problems([2], "small", 3)] == \
+        [p.name for p in sweep.grid(2, "small")[:3]]
+
+
+# ----------------------------------------------------------------------------------------- CLI
+def test_cli_quick_reference(tmp_path):
+    """The CLI on CPU: reference and XLA timed, cuDNN fails (no GPU) and is recorded."""
+    out, md = tmp_path / "s.json", tmp_path / "s.md"
+    cmd = [sys.executable, "-m", "benchmarks.sweep", "--quick", "--dtype", "float32",
+           "--backends", "reference", "--peers", "xla,cudnn", "--max-problems", "3",
+           "--fwd-only", "--out", str(out), "--md", str(md)]
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["status"]["done"] == data["status"]["planned"] == 3
+    assert data["status"]["stopped"] is None
+    assert [p["name"] for p in data["problems"]] == \
+        [p.name for p in sweep.sweep_problems([1, 2, 3], "quick", 3)]
+    by = {}
+    for row in data["rows"]:
+        by.setdefault(row["impl"], []).append(row)
+    assert set(by) == {"reference", "xla", "cudnn"}
+    for row in by["reference"] + by["xla"]:
+        assert row["fwd"]["ms"] > 0 and row["fwd"]["useful_tflops"] > 0
+        assert "fwd_bwd" not in row
+    for row in by["cudnn"]:
+        assert "error" in row["fwd"] or "skipped" in row
+    text = md.read_text()
+    assert "reference vs xla" in text and "Table 1" in text and "Table 3" in text
+    assert "reference vs xla" in r.stdout  # the tables are printed last
+
+
+def test_time_limit_and_json(tmp_path):
+    out = tmp_path / "t.json"
+    rep = sweep.main(["--quick", "--dtype", "float32", "--backends", "reference", "--peers", "",
+                      "--time-limit-s", "1e-9", "--out", str(out), "--no-progress"])
+    data = json.loads(out.read_text())
+    assert data["status"]["done"] == 0 and data["status"]["stopped"] == "time limit"
+    assert data["rows"] == [] and len(data["problems"]) == 12
+    assert rep["status"] == data["status"]
+
+
+def test_device_error_stops_the_run(tmp_path, monkeypatch):
+    calls = []
+
+    def fake(kind, name, p, dtype, sets, args, left_s):
+        calls.append((p.name, name))
+        return {"fwd": {"error": "XlaRuntimeError: INTERNAL: CUDA error: an illegal memory "
+                                 "access was encountered"}}
+
+    monkeypatch.setattr(sweep, "run_impl", fake)
+    out = tmp_path / "e.json"
+    sweep.main(["--quick", "--dtype", "float32", "--backends", "reference", "--peers", "xla",
+                "--fwd-only", "--out", str(out), "--no-progress"])
+    data = json.loads(out.read_text())
+    assert len(calls) == 1 and data["status"]["done"] == 1
+    assert data["status"]["stopped"].startswith("device error")
+
+
+def test_bad_names_rejected():
+    with pytest.raises(SystemExit):
+        sweep.parse_args(["--backends", "nope"])
+    with pytest.raises(SystemExit):
+        sweep.parse_args(["--dtype", "int8"])
+
+
+# -------------------------------------------------------------------------------------- report
+def _row(name, rank, impl, fwd_ms, bwd_ms=None, dtype="float16", window=9, tokens=4096):
+    spatial = [tokens] if rank == 1 else [64, tokens // 64] + [1] * (rank - 2)
+    row = {"problem": name, "rank": rank, "dtype": dtype, "impl": impl, "window": window,
+           "tokens": tokens, "spec": {"name": name, "spatial": spatial, "kernel": [3] * rank},
+           "useful_flops": 1e9, "min_bytes": 1e6}
+    if fwd_ms is not None:
+        row["fwd"] = {"ms": fwd_ms, "useful_tflops": 1e9 / (fwd_ms / 1e3) / 1e12,
+                      "pct_floor": 10.0}
+    else:
+        row["fwd"] = {"error": "RuntimeError: boom"}
+    if bwd_ms is not None:
+        row["fwd_bwd"] = {"ms": bwd_ms, "useful_tflops": 3.5e9 / (bwd_ms / 1e3) / 1e12}
+    return row
+
+
+def synthetic() -> dict:
+    """fused vs cudnn on 4 1-D and 2 2-D problems (fp16), plus failures.
+
+    1-D fwd ms: fused 1, 2, 3, 4; cudnn 2, 2, 1.5, 8 -> fused at least as fast on 3 of 4 (75%),
+    speedups 2, 1, 0.5, 2 -> mean 1.375, min 0.5, max 2, geomean 2^(1/4) = 1.1892.
+    2-D fwd ms: fused 1, 1; cudnn 3, 0.5 -> 50%, speedups 3, 0.5 -> mean 1.75.
+    fwd+bwd only on the first two 1-D problems: fused 4, 10; cudnn 5, 8 -> 50%, mean 1.025.
+    """
+    rows = []
+    for i, (f, c) in enumerate([(1, 2), (2, 2), (3, 1.5), (4, 8)]):
+        fb, cb = [(4, 5), (10, 8), (None, None), (None, None)][i]
+        rows.append(_row(f"p1_{i}", 1, "fused", f, fb, window=7 * (i + 1)))
+        rows.append(_row(f"p1_{i}", 1, "cudnn", c, cb, window=7 * (i + 1)))
+    for i, (f, c) in enumerate([(1, 3), (1, 0.5)]):
+        rows.append(_row(f"p2_{i}", 2, "fused", f, window=49 * (i + 1)))
+        rows.append(_row(f"p2_{i}", 2, "cudnn", c, window=49 * (i + 1)))
+    rows.append(_row("p2_fail", 2, "fused", None))  # failed: not counted
+    rows.append(_row("p2_fail", 2, "cudnn", 1.0))
+    rows.append({**_row("p2_skip", 2, "cudnn", None), "skipped": "too big"})
+    rows[-1].pop("fwd")
+    return {"env": {"device": "synthetic", "date": "today", "jax": "x"},
+            "constants": {"peak_tflops": 630.0, "peak_tbps": 3.0, "bwd_factor": 2.5,
+                          "size": "synthetic"},
+            "ranks": [1, 2], "status": {"planned": 7, "done": 7, "stopped": None},
+            "rows": rows}
+
+
+def _cell(cmp, mode, rank):
+    (c,) = [c for c in cmp if c["mode"] == mode and c["rank"] == rank]
+    return c
+
+
+def test_report_numbers_by_hand():
+    rep = synthetic()
+    assert report.impls(rep) == ["fused", "cudnn"]
+    cmp = report.compare(rep)
+    assert {(c["a"], c["b"]) for c in cmp} == {("fused", "cudnn")}
+    c = _cell(cmp, "fwd", 1)
+    assert (c["n"], c["wins"], c["pct"]) == (4, 3, 75.0)
+    assert c["mean"] == pytest.approx(1.375) and c["min"] == 0.5 and c["max"] == 2.0
+    assert c["geomean"] == pytest.approx(2 ** 0.25)
+    c = _cell(cmp, "fwd", 2)
+    assert (c["n"], c["wins"], c["pct"]) == (2, 1, 50.0) and c["mean"] == pytest.approx(1.75)
+    c = _cell(cmp, "fwd", "all")
+    assert (c["n"], c["wins"]) == (6, 4)
+    assert c["mean"] == pytest.approx((2 + 1 + 0.5 + 2 + 3 + 0.5) / 6)
+    c = _cell(cmp, "fwd_bwd", 1)
+    assert (c["n"], c["wins"]) == (2, 1) and c["mean"] == pytest.approx((5 / 4 + 8 / 10) / 2)
+    # tolerance: 3 vs 1.5 is 100% slower, 10 vs 8 is 25% slower
+    c = _cell(report.compare(rep, tolerance_pct=30), "fwd_bwd", 1)
+    assert c["wins"] == 2
+
+
+def test_report_markdown_tables():
+    md = report.markdown(synthetic())
+    t1 = md.split("(Table 1 style)")[1].split("##")[0]
+    t3 = md.split("(Table 3 style)")[1].split("##")[0]
+    assert "| A vs B | mode | fp16 1-D | fp16 2-D | fp16 all |" in t1
+    assert "| fused vs cudnn | fwd | 75.0% (3/4) | 50.0% (1/2) | 66.7% (4/6) |" in t1
+    assert "| fused vs cudnn | fwd+bwd | 50.0% (1/2) |  | 50.0% (1/2) |" in t1
+    assert "| fused over cudnn | fwd | fp16 | 1-D | 4 | 1.375x | 1.189x | 0.500x | 2.000x |" in t3
+    assert "| fused over cudnn | fwd | fp16 | 2-D | 2 | 1.750x |" in t3
+    fails = md.split("## Failures")[1]
+    assert "| fused | 8 | 1 | 0 |" in fails and "| cudnn | 9 | 0 | 1 |" in fails
+    assert "RuntimeError: boom" in fails and "too big" in fails
+
+
+def test_report_cli(tmp_path):
+    path = tmp_path / "syn.json"
+    path.write_text(json.dumps(synthetic()))
+    md = report.main([str(path), "--md", str(tmp_path / "r.md")])
+    assert (tmp_path / "r.md").read_text() == md and "75.0% (3/4)" in md
+
+
+@pytest.mark.skipif(not HAS_MPL, reason="matplotlib is not installed")
+def test_plots_written(tmp_path):
+    paths = report.plots(synthetic(), str(tmp_path / "plots"))
+    assert [os.path.basename(p) for p in paths] == list(report.PLOT_FILES)
+    for p in paths:
+        assert re.fullmatch(r"[A-Za-z0-9._]+", os.path.basename(p))
+        with open(p, "rb") as fh:
+            assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+        assert os.path.getsize(p) > 5000
+    assert len(paths) <= 8
+
+
+# ----------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+def test_gpu_fused_vs_cudnn_small(tmp_path):
+    out = tmp_path / "g.json"
+    sweep.main(["--size", "small", "--max-problems", "3", "--backends", "fused", "--peers",
+                "cudnn", "--fwd-only", "--reps", "3", "--budget-s", "0.5", "--out", str(out),
+                "--no-progress"])
+    data = json.loads(out.read_text())
+    fused = [r for r in data["rows"] if r["impl"] == "fused"]
+    assert len(fused) == 3
+    for r in fused:
+        assert r["fwd"]["ms"] > 0, r
+        assert r["visited_flops"] >= r["useful_flops"]
+    md = report.markdown(data)
+    assert "fused vs cudnn" in md and not math.isnan(report.compare(data)[0]["mean"])
