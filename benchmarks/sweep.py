@@ -259,11 +259,9 @@ def run_impl(kind: str, name: str, p: Problem, dtype: str, sets, args, left_s: f
 
 
 def _names(s, allowed, what) -> List[str]:
-    names = [x.strip() for x in s.split(",") if x.strip()] if s else []
-    bad = [x for x in names if x not in allowed]
-    if bad:
-        raise SystemExit(f"unknown {what} {bad}; known: {list(allowed)}")
-    return names
+    from benchmarks.bench_na import _names as names_of  # one parser for both CLIs
+
+    return names_of(s, allowed, what)
 
 
 def parse_args(argv=None):

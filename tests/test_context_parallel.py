@@ -14,17 +14,13 @@ skip into a failure.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
-REQUIRE_ENV = "NATTEN_JAX_REQUIRE_SHARDING"
-N_DEVICES = 4
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from multidevice import N_DEVICES, run_worker
+
 TOL = 2e-5
 GRAD_TOL = 1e-4
 
@@ -49,12 +45,6 @@ CASES = {
     "3d_stride": ((12, 4, 5), 2, 2, 4, 4, dict(kernel_size=(5, 3, 3), stride=(3, 1, 2),
                                               dilation=(2, 1, 1)), False),
 }
-
-
-def _skip_or_fail(msg):
-    if os.environ.get(REQUIRE_ENV, "").strip() not in ("", "0"):
-        pytest.fail(f"{msg} ({REQUIRE_ENV} is set)")
-    pytest.skip(msg)
 
 
 # =============================================================================================
@@ -188,23 +178,7 @@ def _worker():  # noqa: C901 (one linear list of cases)
 
 @pytest.fixture(scope="module")
 def results():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = " ".join([
-        env.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={N_DEVICES}"]).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
-    t0 = time.time()
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env,
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
-    if proc.returncode != 0 or not lines:
-        pytest.fail(f"context-parallel worker failed (rc {proc.returncode}):\n"
-                    f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    res = json.loads(lines[-1][len("RESULTS "):])
-    res["_seconds"] = round(time.time() - t0, 1)
-    if "skip" in res:
-        _skip_or_fail(res["skip"])
-    return res
+    return run_worker(__file__, "context-parallel")
 
 
 def _get(results, name):

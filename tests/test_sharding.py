@@ -18,25 +18,20 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 
 import pytest
 
-REQUIRE_ENV = "NATTEN_JAX_REQUIRE_SHARDING"
-N_DEVICES = 4
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from multidevice import N_DEVICES, run_worker
+from multidevice import skip_or_fail as _skip_or_fail  # noqa: F401
+
 COLLECTIVES = ("all-gather", "all-to-all", "collective-permute")
 PROBE = "ffi_probe"  # name of the jitted functions whose HLO the worker dumps
 TOL = 2e-5
 GRAD_TOL = 1e-4
 
 
-def _skip_or_fail(msg):
-    if os.environ.get(REQUIRE_ENV, "").strip() not in ("", "0"):
-        pytest.fail(f"{msg} ({REQUIRE_ENV} is set)")
-    pytest.skip(msg)
 
 
 # =============================================================================================
@@ -326,26 +321,9 @@ def _worker(dump_dir):  # noqa: C901 (one linear list of cases)
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     dump = str(tmp_path_factory.mktemp("hlo_dump"))
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = " ".join([
-        env.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={N_DEVICES}",
-        f"--xla_dump_to={dump}", "--xla_dump_hlo_as_text",
-        f"--xla_dump_hlo_module_re=.*{PROBE}.*"]).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
-    env.pop("NATTEN_JAX_FUSED_BACKWARD", None)
-    t0 = time.time()
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), dump], env=env,
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
-    if proc.returncode != 0 or not lines:
-        pytest.fail(f"sharding worker failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                    f"{proc.stderr[-6000:]}")
-    res = json.loads(lines[-1][len("RESULTS "):])
-    res["_seconds"] = round(time.time() - t0, 1)
-    if "skip" in res:
-        _skip_or_fail(res["skip"])
-    return res
+    return run_worker(__file__, "sharding", args=(dump,), drop_env=("NATTEN_JAX_FUSED_BACKWARD",),
+                      xla_flags=(f"--xla_dump_to={dump}", "--xla_dump_hlo_as_text",
+                                 f"--xla_dump_hlo_module_re=.*{PROBE}.*"))
 
 
 def _get(results, name):
