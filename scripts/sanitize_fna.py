@@ -1,4 +1,5 @@
-"""One small fused-forward problem per rank, for compute-sanitizer (memcheck / racecheck).
+"""One small fused problem per rank, forward and backward kernels, for compute-sanitizer
+(memcheck / racecheck).
 
     compute-sanitizer --tool memcheck python3 scripts/sanitize_fna.py
 """
@@ -22,4 +23,7 @@ for i, (f, sp, k, s, d, c, D) in enumerate(CASES):
     kk = jax.random.normal(key[1], (2, *sp, 2, D)).astype(jnp.bfloat16)
     v = jax.random.normal(key[2], (2, *sp, 2, D)).astype(jnp.bfloat16)
     out = f(q, kk, v, k, s, d, c, backend="fused").block_until_ready()
-    print(f"rank {len(sp)} ok", out.shape, bool(jnp.isfinite(out.astype(jnp.float32)).all()))
+    grads = jax.grad(lambda q, kk, v: jnp.sum(f(q, kk, v, k, s, d, c, backend="fused").astype(
+        jnp.float32) ** 2), argnums=(0, 1, 2))(q, kk, v)
+    finite = all(bool(jnp.isfinite(g.astype(jnp.float32)).all()) for g in (out, *grads))
+    print(f"rank {len(sp)} ok", out.shape, "finite:", finite)

@@ -92,6 +92,7 @@ def _worker(dump_dir):  # noqa: C901 (one linear list of cases)
 
     fused._per_shard_call = standin_per_shard_call
     fused.can_run = lambda p: (True, "")
+    fused.F32_COMPUTE = jnp.float32  # the stand-in computes in float32 (partitioning under test)
 
     def mesh(shape, names, explicit=False):
         t = AxisType.Explicit if explicit else AxisType.Auto
