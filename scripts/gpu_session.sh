@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# One GPU-machine call: build + GPU tests (scripts/gpu_check.sh), then the steps named in
+# $STEPS (comma-separated), each bounded in time; every log is packed into $OUT/logs.tgz (the
+# device tool returns at most 8 files) and a summary is printed last.
+#
+#   STEPS=sanitize,bench bash scripts/gpu_session.sh
+#
+# Steps:
+#   sanitize     compute-sanitizer memcheck + racecheck on scripts/sanitize_fna.py
+#   bench        python -m benchmarks.bench_na $BENCH_ARGS (fwd+bwd, peers)
+#   sm90         python scripts/check_fna_sm90.py (if present)
+#   unfused      python -m benchmarks.unfused_bench $UNFUSED_ARGS (if present)
+#   all          bash scripts/gpu_bench_all.sh (if present: autotune demo, sweep, throughput)
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+SUMMARY="$OUT/session_summary.txt"
+: > "$SUMMARY"
+
+run_step() {  # name, limit_s, command...
+  local name=$1 limit=$2
+  shift 2
+  local t0=$(date +%s)
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  printf "%-10s rc=%-4s %4ss  (%s)\n" "$name" "$rc" "$(( $(date +%s) - t0 ))" "$OUT/$name.log" \
+    >> "$SUMMARY"
+  return $rc
+}
+
+bash scripts/gpu_check.sh > "$OUT/gpu_check.log" 2>&1
+check_rc=$?
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+IFS=, read -ra steps <<< "${STEPS:-}"
+for s in "${steps[@]}"; do
+  case $s in
+    sanitize)
+      run_step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
+        python3 scripts/sanitize_fna.py
+      run_step racecheck 200 compute-sanitizer --tool racecheck --error-exitcode 9 \
+        python3 scripts/sanitize_fna.py ;;
+    bench)
+      run_step bench_na "${BENCH_LIMIT_S:-300}" python3 -m benchmarks.bench_na \
+        ${BENCH_ARGS:---backends fused --peers cudnn --time-limit-s 200} --out "$OUT/bench_na.json" ;;
+    sm90)
+      [ -f scripts/check_fna_sm90.py ] && run_step sm90 "${SM90_LIMIT_S:-150}" python3 scripts/check_fna_sm90.py ;;
+    unfused)
+      [ -f benchmarks/unfused_bench.py ] && run_step unfused "${UNFUSED_LIMIT_S:-200}" \
+        python3 -m benchmarks.unfused_bench ${UNFUSED_ARGS:---time-limit-s 150} \
+        --out "$OUT/unfused.json" --md "$OUT/unfused.md" ;;
+    all)
+      [ -f scripts/gpu_bench_all.sh ] && SKIP_BUILD=1 run_step bench_all "${ALL_LIMIT_S:-480}" \
+        bash scripts/gpu_bench_all.sh ;;
+    "") ;;
+    *) echo "unknown step $s" >> "$SUMMARY" ;;
+  esac
+done
+
+# Everything into one archive; the short texts stay beside it.
+(cd "$OUT" && tar czf /tmp/logs.tgz --exclude=logs.tgz . && mv /tmp/logs.tgz "$OUT/logs.tgz")
+echo "---- gpu_check (tail)"
+tail -25 "$OUT/gpu_check.log"
+for f in "$OUT"/bench_na.log "$OUT"/sm90.log "$OUT"/unfused.log "$OUT"/bench_all.log; do
+  [ -f "$f" ] && { echo "---- $(basename "$f") (tail)"; tail -30 "$f" | cut -c1-160; }
+done
+for f in "$OUT"/memcheck.log "$OUT"/racecheck.log; do
+  [ -f "$f" ] && { echo "---- $(basename "$f")"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|rank" "$f"; }
+done
+echo "================ session summary ================"
+echo "gpu_check rc=$check_rc"
+cat "$SUMMARY"
+# only the archive and the summary stay, so that everything comes back (8 files at most)
+find "$OUT" -maxdepth 1 -type f ! -name logs.tgz ! -name session_summary.txt -delete
+find "$OUT" -mindepth 1 -type d -exec rm -rf {} + 2>/dev/null
+ls "$OUT"
