@@ -21,6 +21,11 @@ partitions the work: every shape computes the same attention, masked exactly, so
 changes results beyond floating-point reassociation (the order in which the online softmax
 accumulates KV boxes).
 
+Forward kernel implementation (``NATTEN_JAX_FNA_IMPL``, see :mod:`natten_jax.tiles`): tiles are
+tuned per implementation (the sm90 kernel's entries are keyed with ``impl=sm90``);
+:func:`select_config` also picks the implementation, timing both when the setting is ``auto``
+and tuning is on.
+
 Winners are stored in ``$NATTEN_JAX_CACHE_DIR/autotune-v1.json`` (default
 ``~/.cache/natten_jax``), keyed by the device kind, dtype, shapes, window parameters, direction
 and the natten_jax version (:func:`problem_key`). The file is read once per process (then kept in
@@ -36,6 +41,7 @@ none can be timed the cost model's choice is used.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -106,7 +112,8 @@ def _axes(xs) -> str:
     return "x".join(str(int(x)) for x in xs)
 
 
-def problem_key(p: NAProblem, backward: bool = False, *, device: Optional[str] = None) -> str:
+def problem_key(p: NAProblem, backward: bool = False, *, device: Optional[str] = None,
+                impl: str = "sm80") -> str:
     """Stable string naming everything the fastest tile shape may depend on."""
     import natten_jax
 
@@ -129,6 +136,8 @@ def problem_key(p: NAProblem, backward: bool = False, *, device: Optional[str] =
     if not backward and _q_sizes(False) != tuple(tiles.Q_TILE_LOG2):
         # NATTEN_JAX_FNA_Q_TILE restricts the candidates: a separate entry
         parts.append(f"q_tile_log2={_axes(_q_sizes(False))}")
+    if not backward and impl != "sm80":  # sm90 hook: the other forward kernel, its own entries
+        parts.append(f"impl={impl}")
     return "|".join(parts)
 
 
@@ -138,14 +147,14 @@ def _q_sizes(backward: bool) -> Tuple[int, ...]:
     return (tiles.Q_TILE_LOG2[0],) if backward else tuple(tiles._q_tile_sizes())
 
 
-def _heuristic(p: NAProblem, backward: bool) -> Tiles:
+def _heuristic(p: NAProblem, backward: bool, impl: str = "sm80") -> Tiles:
     qt, kt = tiles.choose_tiles(p.spatial, p.kernel_size, p.stride, p.dilation, p.is_causal,
-                                p.head_dim, backward=backward)
+                                p.head_dim, backward=backward, impl=impl)
     return tuple(qt), tuple(kt)
 
 
 def candidates(p: NAProblem, backward: bool = False, mode: str = "thorough",
-               top_k: int = TOP_K) -> List[Tiles]:
+               top_k: int = TOP_K, impl: str = "sm80") -> List[Tiles]:
     """Legal (q_tile, kv_tile) log2 shapes, best first by the cost model (visited pairs x the
     per-pair cost of the Q tile size; ties as in ``choose_tiles``). Mode ``on``: the first
     ``top_k``, always including the cost model's choice; ``thorough``: all of them."""
@@ -156,7 +165,8 @@ def candidates(p: NAProblem, backward: bool = False, mode: str = "thorough",
                 pairs = tiles.visited_pairs(tuple(p.spatial), tuple(p.kernel_size),
                                             tuple(p.stride), tuple(p.dilation),
                                             tuple(p.is_causal), qt, kt)
-                cost = pairs * tiles._pair_cost(sum(qt), p.head_dim)
+                cost = pairs * tiles._pair_cost(sum(qt), p.head_dim,
+                                                "sm80" if backward else impl)
                 order = (cost, tuple(-x for x in reversed(qt)), tuple(-x for x in reversed(kt)))
                 ranked.append((order, (tuple(qt), tuple(kt))))
     ranked.sort()
@@ -164,7 +174,7 @@ def candidates(p: NAProblem, backward: bool = False, mode: str = "thorough",
     if mode == "thorough":
         return out
     chosen = out[:max(1, int(top_k))]
-    h = _heuristic(p, backward)
+    h = _heuristic(p, backward, impl)
     if h not in chosen:  # cannot happen with the shared ordering; kept as a guarantee
         chosen[-1] = h
     return chosen
@@ -303,21 +313,25 @@ def _usable(p: NAProblem, backward: bool, entry: Optional[dict], mode: str) -> O
 
 
 def select_tiles(p: NAProblem, *, backward: bool = False, mode: Optional[str] = None,
-                 timer: Optional[Timer] = None, top_k: int = TOP_K) -> Tiles:
+                 timer: Optional[Timer] = None, top_k: int = TOP_K, impl: str = "sm80") -> Tiles:
     """(q_tile, kv_tile) log2 extents per axis for the fused kernel on ``p``.
 
     Mode ``off``: :func:`natten_jax.tiles.choose_tiles`. Otherwise the cached winner for
     :func:`problem_key`, tuning now (see the module docstring) if there is none.
     ``timer(p, tiles, backward) -> seconds`` times one candidate (default :func:`default_timer`).
+    ``impl``: the forward kernel the tiles are for (``sm80`` or ``sm90``; the backward has one).
     """
     mode = resolve_mode(mode)
+    impl = "sm80" if backward else impl
     if mode == "off":
-        return _heuristic(p, backward)
+        return _heuristic(p, backward, impl)
+    if timer is None and impl != "sm80":
+        timer = functools.partial(default_timer, impl=impl)
     path = cache_path()
-    key = problem_key(p, backward)
+    key = problem_key(p, backward, impl=impl)
     entry = _memory_for(path).get(key)
     if entry is not None and entry.get("failed"):  # nothing could be timed in this process
-        return _heuristic(p, backward)
+        return _heuristic(p, backward, impl)
     got = _usable(p, backward, entry, mode)
     if got is not None:
         return got
@@ -334,17 +348,18 @@ def select_tiles(p: NAProblem, *, backward: bool = False, mode: Optional[str] = 
                 mem[key] = disk
         if got is not None:
             return got
-        entry = _tune(p, backward, mode, timer or default_timer, top_k)
+        entry = _tune(p, backward, mode, timer or default_timer, top_k, impl)
         mem[key] = entry
         if entry.get("failed"):
-            return _heuristic(p, backward)
+            return _heuristic(p, backward, impl)
         _persist(path, key, entry)
         return _usable(p, backward, entry, mode)
 
 
-def _tune(p: NAProblem, backward: bool, mode: str, timer: Timer, top_k: int) -> dict:
-    cands = candidates(p, backward, mode, top_k)
-    heuristic = _heuristic(p, backward)
+def _tune(p: NAProblem, backward: bool, mode: str, timer: Timer, top_k: int,
+          impl: str = "sm80") -> dict:
+    cands = candidates(p, backward, mode, top_k, impl)
+    heuristic = _heuristic(p, backward, impl)
     times: Dict[Tiles, float] = {}
     failures = []
     try:
@@ -432,7 +447,7 @@ def _random_operands(p: NAProblem, backward: bool):
 
 
 def default_timer(p: NAProblem, t: Tiles, backward: bool, *, reps: int = 5,
-                  target_s: float = 0.01) -> float:
+                  target_s: float = 0.01, impl: Optional[str] = None) -> float:
     """Seconds per call of the fused forward (or backward) kernel with tiles ``t`` on ``p``:
     one compile-and-run warm-up, one sizing run, then the median of ``reps`` timed batches of
     back-to-back calls (about ``target_s`` each) ended by ``block_until_ready``.
@@ -448,8 +463,10 @@ def default_timer(p: NAProblem, t: Tiles, backward: bool, *, reps: int = 5,
         args = _random_operands(p, backward)
         if backward:
             fn = jax.jit(lambda *a: fused._backward_call(p, *a, tiles=t))
-        else:
+        elif impl is None:
             fn = jax.jit(lambda q, k, v: fused._forward_call(p, q, k, v, tiles=t))
+        else:  # sm90 hook: the given forward kernel
+            fn = jax.jit(lambda q, k, v: fused._forward_call(p, q, k, v, tiles=t, impl=impl))
         jax.block_until_ready(fn(*args))  # compile + first run
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
@@ -463,3 +480,69 @@ def default_timer(p: NAProblem, t: Tiles, backward: bool, *, reps: int = 5,
             jax.block_until_ready(out)
             samples.append((time.perf_counter() - t0) / n)
     return statistics.median(samples)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward kernel implementation (sm90 hook)
+
+
+def hopper_device() -> bool:
+    """Whether the first GPU has compute capability 9.0 (where the sm90 kernel runs)."""
+    import jax
+
+    try:
+        return str(getattr(jax.devices("gpu")[0], "compute_capability", "")) == "9.0"
+    except Exception:  # noqa: BLE001 (no GPU backend)
+        return False
+
+
+def impl_candidates(head_dim: int) -> Tuple[str, ...]:
+    """Forward kernels ``$NATTEN_JAX_FNA_IMPL`` allows at ``head_dim`` (sm90 only for its head
+    dims; under ``auto`` only on a compute capability 9.0 device)."""
+    setting = tiles.impl_setting()
+    sm90 = tiles.impl_supports("sm90", head_dim)
+    if setting == "sm90":
+        return ("sm90",) if sm90 else ("sm80",)
+    if setting == "auto" and sm90 and hopper_device():
+        return ("sm80", "sm90")
+    return ("sm80",)
+
+
+def _modelled_cost(p: NAProblem, impl: str, t: Tiles) -> float:
+    pairs = tiles.visited_pairs(tuple(p.spatial), tuple(p.kernel_size), tuple(p.stride),
+                                tuple(p.dilation), tuple(p.is_causal), tuple(t[0]), tuple(t[1]))
+    return pairs * tiles._pair_cost(sum(t[0]), p.head_dim, impl)
+
+
+def resolve_impl(p: NAProblem) -> str:
+    """The forward kernel for ``p`` when the tiles are given: the cost model's choice among
+    :func:`impl_candidates` (nothing is timed)."""
+    impls = impl_candidates(p.head_dim)
+    if len(impls) == 1:
+        return impls[0]
+    return min(impls, key=lambda i: _modelled_cost(p, i, _heuristic(p, False, i)))
+
+
+def select_config(p: NAProblem, *, mode: Optional[str] = None, timer: Optional[Timer] = None,
+                  top_k: int = TOP_K, impl: Optional[str] = None) -> Tuple[str, Tiles]:
+    """(impl, (q_tile, kv_tile)) of the forward kernel for ``p``.
+
+    ``impl`` given: its tiles (:func:`select_tiles`). Otherwise over :func:`impl_candidates`:
+    with tuning off the cost model's choice; with tuning on each implementation's tiles are
+    tuned (and cached) and the faster winner is taken. ``timer`` (tests) times every
+    implementation's candidates alike.
+    """
+    impls = (impl,) if impl is not None else impl_candidates(p.head_dim)
+    if len(impls) == 1:
+        return impls[0], select_tiles(p, mode=mode, timer=timer, top_k=top_k, impl=impls[0])
+    if resolve_mode(mode) == "off":
+        best = resolve_impl(p)
+        return best, _heuristic(p, False, best)
+    results = []
+    for i in impls:
+        t = select_tiles(p, mode=mode, timer=timer, top_k=top_k, impl=i)
+        entry = _memory_for(cache_path()).get(problem_key(p, False, impl=i)) or {}
+        seconds = entry.get("seconds")
+        results.append((seconds if isinstance(seconds, (int, float)) else math.inf, i, t))
+    _, best, t = min(results, key=lambda r: (r[0], impls.index(r[1])))
+    return best, t

@@ -24,10 +24,47 @@ Q_TILE_LOG2 = (6, 7)  # 64 queries (one m16 tile per warp) or 128 (two per warp)
 # (docs/perf-log.md, v3): 128-query tiles feed two MMAs per K/V fragment read from shared memory,
 # 16% more visited TFLOP/s at head dim 128; at head dim 32 the kernel is latency-bound and fewer,
 # larger CTAs are slower (2d_nat_t: 0.37 -> 0.52 ms).
-def _pair_cost(q_log2: int, head_dim: int) -> float:
+def _pair_cost(q_log2: int, head_dim: int, impl: str = "sm80") -> float:
+    if impl == "sm90":
+        return _SM90_PAIR_COST[q_log2]
     if q_log2 == 6:
         return 1.0
     return 0.87 if head_dim >= 64 else 1.4
+
+
+# ---- Forward kernel implementations (sm90 hook) ------------------------------------------------
+# "sm80": the mma.sync kernel (every GPU from sm_80 on); "sm90": the Hopper wgmma kernel
+# (compute capability 9.0, head dims 64 and 128; docs/perf-log.md v4). NATTEN_JAX_FNA_IMPL picks
+# one: sm80 (default for now; make sm90/auto the default once the full GPU suite has run on it),
+# sm90 (head dims it lacks fall back to sm80), or auto (sm90 where it runs; with
+# NATTEN_JAX_AUTOTUNE on, both are timed).
+IMPL_ENV = "NATTEN_JAX_FNA_IMPL"
+IMPLS = ("sm80", "sm90")
+IMPL_SETTINGS = IMPLS + ("auto",)
+SM90_HEAD_DIMS = (64, 128)
+# Per-pair cost of the sm90 kernel relative to sm80's 64-query tiles, measured on an H100
+# (docs/perf-log.md, v4): ~305-370 visited TFLOP/s with 64-query tiles, ~345-400 with 128, against
+# sm80's ~190-216 with 64.
+_SM90_PAIR_COST = {6: 0.60, 7: 0.55}
+
+
+def impl_setting() -> str:
+    """``$NATTEN_JAX_FNA_IMPL`` (default ``sm80``), validated."""
+    raw = os.environ.get(IMPL_ENV, "")
+    s = raw.strip().lower() or "sm80"
+    if s not in IMPL_SETTINGS:
+        raise ValueError(f"{IMPL_ENV} must be one of {IMPL_SETTINGS} (or unset), got {raw!r}")
+    return s
+
+
+def impl_supports(impl: str, head_dim: int) -> bool:
+    return impl == "sm80" or (impl == "sm90" and head_dim in SM90_HEAD_DIMS)
+
+
+def impl_code(impl: str) -> int:
+    """The FFI attribute ``impl`` of the forward custom call."""
+    return IMPLS.index(impl)
+
 
 # NATTEN_JAX_FNA_Q_TILE=64 or 128 restricts the choice (benchmarks, A/B runs); unset: both.
 _Q_TILE_ENV = "NATTEN_JAX_FNA_Q_TILE"
@@ -76,26 +113,28 @@ def _q_tile_sizes():
 
 
 def choose_tiles(spatial: Tuple[int, ...], kernel_size, stride, dilation, is_causal,
-                 head_dim: int = 128, backward: bool = False):
+                 head_dim: int = 128, backward: bool = False, impl: str = "sm80"):
     """Log2 (Q tile, KV tile) extents per axis that minimise the modelled cost.
 
-    Cost = visited pairs x the per-pair cost of the Q tile size at this head dim. Ties go to the
-    shape with more tokens on the last axes (longer contiguous runs in memory). The backward
-    kernels take 64-token Q tiles only.
+    Cost = visited pairs x the per-pair cost of the Q tile size at this head dim (and forward
+    kernel ``impl``). Ties go to the shape with more tokens on the last axes (longer contiguous
+    runs in memory). The backward kernels take 64-token Q tiles only.
     """
     q_sizes = (Q_TILE_LOG2[0],) if backward else _q_tile_sizes()
     return _choose_tiles(tuple(spatial), tuple(kernel_size), tuple(stride), tuple(dilation),
-                         tuple(is_causal), int(head_dim), q_sizes)
+                         tuple(is_causal), int(head_dim), q_sizes,
+                         "sm80" if backward else impl)
 
 
 @functools.lru_cache(maxsize=4096)
-def _choose_tiles(spatial, kernel_size, stride, dilation, is_causal, head_dim, q_sizes):
+def _choose_tiles(spatial, kernel_size, stride, dilation, is_causal, head_dim, q_sizes,
+                  impl="sm80"):
     best = None
     rank = len(spatial)
     for qt in (t for n in q_sizes for t in _candidates(rank, n)):
         for kt in _candidates(rank, KV_TILE_LOG2):
             pairs = visited_pairs(spatial, kernel_size, stride, dilation, is_causal, qt, kt)
-            cost = pairs * _pair_cost(sum(qt), head_dim)
+            cost = pairs * _pair_cost(sum(qt), head_dim, impl)
             key = (cost, tuple(-x for x in reversed(qt)), tuple(-x for x in reversed(kt)))
             if best is None or key < best[0]:
                 best = (key, qt, kt)
@@ -103,8 +142,8 @@ def _choose_tiles(spatial, kernel_size, stride, dilation, is_causal, head_dim, q
 
 
 def visited_flops(spatial: Sequence[int], kernel_size, stride, dilation, is_causal, batch: int,
-                  heads: int, head_dim: int) -> int:
+                  heads: int, head_dim: int, impl: str = "sm80") -> int:
     """Forward FLOPs the fused kernel performs, masked pairs included (4 per pair and dim)."""
     args = tuple(tuple(x) for x in (spatial, kernel_size, stride, dilation, is_causal))
-    qt, kt = choose_tiles(*args, head_dim)
+    qt, kt = choose_tiles(*args, head_dim, impl=impl)
     return 4 * batch * heads * head_dim * visited_pairs(*args, qt, kt)

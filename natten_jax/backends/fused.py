@@ -27,7 +27,8 @@ import numpy as np
 from natten_jax import _ffi, autotune, sharding
 from natten_jax.checks import NAProblem
 from natten_jax.reference import na_reference
-from natten_jax.tiles import choose_tiles, visited_flops  # noqa: F401 (benchmarks use it)
+from natten_jax import tiles as tiles_mod
+from natten_jax.tiles import choose_tiles  # noqa: F401 (benchmarks use it)
 
 TARGET = "natten_jax_fna_forward"
 TARGET_BACKWARD = "natten_jax_fna_backward"
@@ -56,13 +57,23 @@ def can_run(p: NAProblem):
     return True, ""
 
 
-def _attrs(p: NAProblem, tiles=None, backward=False):
+def _attrs(p: NAProblem, tiles=None, backward=False, impl=None):
     # The cost model (choose_tiles), or the auto-tuner if NATTEN_JAX_AUTOTUNE is on/thorough.
-    qt, kt = tiles or autotune.select_tiles(p, backward=backward)
+    if backward:
+        qt, kt = tiles or autotune.select_tiles(p, backward=True)
+    else:  # sm90 hook: the forward also picks its kernel (NATTEN_JAX_FNA_IMPL, natten_jax.tiles)
+        if tiles is None:
+            impl, (qt, kt) = autotune.select_config(p, impl=impl)
+        else:
+            qt, kt = tiles
+            impl = impl or autotune.resolve_impl(p)
     i64 = lambda x: np.asarray(x, np.int64)  # noqa: E731
-    return dict(kernel_size=i64(p.kernel_size), stride=i64(p.stride), dilation=i64(p.dilation),
-                is_causal=i64(p.is_causal), q_tile=i64(qt), kv_tile=i64(kt),
-                scale=np.float32(p.scale), poison=np.int64(1 if POISON_OUTPUTS else 0))
+    attrs = dict(kernel_size=i64(p.kernel_size), stride=i64(p.stride), dilation=i64(p.dilation),
+                 is_causal=i64(p.is_causal), q_tile=i64(qt), kv_tile=i64(kt),
+                 scale=np.float32(p.scale), poison=np.int64(1 if POISON_OUTPUTS else 0))
+    if not backward:
+        attrs["impl"] = np.int64(tiles_mod.impl_code(impl))
+    return attrs
 
 
 def _per_shard_call(target, out_types, attrs):
@@ -95,13 +106,14 @@ def _ffi_batched(target, out_types, attrs, in_kinds, out_kinds):
     return call
 
 
-def _forward_call(p: NAProblem, q, k, v, tiles=None):
+def _forward_call(p: NAProblem, q, k, v, tiles=None, impl=None):
     """The forward custom call -> (out, lse). ``tiles``: (q, kv) log2 extents per axis
-    (default: :func:`natten_jax.tiles.choose_tiles`)."""
+    (default: :func:`natten_jax.tiles.choose_tiles`); ``impl``: ``sm80`` or ``sm90`` (default:
+    ``NATTEN_JAX_FNA_IMPL``)."""
     _ffi.register()
     out_types = lambda q, k, v: (jax.ShapeDtypeStruct(q.shape, q.dtype),  # noqa: E731
                                  jax.ShapeDtypeStruct(q.shape[:-1], jnp.float32))
-    return _ffi_batched(TARGET, out_types, _attrs(p, tiles), ("q", "k", "v"),
+    return _ffi_batched(TARGET, out_types, _attrs(p, tiles, impl=impl), ("q", "k", "v"),
                         ("o", "lse"))(q, k, v)
 
 
@@ -114,6 +126,15 @@ def _backward_call(p: NAProblem, q, k, v, dout, lse, delta, tiles=None):
     attrs = _attrs(p, tiles, backward=True)
     return _ffi_batched(TARGET_BACKWARD, out_types, attrs, ("q", "k", "v", "o", "lse", "lse"),
                         ("q", "k", "v"))(q, k, v, dout, lse, delta)
+
+
+def visited_flops(spatial, kernel_size, stride, dilation, is_causal, batch: int, heads: int,
+                  head_dim: int) -> int:
+    """:func:`natten_jax.tiles.visited_flops` for the forward kernel NATTEN_JAX_FNA_IMPL selects
+    (under ``auto`` the sm90 one where it runs; sm90 hook)."""
+    impl = autotune.impl_candidates(head_dim)[-1]
+    return tiles_mod.visited_flops(spatial, kernel_size, stride, dilation, is_causal, batch,
+                                   heads, head_dim, impl=impl)
 
 
 def backward_mode() -> str:

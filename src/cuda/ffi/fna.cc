@@ -2,15 +2,18 @@
 //
 // Attributes (names equal the Python kwargs): kernel_size, stride, dilation, is_causal (int64,
 // one per spatial axis), q_tile, kv_tile (int64 log2 tile extents per axis), scale (f32),
-// poison (int64; nonzero fills the outputs with NaN before the kernel runs, for tests).
+// poison (int64; nonzero fills the outputs with NaN before the kernel runs, for tests); the
+// forward also takes impl (int64: 0 the sm80 kernel, 1 the sm90 wgmma kernel).
 #include <cmath>
 #include <cstdint>
+#include <string>
 
 #include <cuda_runtime.h>
 
 #include "natten_jax/common/ffi_check.h"
 #include "natten_jax/fna/fna_bwd_params.h"
 #include "natten_jax/fna/fna_fwd_params.h"
+#include "natten_jax/fna/fna_fwd_sm90.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -121,17 +124,27 @@ ffi::Error FnaForwardImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
                           ffi::Span<const int64_t> kernel_size, ffi::Span<const int64_t> stride,
                           ffi::Span<const int64_t> dilation, ffi::Span<const int64_t> is_causal,
                           ffi::Span<const int64_t> q_tile, ffi::Span<const int64_t> kv_tile,
-                          float scale, int64_t poison) {
+                          float scale, int64_t poison, int64_t impl) {
   fna::FnaFwdParams p;
   fna::DType dtype;
   NJ_RETURN_IF_ERROR(fill_params(q, k, v, kernel_size, stride, dilation, is_causal, q_tile,
                                  kv_tile, scale, p, dtype));
   NJ_FFI_CHECK(o->element_type() == q.element_type(), "output dtype must equal q dtype");
+  // ---- impl (sm90 hook): which forward kernel; the sm90 one refuses other devices clearly.
+  NJ_FFI_CHECK(impl == 0 || impl == 1, "impl must be 0 (sm80 kernel) or 1 (sm90 kernel)");
+  if (impl == 1) {
+    const std::string why = fna::fna_forward_sm90_unavailable_reason(p.head_dim, dtype);
+    if (!why.empty()) return ffi::Error::InvalidArgument("natten_jax fna (impl sm90): " + why);
+  }
   p.o = o->untyped_data();
   p.lse = lse->typed_data();
   if (poison != 0) {  // tests: fill outputs with NaN so that an unwritten element shows
     NJ_CUDA_CHECK(cudaMemsetAsync(p.o, 0xFF, o->size_bytes(), stream));
     NJ_CUDA_CHECK(cudaMemsetAsync(p.lse, 0xFF, lse->size_bytes(), stream));
+  }
+  if (impl == 1) {
+    NJ_CUDA_CHECK(fna::fna_forward_sm90(p, dtype, stream));
+    return ffi::Error::Success();
   }
   NJ_CUDA_CHECK(fna::fna_forward(p, dtype, stream));
   return ffi::Error::Success();
@@ -197,7 +210,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenJaxFnaForward, natten_jax::FnaForwardImpl,
                                   .Attr<ffi::Span<const int64_t>>("q_tile")
                                   .Attr<ffi::Span<const int64_t>>("kv_tile")
                                   .Attr<float>("scale")
-                                  .Attr<int64_t>("poison"));
+                                  .Attr<int64_t>("poison")
+                                  .Attr<int64_t>("impl"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenJaxFnaBackward, natten_jax::FnaBackwardImpl,
                               ffi::Ffi::Bind()
