@@ -14,7 +14,10 @@ from typing import Optional, Tuple
 import jax.numpy as jnp
 import numpy as np
 
-BACKENDS = ("reference", "fused")
+BACKENDS = ("reference", "fused", "gemm", "naive")
+# Backends of the unfused operators na*d_qk / na*d_av (and of na*d's "gemm" / "naive"): the
+# pure-JAX reference and the unfused CUDA kernels (GEMM-based or naive).
+UNFUSED_BACKENDS = ("reference", "gemm", "naive")
 FLOAT_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
 
 
@@ -96,6 +99,29 @@ def check_backend(backend: Optional[str]) -> Optional[str]:
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"`backend` must be None or one of {BACKENDS}, got {backend!r}.")
     return backend
+
+
+def check_unfused_backend(op: str, backend: Optional[str]) -> Optional[str]:
+    """The ``backend`` of an unfused operator (``na*d_qk`` / ``na*d_av``)."""
+    if backend is not None and backend not in UNFUSED_BACKENDS:
+        raise ValueError(
+            f"{op}: `backend` must be None or one of {UNFUSED_BACKENDS}, got {backend!r}.")
+    return backend
+
+
+def unfused_attention_unsupported(p: NAProblem, backend: str) -> str:
+    """Why na*d(..., backend="gemm" / "naive") (softmax over the unfused operators) cannot run
+    problem ``p`` ("" if it can, kernel availability aside)."""
+    if any(s != 1 for s in p.stride):
+        return (f"backend={backend!r} (unfused operators) supports stride 1 only, got "
+                f"stride={p.stride}; use backend='fused' or 'reference'")
+    if p.num_extra:
+        return (f"backend={backend!r} (unfused operators) does not support additional_keys / "
+                f"additional_values; use backend='fused' or 'reference'")
+    if p.dtype not in ("float32", "float16", "bfloat16"):
+        return (f"backend={backend!r} supports float32, float16 and bfloat16, got dtype "
+                f"{p.dtype}")
+    return ""
 
 
 def check_na_call(rank: int, query, key, value, kernel_size, stride, dilation, is_causal,

@@ -47,7 +47,9 @@ def _doc(rank: int) -> str:
       scale: logit scale, default ``D ** -0.5``.
       additional_keys: optional ``[B, N, Hkv, D]`` tokens every query also attends to.
       additional_values: optional ``[B, N, Hkv, Dv]``, given together with ``additional_keys``.
-      backend: ``None`` (fastest available), ``"fused"`` (CUDA kernels) or ``"reference"``.
+      backend: ``None`` (fastest available), ``"fused"`` (CUDA kernels), ``"reference"``, or
+        ``"gemm"`` / ``"naive"`` (softmax over the unfused CUDA operators of
+        :mod:`natten_jax.unfused`; stride 1, no additional keys).
       return_lse: also return the logsumexp of the logits, ``[B, S..., H]`` float32.
 
     Returns:

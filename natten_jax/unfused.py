@@ -43,8 +43,16 @@ mirrored from NATTEN: ``rpb`` with any causal axis raises ``NotImplementedError`
 even ``kernel_size`` raises ``ValueError`` (NATTEN rejected even kernels in these ops; without
 ``rpb`` we accept them, with the window rules of :mod:`natten_jax.window`).
 
-Memory grows with tokens x window: windows are gathered per axis and queries are processed in
-blocks of rows of the first spatial axis, as in :mod:`natten_jax.reference`. Inputs of
+**Backends.** ``backend="reference"`` is the pure-JAX code below (the ground truth; memory
+grows with tokens x window: windows are gathered per axis and queries are processed in blocks of
+rows of the first spatial axis, as in :mod:`natten_jax.reference`). ``"gemm"`` and ``"naive"``
+run our CUDA kernels (:mod:`natten_jax.backends.unfused_cuda`: GEMM-based with space-aware
+tiles on tensor cores, or one thread per output element), float32 / float16 / bfloat16 only,
+with a custom VJP built from the same operators: for ``qk``, ``dq = NN(dA, key)``,
+``dk = IN(dA, query)`` and ``d_rpb`` from the RPB-gradient kernel; for ``av``,
+``d_attn = PN(d_out, value)`` (0 off the window) and ``d_value = IN(attn, d_out)``.
+``backend=None`` picks ``"gemm"`` when the kernels can run (a CUDA build, a GPU, inputs on it,
+a supported dtype), else ``"reference"``. Inputs of
 float16/bfloat16/float32 are computed in float32 (float64 stays float64); ``na*_qk`` returns the
 query's dtype, ``na*_av`` the value's dtype (``attn`` is first cast to the value's dtype and
 ``rpb`` to the query's, as NATTEN does).
@@ -52,14 +60,17 @@ query's dtype, ``na*_av`` the value's dtype (``attn`` is first cast to the value
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from natten_jax.checks import FLOAT_DTYPES, per_axis_bools, per_axis_ints
+from natten_jax.backends import unfused_cuda
+from natten_jax.checks import (FLOAT_DTYPES, NAProblem, check_unfused_backend, per_axis_bools,
+                               per_axis_ints)
 from natten_jax.reference import _gather_windows, window_gather_plan
 
 IntOrTuple = Union[int, Sequence[int]]
@@ -163,9 +174,11 @@ def _run_blocks(block, L0: int, R: int, nblocks: int, B: int):
 # Rank-generic operators.
 # --------------------------------------------------------------------------------------------
 
-def na_qk_generic(rank: int, query, key, kernel_size, dilation=1, is_causal=False, rpb=None):
+def na_qk_generic(rank: int, query, key, kernel_size, dilation=1, is_causal=False, rpb=None,
+                  backend=None):
     """Neighborhood logits ``[B, *S, H, prod(kernel_size)]`` (see the module docstring)."""
     op = f"na{rank}d_qk"
+    check_unfused_backend(op, backend)
     layout = f"[batch, *{rank} spatial, heads, head_dim]"
     _check_array(op, "query", query, rank, layout)
     _check_array(op, "key", key, rank, layout)
@@ -185,6 +198,11 @@ def na_qk_generic(rank: int, query, key, kernel_size, dilation=1, is_causal=Fals
     ks, di, ca = _check_window_args(op, rank, spatial, kernel_size, dilation, is_causal)
     if rpb is not None:
         _check_rpb(op, rpb, H, ks, ca)
+    impl = _cuda_impl(op, backend, query.dtype, query, key)
+    if impl is not None:
+        rpb32 = (rpb.astype(query.dtype).astype(jnp.float32) if rpb is not None
+                 else jnp.zeros((1,), jnp.float32))  # NATTEN casts the bias to the inputs' dtype
+        return _qk_cuda((impl, ks, di, ca, rpb is not None, 1.0), query, key, rpb32)
 
     G = H // Hkv
     W = math.prod(ks)
@@ -229,9 +247,11 @@ def na_qk_generic(rank: int, query, key, kernel_size, dilation=1, is_causal=Fals
     return out.reshape((B,) + spatial + (H, W)).astype(query.dtype)
 
 
-def na_av_generic(rank: int, attn, value, kernel_size, dilation=1, is_causal=False):
+def na_av_generic(rank: int, attn, value, kernel_size, dilation=1, is_causal=False,
+                  backend=None):
     """Neighborhood-weighted values ``[B, *S, H, Dv]`` (see the module docstring)."""
     op = f"na{rank}d_av"
+    check_unfused_backend(op, backend)
     _check_array(op, "attn", attn, rank, f"[batch, *{rank} spatial, heads, prod(kernel_size)]")
     _check_array(op, "value", value, rank, f"[batch, *{rank} spatial, heads, head_dim]")
     as_, vs = tuple(attn.shape), tuple(value.shape)
@@ -247,6 +267,10 @@ def na_av_generic(rank: int, attn, value, kernel_size, dilation=1, is_causal=Fal
         raise ValueError(
             f"{op}: the last axis of `attn` must be prod(kernel_size) = {W} for kernel_size="
             f"{ks}, got {W_in} (attn shape {as_}).")
+    impl = _cuda_impl(op, backend, value.dtype, attn, value)
+    if impl is not None:
+        # NATTEN casts the weights to the value's dtype.
+        return _av_cuda((impl, ks, di, ca), attn.astype(value.dtype), value)
 
     G = H // Hkv
     cdt = _compute_dtype(value.dtype)
@@ -274,6 +298,97 @@ def na_av_generic(rank: int, attn, value, kernel_size, dilation=1, is_causal=Fal
 
 
 # --------------------------------------------------------------------------------------------
+# CUDA operators (backend "gemm" / "naive") and their VJPs.
+# --------------------------------------------------------------------------------------------
+
+def _on_gpu(*arrays) -> bool:
+    """Whether the (concrete) arrays live on GPUs; for traced values, whether JAX's default
+    backend is the GPU."""
+    for x in arrays:
+        try:
+            devices = x.devices()
+        except Exception:  # noqa: BLE001 - a tracer: placement is not known here
+            return jax.default_backend() == "gpu"
+        if any(d.platform != "gpu" for d in devices):
+            return False
+    return True
+
+
+def _cuda_impl(op: str, backend, dtype, *arrays):
+    """'gemm' / 'naive' to run the CUDA operators, None for the reference."""
+    if backend == "reference":
+        return None
+    if backend is None:
+        ok, _ = unfused_cuda.can_run(dtype)
+        return "gemm" if ok and _on_gpu(*arrays) else None
+    ok, why = unfused_cuda.can_run(dtype)
+    if not ok:
+        raise NotImplementedError(f"{op}: backend={backend!r} cannot run this call: {why}")
+    return backend
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _qk_cuda(cfg, q, k, rpb32):
+    impl, ks, di, ca, has_rpb, scale = cfg
+    return unfused_cuda.pn(q, k, ks, di, ca, rpb32 if has_rpb else None, scale=scale,
+                           impl=impl)
+
+
+def _qk_cuda_fwd(cfg, q, k, rpb32):
+    return _qk_cuda(cfg, q, k, rpb32), (q, k, rpb32)
+
+
+def _qk_cuda_bwd(cfg, res, d_logits):
+    impl, ks, di, ca, has_rpb, scale = cfg
+    q, k, rpb32 = res
+    d = d_logits.astype(q.dtype)
+    dq = unfused_cuda.nn(d, k, ks, di, ca, scale=scale, impl=impl)
+    dk = unfused_cuda.inverse(d, q, k.shape[-2], ks, di, ca, scale=scale, impl=impl)
+    d_rpb = (unfused_cuda.rpb_grad(d, ks, di, ca).reshape(rpb32.shape) if has_rpb
+             else jnp.zeros_like(rpb32))
+    return dq, dk, d_rpb
+
+
+_qk_cuda.defvjp(_qk_cuda_fwd, _qk_cuda_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _av_cuda(cfg, a, v):
+    impl, ks, di, ca = cfg
+    return unfused_cuda.nn(a, v, ks, di, ca, impl=impl)
+
+
+def _av_cuda_fwd(cfg, a, v):
+    return _av_cuda(cfg, a, v), (a, v)
+
+
+def _av_cuda_bwd(cfg, res, d_out):
+    impl, ks, di, ca = cfg
+    a, v = res
+    d = d_out.astype(v.dtype)
+    # d_attn is 0 off the window (entries that are no neighbor get no gradient).
+    da = unfused_cuda.pn(d, v, ks, di, ca, fill=0.0, impl=impl)
+    dv = unfused_cuda.inverse(a, d, v.shape[-2], ks, di, ca, impl=impl)
+    return da, dv
+
+
+_av_cuda.defvjp(_av_cuda_fwd, _av_cuda_bwd)
+
+
+def na_unfused(p: NAProblem, query, key, value, impl: str):
+    """Neighborhood attention of a validated problem (stride 1, no extra tokens) as
+    ``softmax(qk) -> av`` over the CUDA operators ``impl`` ("gemm" / "naive"): logits in the
+    query's dtype (as NATTEN's unfused path), softmax in float32. Returns (out, lse)."""
+    cfg = (impl, p.kernel_size, p.dilation, p.is_causal)
+    logits = _qk_cuda(cfg + (False, p.scale), query, key, jnp.zeros((1,), jnp.float32))
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    attn = jnp.exp(logits - lse[..., None])
+    out = _av_cuda(cfg, attn.astype(value.dtype), value)
+    return out.astype(query.dtype), lse
+
+
+# --------------------------------------------------------------------------------------------
 # Per-rank wrappers.
 # --------------------------------------------------------------------------------------------
 
@@ -290,6 +405,9 @@ def _qk_doc(rank: int) -> str:
       dilation: int or one per axis (default 1).
       is_causal: bool or one per axis (default False).
       rpb: optional relative positional bias ``[H, {R}]`` (odd kernel sizes, not causal).
+      backend: None (the CUDA kernels when they can run, else the reference), "reference",
+        "gemm" or "naive" (our CUDA kernels; NotImplementedError with the reason if they
+        cannot run the call).
 
     Returns:
       ``[B, {S}, H, {K}]`` in query's dtype: ``q . k (+ rpb)`` for each neighbor, row-major over
@@ -306,7 +424,7 @@ def _av_doc(rank: int) -> str:
     Args:
       attn: ``[B, {S}, H, {K}]`` weights in the neighbor order of ``na{rank}d_qk``.
       value: ``[B, {S}, Hkv, Dv]``; ``Hkv`` divides ``H``.
-      kernel_size, dilation, is_causal: as in ``na{rank}d_qk``.
+      kernel_size, dilation, is_causal, backend: as in ``na{rank}d_qk``.
 
     Returns:
       ``[B, {S}, H, Dv]`` in value's dtype: ``sum_j attn[..., j] * value[neighbor j]``; entries
@@ -315,33 +433,33 @@ def _av_doc(rank: int) -> str:
 
 
 def na1d_qk(query, key, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
-            is_causal: BoolOrTuple = False, rpb=None):
-    return na_qk_generic(1, query, key, kernel_size, dilation, is_causal, rpb)
+            is_causal: BoolOrTuple = False, rpb=None, *, backend: Optional[str] = None):
+    return na_qk_generic(1, query, key, kernel_size, dilation, is_causal, rpb, backend)
 
 
 def na2d_qk(query, key, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
-            is_causal: BoolOrTuple = False, rpb=None):
-    return na_qk_generic(2, query, key, kernel_size, dilation, is_causal, rpb)
+            is_causal: BoolOrTuple = False, rpb=None, *, backend: Optional[str] = None):
+    return na_qk_generic(2, query, key, kernel_size, dilation, is_causal, rpb, backend)
 
 
 def na3d_qk(query, key, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
-            is_causal: BoolOrTuple = False, rpb=None):
-    return na_qk_generic(3, query, key, kernel_size, dilation, is_causal, rpb)
+            is_causal: BoolOrTuple = False, rpb=None, *, backend: Optional[str] = None):
+    return na_qk_generic(3, query, key, kernel_size, dilation, is_causal, rpb, backend)
 
 
 def na1d_av(attn, value, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
-            is_causal: BoolOrTuple = False):
-    return na_av_generic(1, attn, value, kernel_size, dilation, is_causal)
+            is_causal: BoolOrTuple = False, *, backend: Optional[str] = None):
+    return na_av_generic(1, attn, value, kernel_size, dilation, is_causal, backend)
 
 
 def na2d_av(attn, value, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
-            is_causal: BoolOrTuple = False):
-    return na_av_generic(2, attn, value, kernel_size, dilation, is_causal)
+            is_causal: BoolOrTuple = False, *, backend: Optional[str] = None):
+    return na_av_generic(2, attn, value, kernel_size, dilation, is_causal, backend)
 
 
 def na3d_av(attn, value, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
-            is_causal: BoolOrTuple = False):
-    return na_av_generic(3, attn, value, kernel_size, dilation, is_causal)
+            is_causal: BoolOrTuple = False, *, backend: Optional[str] = None):
+    return na_av_generic(3, attn, value, kernel_size, dilation, is_causal, backend)
 
 
 for _r, _f in ((1, na1d_qk), (2, na2d_qk), (3, na3d_qk)):
@@ -351,4 +469,4 @@ for _r, _f in ((1, na1d_av), (2, na2d_av), (3, na3d_av)):
 del _r, _f
 
 __all__ = ["na1d_qk", "na2d_qk", "na3d_qk", "na1d_av", "na2d_av", "na3d_av",
-           "na_qk_generic", "na_av_generic"]
+           "na_qk_generic", "na_av_generic", "na_unfused"]

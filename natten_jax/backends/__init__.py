@@ -1,9 +1,19 @@
 """Backend selection. Each backend module offers ``can_run(p) -> (bool, reason)`` and
-``run(p, q, k, v, extra_k, extra_v) -> (out, lse)``."""
+``run(p, q, k, v, extra_k, extra_v) -> (out, lse)``; "gemm" and "naive" run softmax over the
+unfused CUDA operators (:func:`natten_jax.unfused.na_unfused`)."""
 
 from __future__ import annotations
 
-from natten_jax.backends import fused, reference
+import functools
+
+from natten_jax.backends import fused, reference, unfused_cuda
+from natten_jax.checks import unfused_attention_unsupported
+
+
+def _unfused_run(p, q, k, v, extra_k=None, extra_v=None, *, impl):
+    from natten_jax.unfused import na_unfused
+
+    return na_unfused(p, q, k, v, impl)
 
 
 def select(p, backend):
@@ -12,6 +22,13 @@ def select(p, backend):
         return fused.run if fused.can_run(p)[0] else reference.run
     if backend == "reference":
         return reference.run
+    if backend in ("gemm", "naive"):
+        why = unfused_attention_unsupported(p, backend)
+        if not why:
+            why = unfused_cuda.can_run(p.dtype)[1]
+        if why:
+            raise NotImplementedError(f"backend={backend!r} cannot run this call: {why}")
+        return functools.partial(_unfused_run, impl=backend)
     ok, why = fused.can_run(p)
     if not ok:
         raise NotImplementedError(f"backend='fused' cannot run this call: {why}")

@@ -19,7 +19,11 @@ namespace nb = nanobind;
 #define NATTEN_JAX_FFI_TARGETS(X)                          \
   X("natten_jax_window_bounds", NattenJaxWindowBounds)     \
   X("natten_jax_fna_forward", NattenJaxFnaForward)       \
-  X("natten_jax_fna_backward", NattenJaxFnaBackward)
+  X("natten_jax_fna_backward", NattenJaxFnaBackward)     \
+  X("natten_jax_unfused_pn", NattenJaxUnfusedPn)         \
+  X("natten_jax_unfused_nn", NattenJaxUnfusedNn)         \
+  X("natten_jax_unfused_in", NattenJaxUnfusedIn)         \
+  X("natten_jax_unfused_rpb_grad", NattenJaxUnfusedRpbGrad)
 // clang-format on
 
 #define NJ_DECLARE_WEAK_HANDLER(name, symbol)                        \
