@@ -519,37 +519,6 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 #pragma unroll 1
     for (int q0 = 0; q0 < kTileKV; q0 += kStepQ) {
-      // The step's queries are a sub-box [qf, ql] of the Q box. Windows start and end are
-      // monotone in the query, so the step touches the warp's keys only if the union
-      // [start(qf), end(ql)) meets [kf, kl] on every axis, and every pair is inside the windows
-      // if start(ql) <= kf and end(qf) > kl on every axis (and no query is past the extent).
-      // The warp's 16 keys are a sub-box [kf, kl] of the tile (keys past the extent are never
-      // stored: left out of kl). Recomputed here rather than kept live, to save registers.
-      bool touch = true, full = true;
-      {
-        int hq, qo[3], cf[3], cl[3], kf[3], kl[3];
-        qbox(t, hq, qo);
-        tile_coord(warp * 16, p.kv_tile_log2, cf);
-        tile_coord(warp * 16 + 15, p.kv_tile_log2, cl);
-#pragma unroll
-        for (int a = 0; a < 3; ++a) {
-          kf[a] = k0[a] + cf[a];
-          kl[a] = min(k0[a] + cl[a], gi.glen[a] - 1);
-          touch = touch && kf[a] < gi.glen[a];
-        }
-        tile_coord(q0, p.q_tile_log2, cf);
-        tile_coord(q0 + kStepQ - 1, p.q_tile_log2, cl);
-#pragma unroll
-        for (int a = 0; a < 3; ++a) {
-          const int first = qo[a] + cf[a], last = qo[a] + cl[a];
-          const int firstc = min(first, gi.glen[a] - 1), lastc = min(last, gi.glen[a] - 1);
-          touch = touch && first < gi.glen[a] && gi.start(a, firstc) <= kl[a] &&
-                  gi.end(a, lastc) > kf[a];
-          full = full && last < gi.glen[a] && gi.start(a, lastc) <= kf[a] &&
-                 gi.end(a, firstc) > kl[a];
-        }
-      }
-      if (!touch) continue;  // warp-uniform; no barrier inside this loop
       // S^T = K Q^T and dP^T = V dO^T (16 keys x kStepQ queries per warp).
       float s[kNTiles][4], dp[kNTiles][4];
 #pragma unroll
@@ -572,7 +541,7 @@ __global__ void __launch_bounds__(kThreads, 2)
           Mma::mma(dp[2 * np + 1], va, db[2], db[3]);
         }
       }
-      // P^T (masked unless `full`) and dS^T = P^T * (dP^T - delta).
+      // P^T (masked) and dS^T = P^T * (dP^T - delta).
 #pragma unroll
       for (int n = 0; n < kNTiles; ++n) {
 #pragma unroll
@@ -582,10 +551,9 @@ __global__ void __launch_bounds__(kThreads, 2)
           const float l2 = lse_s[col], dl = dl_s[col];
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
-            bool in = full ||
-                      (static_cast<unsigned>(kc[r][0] - w[0]) < static_cast<unsigned>(w[1]) &&
-                       static_cast<unsigned>(kc[r][1] - w[2]) < static_cast<unsigned>(w[3]) &&
-                       static_cast<unsigned>(kc[r][2] - w[4]) < static_cast<unsigned>(w[5]));
+            bool in = static_cast<unsigned>(kc[r][0] - w[0]) < static_cast<unsigned>(w[1]) &&
+                      static_cast<unsigned>(kc[r][1] - w[2]) < static_cast<unsigned>(w[3]) &&
+                      static_cast<unsigned>(kc[r][2] - w[4]) < static_cast<unsigned>(w[5]);
             float pv = in ? exp2f(fmaf(s[n][2 * r + e], p.scale_log2, -l2)) : 0.f;
             s[n][2 * r + e] = pv;
             dp[n][2 * r + e] = pv * (dp[n][2 * r + e] - dl);
