@@ -70,14 +70,14 @@ __global__ void __launch_bounds__(kThreads) gemm_pn_kernel(const __grid_constant
     if constexpr (kMma) {
       for (int kk = 0; kk < Cp; kk += 16) {
         uint32_t af[4];
-        ldsm_x4(af, sA + (warp * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * pitch + kk +
+        ldmatrix_x4(af, sA + (warp * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * pitch + kk +
                         8 * (lane / 16));
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt) {
           if (!((gmask >> nt) & 1u)) continue;
           uint32_t bf[2];
-          ldsm_x2(bf, sB + (nt * 8 + lane % 8) * pitch + kk + 8 * ((lane / 8) % 2));
-          Mma16816<T>::run(acc[nt], af, bf[0], bf[1]);
+          ldmatrix_x2(bf, sB + (nt * 8 + lane % 8) * pitch + kk + 8 * ((lane / 8) % 2));
+          WarpMma<T>::mma(acc[nt], af, bf[0], bf[1]);
         }
       }
     } else {

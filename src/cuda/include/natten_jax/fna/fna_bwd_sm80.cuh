@@ -122,7 +122,7 @@ __device__ __forceinline__ void load_b_trans(uint32_t* f, const T* s, int k0, in
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 2)
     fna_bwd_dq_kernel(const __grid_constant__ FnaBwdParams bp) {
-  using Mma = MmaTraits<T>;
+  using Mma = WarpMma<T>;
   const FnaFwdParams& p = bp.f;
   constexpr int kPitch = D + 8;
   constexpr int kDTiles = D / 8;
@@ -372,7 +372,7 @@ __host__ __device__ constexpr int dkdv_step_q() {
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 2)
     fna_bwd_dkdv_kernel(const __grid_constant__ FnaBwdParams bp) {
-  using Mma = MmaTraits<T>;
+  using Mma = WarpMma<T>;
   const FnaFwdParams& p = bp.f;
   constexpr int kPitch = D + 8;
   constexpr int kDTiles = D / 8;

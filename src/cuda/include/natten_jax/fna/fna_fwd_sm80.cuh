@@ -40,7 +40,7 @@ __host__ __device__ constexpr bool q_in_registers() {
 template <typename T, int D, int MT>
 __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<D, MT>())
     fna_fwd_kernel(const __grid_constant__ FnaFwdParams p) {
-  using Mma = MmaTraits<T>;
+  using Mma = WarpMma<T>;
   constexpr int kTileQ = 64 * MT;
   constexpr int kWarpRows = 16 * MT;
   constexpr int kPitch = D + 8;  // 16-byte pad per row: conflict-free ldmatrix

@@ -131,10 +131,10 @@ __global__ void __launch_bounds__(kThreads)
           for (int np = 0; np < 4; ++np) {
             if (np * 16 >= nvalid) continue;
             uint32_t bf[4];
-            ldsm_x4_trans(bf, sM + (kk * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * kPitch +
+            ldmatrix_x4_trans(bf, sM + (kk * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * kPitch +
                                   np * 16 + 8 * (lane / 16));
-            Mma16816<T>::run(acc[2 * np], af, bf[0], bf[1]);
-            Mma16816<T>::run(acc[2 * np + 1], af, bf[2], bf[3]);
+            WarpMma<T>::mma(acc[2 * np], af, bf[0], bf[1]);
+            WarpMma<T>::mma(acc[2 * np + 1], af, bf[2], bf[3]);
           }
         }
       } else {
