@@ -335,6 +335,19 @@ __device__ __forceinline__ void fwd_consume(const FnaFwdParams& p, const CtaWork
   // One arrival per warp once the warp's wgmmas reading the stage completed (wgmma.wait_group is
   // warp-synchronous: every lane has passed it).
   auto release = [&](int s) { mbar_arrive_if(bar_empty + 8 * s, lane == 0); };
+  // Finishes the P V of the previous computed box (issued and waited on here), frees its stage.
+  auto finish_pending_pv = [&](int prev) {
+    rescale_o();
+    reg_fence(o_acc);
+    reg_fence(p_prev);
+    wgmma_fence();
+    issue_pv();
+    wgmma_commit();
+    wgmma_wait<0>();
+    reg_fence(o_acc);
+    reg_fence(p_prev);
+    release(prev);
+  };
 
   // S = Q K^T for the box in stage `stg`: D/16 k16 steps, Q and K from shared memory.
   auto issue_s = [&](float (&sc)[32], int stg) {
@@ -477,16 +490,7 @@ __device__ __forceinline__ void fwd_consume(const FnaFwdParams& p, const CtaWork
       // Skipped box. A pending P V is finished first, so that no stage is held across a box
       // this warpgroup does not compute (the producer refills stages in order).
       if (pending) {
-        rescale_o();
-        reg_fence(o_acc);
-        reg_fence(p_prev);
-        wgmma_fence();
-        issue_pv();
-        wgmma_commit();
-        wgmma_wait<0>();
-        reg_fence(o_acc);
-        reg_fence(p_prev);
-        release(prev_stage);
+        finish_pending_pv(prev_stage);
         pending = false;
       }
       release(stage);
@@ -504,18 +508,7 @@ __device__ __forceinline__ void fwd_consume(const FnaFwdParams& p, const CtaWork
       }
     }
   }
-  if (pending) {
-    rescale_o();
-    reg_fence(o_acc);
-    reg_fence(p_prev);
-    wgmma_fence();
-    issue_pv();
-    wgmma_commit();
-    wgmma_wait<0>();
-    reg_fence(o_acc);
-    reg_fence(p_prev);
-    release(prev_stage);
-  }
+  if (pending) finish_pending_pv(prev_stage);
 
   // ---- Epilogue: normalise, stage O in this warpgroup's rows of the Q buffer (every wgmma of
   // the warpgroup has completed: each warp waited for its last group), 16-byte global stores.
