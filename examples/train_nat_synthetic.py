@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from natten_jax.models import NAT, count_params
+from natten_jax.models import NAT, count_params, training
 
 
 def make_images(rng: np.random.Generator, n: int, size: int, classes: int):
@@ -52,14 +52,6 @@ def small_nat(num_classes: int, *, rpb: bool, dtype, rngs: nnx.Rngs) -> NAT:
                rngs=rngs)
 
 
-def weight_decay_mask(params):
-    """Decay matrices and conv kernels only (not biases, norms, layer scales, rpb)."""
-    def keep(path, x):
-        name = jax.tree_util.keystr(path)
-        return x.ndim > 1 and "rpb" not in name
-    return jax.tree_util.tree_map_with_path(keep, params)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=300)
@@ -81,25 +73,15 @@ def main(argv=None):
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, args.lr, warmup_steps=max(1, args.steps // 10), decay_steps=args.steps,
         end_value=args.lr * 0.01)
-    tx = optax.chain(
-        optax.clip_by_global_norm(5.0),
-        optax.adamw(schedule, weight_decay=args.weight_decay, mask=weight_decay_mask))
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, training.adamw(schedule, weight_decay=args.weight_decay),
+                              wrt=nnx.Param)
     print(f"devices: {jax.devices()}; params: {count_params(model):,}; dtype: "
           f"{jnp.dtype(dtype).name}; rpb: {args.rpb}")
 
     @nnx.jit
     def train_step(model, optimizer, images, labels):
-        def loss_fn(model):
-            logits = model(images.astype(dtype)).astype(jnp.float32)
-            targets = optax.smooth_labels(jax.nn.one_hot(labels, args.classes),
-                                          args.label_smoothing)
-            loss = optax.softmax_cross_entropy(logits, targets).mean()
-            return loss, logits
-
-        (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-        optimizer.update(model, grads)
-        return loss, jnp.mean(jnp.argmax(logits, -1) == labels)
+        return training.train_step(model, optimizer, images.astype(dtype), labels,
+                                   label_smoothing=args.label_smoothing)
 
     @nnx.jit
     def predict(model, images):

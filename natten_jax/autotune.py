@@ -78,6 +78,9 @@ _MODE_RANK = {"on": 1, "thorough": 2}  # an entry tuned in a mode serves that mo
 _state_lock = threading.Lock()
 _memory: Dict[str, Dict[str, dict]] = {}
 _key_locks: Dict[Tuple[str, str], threading.Lock] = {}
+# Every candidate this process has timed (see timing_log): shows whether a process tuned or
+# reused the cache.
+_timing_log: List[dict] = []
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,6 +214,21 @@ def clear_memory_cache() -> None:
     with _state_lock:
         _memory.clear()
         _key_locks.clear()
+
+
+def timing_log() -> List[dict]:
+    """The candidates this process has timed (or tried to) since it started, oldest first:
+    dicts with ``problem`` (its :func:`problem_key`), ``tiles`` and ``mode``. Empty while
+    every choice came from the cost model or a cache, so ``len(timing_log())`` tells whether a
+    process re-timed anything."""
+    with _state_lock:
+        return [dict(e) for e in _timing_log]
+
+
+def _note_timed(p: NAProblem, backward: bool, mode: str, t, impl: str) -> None:
+    entry = {"problem": problem_key(p, backward, impl=impl), "tiles": t, "mode": mode}
+    with _state_lock:
+        _timing_log.append(entry)
 
 
 def _read_file(path: str) -> Dict[str, dict]:
@@ -364,6 +382,7 @@ def _tune(p: NAProblem, backward: bool, mode: str, timer: Timer, top_k: int,
     failures = []
     try:
         for t in cands:
+            _note_timed(p, backward, mode, t, impl)
             try:
                 s = float(timer(p, t, backward))
             except Exception as e:  # noqa: BLE001 (a failed candidate must not stop the program)

@@ -3,10 +3,8 @@ checkpoint conversion and the relative-positional-bias attention."""
 
 import importlib.util
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
@@ -146,25 +144,51 @@ def test_tiny_forward(dtype):
 
 
 def test_train_step_reduces_loss():
+    """The shared step (natten_jax.models.training, as the example and the throughput
+    benchmark use it): AdamW with the weight-decay mask, label smoothing."""
     model = tiny_nat(num_classes=4)
-    optimizer = nnx.Optimizer(model, optax.adamw(3e-3, weight_decay=0.05), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, models.training.adamw(3e-3), wrt=nnx.Param)
     x = images((8, 16, 16, 3), seed=1)
     labels = jnp.asarray([0, 1, 2, 3, 0, 1, 2, 3])
-
-    @nnx.jit
-    def step(model, optimizer, x, labels):
-        def loss_fn(model):
-            logits = model(x).astype(jnp.float32)
-            targets = optax.smooth_labels(jax.nn.one_hot(labels, 4), 0.1)
-            return optax.softmax_cross_entropy(logits, targets).mean()
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
-        optimizer.update(model, grads)
-        return loss
+    step = nnx.jit(models.training.train_step)
 
     model.train()
-    losses = [float(step(model, optimizer, x, labels)) for _ in range(15)]
+    losses = [float(step(model, optimizer, x, labels)[0]) for _ in range(15)]
     assert all(np.isfinite(losses))
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
+    mask = models.training.weight_decay_mask(nnx.state(tiny_nat(rpb=True), nnx.Param))
+    flat = {models.convert.torch_name(p): bool(getattr(v, "get_value", lambda: v)())
+            for p, v in nnx.to_flat_state(mask)}
+    assert flat["levels.0.blocks.0.attn.qkv.weight"]
+    assert not any(flat[k] for k in ("levels.0.blocks.0.attn.qkv.bias", "norm.weight",
+                                     "levels.0.blocks.0.attn.rpb", "levels.0.blocks.0.gamma1"))
+
+
+def test_dense_attention_equals_a_window_over_the_whole_map():
+    """dense_attention: every token attends to every token, i.e. NA with the window = the map."""
+    x = images((2, 5, 7, 16))
+    na = NATAttention(16, 2, (5, 7), rpb=False, backend="reference", rngs=nnx.Rngs(0))
+    dense = NATAttention(16, 2, 3, dilation=2, rpb=False, dense_attention="xla",
+                         rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(dense(x), na(x), rtol=1e-5, atol=1e-6)
+    # A map smaller than kernel_size * dilation is not padded: still plain attention over it.
+    small = NATAttention(16, 2, 3, dilation=3, rpb=False, dense_attention="auto",
+                         rngs=nnx.Rngs(0))
+    full = NATAttention(16, 2, 4, rpb=False, backend="reference", rngs=nnx.Rngs(0))
+    x = images((1, 4, 4, 16))
+    np.testing.assert_allclose(small(x), full(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="rpb=False"):
+        NATAttention(16, 2, 3, dense_attention="xla", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="dense_attention"):
+        NATAttention(16, 2, 3, rpb=False, dense_attention="flash", rngs=nnx.Rngs(0))
+    model = tiny_nat(dense_attention="xla")
+    model.eval()
+    assert model.levels[1].blocks[1].attn.dense_attention == "xla"
+    y = apply(model, images())
+    assert y.shape == (2, 5) and np.all(np.isfinite(np.asarray(y)))
+    ref = tiny_nat()
+    ref.eval()
+    assert not np.allclose(y, apply(ref, images()))  # same weights, other attention
 
 
 def test_stochastic_depth_and_eval_mode():

@@ -9,13 +9,17 @@
     models.load_torch_checkpoint("dinat_tiny_in1k_224.pth", model)   # needs torch
 
 ``rpb=True`` (the official models' relative positional biases) runs on
-``natten_jax.unfused.na2d_qk`` / ``na2d_av``; ``rpb=False`` on :func:`natten_jax.na2d`.
+``natten_jax.unfused.na2d_qk`` / ``na2d_av``; ``rpb=False`` on :func:`natten_jax.na2d`;
+``dense_attention="cudnn"`` (or ``"xla"``, ``"auto"``) swaps in dense self-attention (a
+benchmark baseline). ``natten_jax.models.training``: AdamW and one training step.
 """
 
+from natten_jax.models import training
 from natten_jax.models.convert import convert_torch_state_dict, load_torch_checkpoint
 from natten_jax.models.nat import (
     CHECKPOINT_URLS,
     CONFIGS,
+    DENSE_IMPLEMENTATIONS,
     NAT,
     ConvDownsampler,
     ConvTokenizer,
@@ -38,9 +42,9 @@ from natten_jax.models.nat import (
 )
 
 __all__ = [
-    "CHECKPOINT_URLS", "CONFIGS", "NAT", "ConvDownsampler", "ConvTokenizer", "Mlp",
+    "CHECKPOINT_URLS", "CONFIGS", "DENSE_IMPLEMENTATIONS", "NAT", "ConvDownsampler", "ConvTokenizer", "Mlp",
     "NATAttention", "NATLayer", "NATLevel", "count_params", "create_model",
-    "convert_torch_state_dict", "load_torch_checkpoint",
+    "convert_torch_state_dict", "load_torch_checkpoint", "training",
     "nat_mini", "nat_tiny", "nat_small", "nat_base",
     "dinat_mini", "dinat_tiny", "dinat_small", "dinat_base", "dinat_large", "dinat_large_384",
 ]

@@ -38,6 +38,7 @@ import natten_jax
 from natten_jax.nnx import NeighborhoodAttention2D, check_layer_input
 
 __all__ = [
+    "DENSE_IMPLEMENTATIONS",
     "NATAttention",
     "Mlp",
     "NATLayer",
@@ -60,6 +61,9 @@ __all__ = [
     "dinat_large",
     "dinat_large_384",
 ]
+
+# Implementations of ``jax.nn.dot_product_attention`` for NATAttention(dense_attention=...).
+DENSE_IMPLEMENTATIONS = ("auto", "cudnn", "xla")
 
 # PyTorch's nn.LayerNorm default (the official models use it); Flax's default is 1e-6.
 LN_EPS = 1e-5
@@ -101,6 +105,12 @@ class NATAttention(NeighborhoodAttention2D):
         NATTEN <= 0.14, which the official checkpoints were trained with, did). Without it
         such inputs raise ``ValueError``.
       rpb_init: initialiser of ``rpb`` (truncated normal, std 0.02).
+      dense_attention: ``None`` (default): neighborhood attention. Else a baseline for
+        benchmarks: dense self-attention over every token of the feature map through
+        ``jax.nn.dot_product_attention`` with this ``implementation`` (``"cudnn"``, ``"xla"``,
+        or ``"auto"`` for JAX's choice); the window arguments (``kernel_size``, ``dilation``,
+        ``stride``, ``is_causal``) and ``backend`` are then ignored (same parameters, so one
+        set of weights serves both). Needs ``rpb=False``.
 
     Other arguments as :class:`natten_jax.nnx.NeighborhoodAttention`. The NAT models use
     ``kernel_init`` = truncated normal (std 0.02) as the official initialisation.
@@ -108,10 +118,18 @@ class NATAttention(NeighborhoodAttention2D):
 
     def __init__(self, embed_dim: int, num_heads: int, kernel_size, *, rpb: bool = True,
                  pad_to_window: bool = True, rpb_init: Any = _trunc_normal_02,
-                 rngs: nnx.Rngs, **kwargs):
+                 dense_attention: Optional[str] = None, rngs: nnx.Rngs, **kwargs):
         super().__init__(embed_dim, num_heads, kernel_size, rngs=rngs, **kwargs)
         if not isinstance(rpb, bool):
             raise TypeError(f"`rpb` must be a bool, got {rpb!r}.")
+        if dense_attention is not None:
+            if dense_attention not in DENSE_IMPLEMENTATIONS:
+                raise ValueError(f"`dense_attention` must be None or one of "
+                                 f"{DENSE_IMPLEMENTATIONS}, got {dense_attention!r}.")
+            if rpb:
+                raise ValueError("dense_attention has no relative positional biases; build "
+                                 "the layer with rpb=False.")
+        self.dense_attention = dense_attention
         self.pad_to_window = bool(pad_to_window)
         if rpb:
             if any(self.is_causal):
@@ -140,7 +158,7 @@ class NATAttention(NeighborhoodAttention2D):
                  rngs: Optional[nnx.Rngs] = None) -> jax.Array:
         check_layer_input(type(self).__name__, 2, self.embed_dim, x)
         batch, height, width, _ = x.shape
-        if self.pad_to_window:
+        if self.pad_to_window and self.dense_attention is None:
             pad_h = max(0, self.window[0] - height)
             pad_w = max(0, self.window[1] - width)
             if pad_h or pad_w:
@@ -154,7 +172,9 @@ class NATAttention(NeighborhoodAttention2D):
             q = self.q(x).reshape(lead + (H, D))
             kv = self.kv(x).reshape(lead + (2, Hkv, D))
             k, v = kv[..., 0, :, :], kv[..., 1, :, :]
-        if self.rpb is None:
+        if self.dense_attention is not None:
+            out = self._attend_dense(q, k, v)
+        elif self.rpb is None:
             out = natten_jax.na2d(
                 q, k, v, self.kernel_size, stride=self.stride, dilation=self.dilation,
                 is_causal=self.is_causal, scale=self.qk_scale, backend=self.backend)
@@ -163,6 +183,15 @@ class NATAttention(NeighborhoodAttention2D):
         out = out[:, :height, :width]
         out = self.proj(out.reshape((batch, height, width, self.embed_dim)))
         return self.proj_drop(out, deterministic=deterministic, rngs=rngs)
+
+    def _attend_dense(self, q, k, v):
+        """Every query attends to every token: ``jax.nn.dot_product_attention`` on
+        ``[B, H*W, heads, head_dim]`` (key/value heads as given: GQA needs no repeat)."""
+        flat = lambda t: t.reshape((t.shape[0], -1) + t.shape[-2:])  # noqa: E731
+        impl = None if self.dense_attention == "auto" else self.dense_attention
+        out = jax.nn.dot_product_attention(flat(q), flat(k), flat(v), scale=self.qk_scale,
+                                           implementation=impl)
+        return out.reshape(q.shape)
 
     def _attend_with_rpb(self, q, k, v):
         """NATTEN's unfused path: ``softmax(scale * q.k + rpb) @ v`` (softmax in float32)."""
@@ -204,11 +233,12 @@ class NATLayer(nnx.Module):
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, qk_scale: Optional[float] = None,
                  drop: float = 0.0, drop_path: float = 0.0, layer_scale: Optional[float] = None,
                  rpb: bool = True, pad_to_window: bool = True, backend: Optional[str] = None,
-                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 dense_attention: Optional[str] = None, dtype=None, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         self.norm1 = _layer_norm(dim, dtype, param_dtype, rngs)
         self.attn = NATAttention(
             dim, num_heads, kernel_size, dilation=dilation, rpb=rpb,
-            pad_to_window=pad_to_window, qkv_bias=qkv_bias,
+            pad_to_window=pad_to_window, dense_attention=dense_attention, qkv_bias=qkv_bias,
             qk_scale=qk_scale, proj_drop=drop, dtype=dtype, param_dtype=param_dtype,
             kernel_init=_trunc_normal_02, bias_init=_zeros, backend=backend, rngs=rngs)
         self.drop_path = nnx.Dropout(float(drop_path), broadcast_dims=(1, 2, 3), rngs=rngs)
@@ -321,6 +351,10 @@ class NAT(nnx.Module):
       pad_to_window: zero-pad feature maps smaller than ``kernel_size * dilation`` (see
         :class:`NATAttention`).
       backend: :func:`natten_jax.na2d` backend for ``rpb=False`` (``None``: fastest).
+      dense_attention: ``None``, or dense self-attention in every layer in place of
+        neighborhood attention, through ``jax.nn.dot_product_attention(implementation=...)``
+        (``"cudnn"``, ``"xla"``, ``"auto"``; needs ``rpb=False``): the baseline of the
+        throughput benchmark (:class:`NATAttention`).
       dtype: computation dtype (e.g. ``jnp.bfloat16``); ``None`` infers it.
       param_dtype: parameter dtype.
       rngs: ``nnx.Rngs`` (``params`` for initialisation, ``dropout`` for stochastic depth and
@@ -336,7 +370,8 @@ class NAT(nnx.Module):
                  kernel_size=7, dilations=None, num_classes: int = 1000, qkv_bias: bool = True,
                  qk_scale: Optional[float] = None, drop_rate: float = 0.0,
                  layer_scale: Optional[float] = None, rpb: bool = True,
-                 pad_to_window: bool = True, backend: Optional[str] = None, dtype=None,
+                 pad_to_window: bool = True, backend: Optional[str] = None,
+                 dense_attention: Optional[str] = None, dtype=None,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         depths = tuple(int(d) for d in _as_tuple("depths", depths))
         num_levels = len(depths)
@@ -373,7 +408,8 @@ class NAT(nnx.Module):
                      drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])], mlp_ratio=mlp_ratio,
                      qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate,
                      layer_scale=layer_scale, rpb=rpb, pad_to_window=pad_to_window,
-                     backend=backend, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                     backend=backend, dense_attention=dense_attention, dtype=dtype,
+                     param_dtype=param_dtype, rngs=rngs)
             for i in range(num_levels)])
         self.norm = _layer_norm(self.num_features, dtype, param_dtype, rngs)
         self.head = (nnx.Linear(self.num_features, num_classes, dtype=dtype,

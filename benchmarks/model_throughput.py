@@ -1,0 +1,501 @@
+"""Images/s of the NAT and DiNAT classifiers per attention backend: the paper's Tables 5, 6, 8.
+
+  python -m benchmarks.model_throughput [--variants nat_mini,dinat_tiny]
+      [--backends reference,naive,gemm,fused,dense] [--dtypes bf16,fp32] [--modes infer,train]
+      [--batch 128] [--image-size 224] [--reps 10] [--time-limit-s 480]
+      [--reference-max-params-m 60] [--out tp.json] [--md tp.md] [--quick]
+
+Each row: one variant (natten_jax.models.CONFIGS, ImageNet-1k head, NHWC input, relative
+positional biases off so that every backend runs the same model), one attention backend, one
+computation dtype (parameters stay float32), one mode:
+
+* ``infer``: the jitted forward (``deterministic=True``) on a batch;
+* ``train``: one jitted step of :func:`natten_jax.models.training.train_step` (value_and_grad
+  of the label-smoothed cross-entropy, AdamW update; stochastic depth on as in training).
+
+Backends: ``reference`` (pure JAX), ``naive`` / ``gemm`` (unfused CUDA operators; only where
+this natten_jax has them), ``fused`` (our fused kernels), and ``dense``: the same model with
+dense self-attention over every token (``dense_attention=`` of the models; cuDNN for
+fp16/bf16 on a GPU, XLA otherwise, or ``--dense-impl``). A backend is probed once per dtype on
+a tiny call; one that cannot run is listed with the reason and skipped.
+
+Timing: compile and warm-up calls, then up to ``--reps`` calls each ended by
+``block_until_ready`` (at most ``--budget-s`` seconds of them); images/s = batch / median.
+Failures (out of memory, compile errors) are recorded in their row and the run goes on; a
+CUDA error that leaves the device unusable stops it. No new measurement starts after
+``--time-limit-s``. The JSON and the markdown are rewritten after every measurement, so a run
+killed from outside still leaves its tables. Order: variant by variant (smallest first), then
+dtype, mode, backend (fused, dense, gemm, naive, reference), so a time-limited run fills
+whole rows.
+
+``--quick``: CPU smoke test (batch 2, 64x64, nat_mini with one layer per level, 1 rep).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before JAX loads: take GPU memory as needed (a failed big measurement must not pin 75%).
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import argparse  # noqa: E402
+import functools  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from typing import Callable, List, Optional  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+VARIANTS = ("nat_mini", "nat_tiny", "nat_small", "nat_base",
+            "dinat_mini", "dinat_tiny", "dinat_small", "dinat_base", "dinat_large")
+BACKENDS = ("reference", "naive", "gemm", "fused", "dense")  # table column order
+RUN_ORDER = ("fused", "dense", "gemm", "naive", "reference")  # most wanted first
+DTYPES = ("bfloat16", "float16", "float32")
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+DTYPE_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+MODES = ("infer", "train")
+MODE_TITLES = {"infer": "Inference (jitted forward)",
+               "train": "Training step (value_and_grad + AdamW)"}
+NUM_CLASSES = 1000
+LABEL_SMOOTHING = 0.1
+UNAVAILABLE = "backend unavailable"
+
+
+def log(msg: str) -> None:
+    print(f"[throughput {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _err(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"[:500]
+
+
+# ----------------------------------------------------------------------------- model and work
+def model_config(variant: str, max_depth: int = 0) -> dict:
+    """The official configuration; ``max_depth`` > 0 keeps at most that many layers per level
+    (smoke tests), with the first dilations of each level."""
+    from natten_jax.models import CONFIGS
+
+    cfg = dict(CONFIGS[variant])
+    if max_depth > 0:
+        depths = tuple(min(d, max_depth) for d in cfg["depths"])
+        cfg["depths"] = depths
+        if cfg.get("dilations") is not None:
+            cfg["dilations"] = tuple(tuple(dl[:n]) for dl, n in zip(cfg["dilations"], depths))
+    return cfg
+
+
+def gmacs(cfg: dict, image_size: int = 224, num_classes: int = NUM_CLASSES,
+          in_chans: int = 3) -> float:
+    """Multiply-accumulates per image (G), the papers' "FLOPs" (fvcore counts one MAC as one
+    FLOP): convolutions, linear layers, and q.k and a.v over the kernel_size^2 neighbors of
+    every token; norms, softmax and activations left out. Exact at 224x224 (every feature map
+    at least kernel_size * dilation); smaller inputs pad feature maps, not counted here."""
+    C = int(cfg["embed_dim"])
+    ks = cfg.get("kernel_size", 7)
+    window = math.prod(ks) if isinstance(ks, (tuple, list)) else ks * ks
+    h = math.ceil(image_size / 2)
+    n = math.ceil(h / 2)
+    macs = h * h * 9 * in_chans * (C // 2) + n * n * 9 * (C // 2) * C  # tokenizer
+    depths = cfg["depths"]
+    for i, depth in enumerate(depths):
+        hidden = int(C * cfg["mlp_ratio"])
+        per_token = 4 * C * C + 2 * C * hidden + 2 * window * C  # qkv+proj, mlp, q.k + a.v
+        macs += depth * n * n * per_token
+        if i < len(depths) - 1:
+            n = math.ceil(n / 2)
+            macs += n * n * 9 * C * 2 * C  # downsampler
+            C *= 2
+    return (macs + C * num_classes) / 1e9
+
+
+def dense_impl(dtype: str, choice: str = "auto") -> str:
+    """jax.nn.dot_product_attention implementation of the dense baseline."""
+    if choice != "auto":
+        return choice
+    on_gpu = jax.devices()[0].platform == "gpu"
+    return "cudnn" if on_gpu and dtype in ("bfloat16", "float16") else "xla"
+
+
+def build_model(variant: str, backend: str, dtype: str, args):
+    """A fresh model (same seed, so the same parameters for every backend and dtype)."""
+    from flax import nnx
+
+    from natten_jax.models import NAT
+
+    kw = dict(model_config(variant, args.max_depth), num_classes=NUM_CLASSES, rpb=False,
+              dtype=jnp.dtype(dtype))
+    if backend == "dense":
+        kw["dense_attention"] = dense_impl(dtype, args.dense_impl)
+    else:
+        kw["backend"] = backend
+    return NAT(**kw, rngs=nnx.Rngs(0))
+
+
+def probe_backend(backend: str, dtype: str, args) -> str:
+    """"" if ``backend`` runs a tiny 2-D attention call in ``dtype`` here, else why not."""
+    import natten_jax
+
+    key = jax.random.PRNGKey(0)
+    try:
+        q = jax.random.normal(key, (1, 8, 8, 2, 32), jnp.dtype(dtype))
+        if backend == "dense":
+            impl = dense_impl(dtype, args.dense_impl)
+            flat = q.reshape(1, 64, 2, 32)
+            out = jax.jit(lambda x: jax.nn.dot_product_attention(x, x, x, implementation=impl))(
+                flat)
+        else:
+            out = jax.jit(lambda x: natten_jax.na2d(x, x, x, 3, dilation=2, backend=backend))(q)
+        if not bool(jnp.all(jnp.isfinite(out.astype(jnp.float32)))):
+            return "probe call returned non-finite values"
+        return ""
+    except ValueError as e:
+        if "`backend` must be" in str(e):
+            return f"this natten_jax has no backend {backend!r}"
+        return _err(e)
+    except Exception as e:  # noqa: BLE001 - NotImplementedError, missing kernels, cuDNN errors
+        return _err(e)
+
+
+# ---------------------------------------------------------------------------------- timing
+def time_calls(call: Callable[[], object], reps: int, warmup: int, budget_s: float) -> dict:
+    """Compile (first call), ``warmup`` - 1 more calls, then up to ``reps`` calls each ended by
+    ``block_until_ready`` until ``budget_s`` seconds of them; median and spread."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(call())
+    compile_s = time.perf_counter() - t0
+    for _ in range(max(0, warmup - 1)):
+        jax.block_until_ready(call())
+    times: List[float] = []
+    while len(times) < max(1, reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(call())
+        times.append(time.perf_counter() - t0)
+        if sum(times) > budget_s:
+            break
+    med = statistics.median(times)
+    return dict(ms=med * 1e3, ms_min=min(times) * 1e3, ms_max=max(times) * 1e3,
+                spread_pct=100.0 * (max(times) - min(times)) / med if med > 0 else 0.0,
+                reps=len(times), compile_s=compile_s)
+
+
+def inference_call(model, batches) -> Callable[[], object]:
+    """() -> logits of the next batch, through one jitted pure function of the model state."""
+    from flax import nnx
+
+    model.eval()
+    graphdef, state = nnx.split(model)
+    fwd = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x, deterministic=True))
+    it = {"i": 0}
+
+    def call():
+        it["i"] += 1
+        return fwd(state, batches[it["i"] % len(batches)][0])
+
+    return call
+
+
+def train_call(model, batches) -> Callable[[], object]:
+    """() -> loss of one training step on the next batch; model and optimizer state are carried
+    from step to step (a jitted pure function of their split state)."""
+    from flax import nnx
+
+    from natten_jax.models import training
+
+    model.train()
+    optimizer = nnx.Optimizer(model, training.adamw(1e-3), wrt=nnx.Param)
+    graphdef, state = nnx.split((model, optimizer))
+
+    @jax.jit
+    def step(state, images, labels):
+        model, optimizer = nnx.merge(graphdef, state)
+        loss, _ = training.train_step(model, optimizer, images, labels,
+                                      label_smoothing=LABEL_SMOOTHING)
+        return nnx.state((model, optimizer)), loss
+
+    carry = {"state": state, "i": 0}
+
+    def call():
+        carry["i"] += 1
+        images, labels = batches[carry["i"] % len(batches)]
+        carry["state"], loss = step(carry["state"], images, labels)
+        return loss, carry["state"]
+
+    return call
+
+
+def make_batches(batch: int, image_size: int, dtype: str, n: int = 2):
+    """``n`` (images [batch, S, S, 3] normal in ``dtype``, labels [batch] int32) on device."""
+    key = jax.random.PRNGKey(1)
+    out = []
+    for _ in range(n):
+        key, ki, kl = jax.random.split(key, 3)
+        out.append((jax.random.normal(ki, (batch, image_size, image_size, 3), jnp.dtype(dtype)),
+                    jax.random.randint(kl, (batch,), 0, NUM_CLASSES, jnp.int32)))
+    return jax.block_until_ready(out)
+
+
+def measure(variant: str, backend: str, dtype: str, mode: str, batches, args) -> dict:
+    """One row's numbers: {"ms", "images_per_s", "timing", "params"} or {"error"}."""
+    from natten_jax.models import count_params
+
+    model = build_model(variant, backend, dtype, args)
+    params = count_params(model)
+    call = (inference_call if mode == "infer" else train_call)(model, batches)
+    del model
+    t = time_calls(call, args.reps, args.warmup, args.budget_s)
+    return {"params": params, "ms": t["ms"], "images_per_s": args.batch / (t["ms"] / 1e3),
+            "timing": t}
+
+
+# -------------------------------------------------------------------------------- reporting
+def _fmt_rate(x) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def _speedup(a, b) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def markdown(report: dict) -> str:
+    """One table per (mode, dtype): the paper's layout (model, params, FLOPs, images/s per
+    backend, speedups of fused over reference and over dense), notes below it."""
+    cfg, env = report["config"], report["env"]
+    backends = [b for b in BACKENDS if b in report["backends"]]
+    lines = [
+        f"# NAT / DiNAT throughput ({env['device']}, batch {cfg['batch']}, "
+        f"{cfg['image_size']}x{cfg['image_size']}, {env['date']})",
+        "",
+        f"jax {env['jax']}. Images/s = batch / median time of a jitted call (block_until_ready; "
+        f"median of up to {cfg['reps']} calls after compile + {cfg['warmup']} warm-up). Models "
+        "without relative positional biases (every backend runs the same model); parameters "
+        "float32, computation in the dtype named. GMACs: multiply-accumulates per image (the "
+        "papers' FLOPs). dense: the same model with dense self-attention "
+        "(jax.nn.dot_product_attention). Fused backward: "
+        f"{cfg.get('fused_backward', '?')}." + (f" Layers per level capped at {cfg['max_depth']}."
+                                                if cfg.get("max_depth") else ""),
+        "",
+    ]
+    skipped = {f"{b} ({DTYPE_SHORT.get(d, d)})": why for b, per in report["backends"].items()
+               for d, why in per.items() if why}
+    if skipped:
+        lines += ["Backends not run: " + "; ".join(f"{k}: {v[:120]}" for k, v in skipped.items()),
+                  ""]
+    rows = report["rows"]
+    for mode in MODES:
+        for dtype in DTYPES:
+            sel = [r for r in rows if r["mode"] == mode and r["dtype"] == dtype]
+            if not sel:
+                continue
+            impl = {r["backend"]: r.get("impl") for r in sel if r.get("impl")}
+            head = [f"{b} ({impl[b]})" if b in impl else b for b in backends]
+            lines += [f"## {MODE_TITLES[mode]}, {DTYPE_SHORT[dtype]}: images/s", "",
+                      "| model | params (M) | GMACs | " + " | ".join(head)
+                      + " | fused vs reference | fused vs dense |",
+                      "|---|---|---|" + "---|" * len(backends) + "---|---|"]
+            notes = []
+            for variant in report["variants"]:
+                by = {r["backend"]: r for r in sel if r["variant"] == variant}
+                if not by:
+                    continue
+                rate = {b: r.get("images_per_s") for b, r in by.items()}
+                params = next((r["params"] for r in by.values() if r.get("params")), None)
+                cells = [f"{params / 1e6:.1f}" if params else "-",
+                         f"{next(iter(by.values()))['gmacs']:.2f}"]
+                for b in backends:
+                    if rate.get(b):
+                        cells.append(_fmt_rate(rate[b]))
+                        continue
+                    cells.append("-")
+                    why = (by.get(b) or {}).get("error") or (by.get(b) or {}).get("skipped")
+                    if why and not why.startswith(UNAVAILABLE):  # listed once, above
+                        notes.append(f"{variant} {b}: {why[:160]}")
+                cells += [_speedup(rate.get("fused"), rate.get("reference")),
+                          _speedup(rate.get("fused"), rate.get("dense"))]
+                lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+            lines.append("")
+            if notes:
+                lines += ["Not measured: " + "; ".join(n.replace("|", "/").replace("\n", " ")
+                                                       for n in notes), ""]
+    st = report["status"]
+    lines.append(f"{st['done']} of {st['planned']} measurements in {st.get('elapsed_s', 0)} s"
+                 + (f"; stopped: {st['stopped']}" if st.get("stopped") else "") + ".")
+    return "\n".join(lines) + "\n"
+
+
+def write(report: dict, args) -> None:
+    """JSON and markdown, each through a temporary file and a rename."""
+    for path, text in ((args.out, lambda: json.dumps(report, indent=1)),
+                       (args.md, lambda: markdown(report))):
+        if not path:
+            continue
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path + ".tmp", "w") as fh:
+            fh.write(text())
+        os.replace(path + ".tmp", path)
+
+
+# -------------------------------------------------------------------------------------- main
+def _names(s: Optional[str], allowed, what, aliases=None) -> List[str]:
+    from benchmarks.bench_na import _names as names_of  # one parser for every CLI
+
+    aliases = aliases or {}
+    s = ",".join(aliases.get(x.strip(), x.strip()) for x in s.split(",")) if s else s
+    return names_of(s, allowed, what)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", help=f"comma-separated of {','.join(VARIANTS)} (default all; "
+                    "--quick: nat_mini)")
+    ap.add_argument("--backends", default=",".join(BACKENDS),
+                    help="comma-separated of reference,naive,gemm,fused,dense (default all)")
+    ap.add_argument("--dtypes", default="bfloat16,float32",
+                    help="comma-separated of bfloat16,float16,float32 (or bf16,fp16,fp32); "
+                    "default bfloat16,float32")
+    ap.add_argument("--modes", default="infer,train", help="comma-separated of infer,train")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--reps", type=int, default=10, help="timed calls per measurement (median)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed calls, the compiling one "
+                    "included")
+    ap.add_argument("--budget-s", type=float, default=10.0,
+                    help="stop the timed calls of one measurement after this many seconds")
+    ap.add_argument("--time-limit-s", type=float,
+                    default=float(os.environ.get("MODEL_BENCH_TIME_LIMIT_S", 480)),
+                    help="start no new measurement after this many seconds (0: no limit; "
+                    "default $MODEL_BENCH_TIME_LIMIT_S or 480)")
+    ap.add_argument("--reference-max-params-m", type=float, default=0.0,
+                    help="skip the reference backend on variants of more parameters than this "
+                    "(millions; 0: no limit)")
+    ap.add_argument("--dense-impl", default="auto", choices=["auto", "cudnn", "xla"],
+                    help="implementation of the dense baseline (auto: cuDNN for fp16/bf16 on a "
+                    "GPU, else XLA)")
+    ap.add_argument("--max-depth", type=int, default=0,
+                    help="keep at most this many layers per level (smoke tests; 0: all)")
+    ap.add_argument("--out", help="JSON file (rewritten after every measurement)")
+    ap.add_argument("--md", help="markdown tables (rewritten after every measurement)")
+    ap.add_argument("--quick", action="store_true",
+                    help="CPU smoke test: batch 2, 64x64, nat_mini with 1 layer per level, "
+                    "1 rep, no time limit")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.variants = a.variants or "nat_mini"
+        a.batch, a.image_size, a.reps, a.warmup = 2, 64, 1, 1
+        a.budget_s, a.time_limit_s = 1.0, 0.0
+        a.max_depth = a.max_depth or 1
+    a.variant_names = _names(a.variants, VARIANTS, "variants") if a.variants else list(VARIANTS)
+    a.backend_names = _names(a.backends, BACKENDS, "backends")
+    a.dtype_names = _names(a.dtypes, DTYPES, "dtypes", DTYPE_ALIASES)
+    a.mode_names = _names(a.modes, MODES, "modes")
+    if not (a.variant_names and a.backend_names and a.dtype_names and a.mode_names):
+        raise SystemExit("need at least one variant, backend, dtype and mode")
+    return a
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from benchmarks.bench_na import env_info
+    from benchmarks.sweep import FATAL_PATTERNS
+
+    env = env_info()
+    report = {
+        "env": env, "argv": sys.argv[1:] if argv is None else list(argv),
+        "config": {"batch": args.batch, "image_size": args.image_size, "reps": args.reps,
+                   "warmup": args.warmup, "budget_s": args.budget_s,
+                   "time_limit_s": args.time_limit_s, "max_depth": args.max_depth,
+                   "dense_impl": args.dense_impl, "rpb": False,
+                   "reference_max_params_m": args.reference_max_params_m,
+                   "label_smoothing": LABEL_SMOOTHING,
+                   "fused_backward": os.environ.get("NATTEN_JAX_FUSED_BACKWARD", "default")},
+        "variants": args.variant_names,
+        "backends": {b: {} for b in args.backend_names},  # backend -> dtype -> "" or why not
+        "rows": [],
+        "status": {"planned": len(args.variant_names) * len(args.backend_names)
+                   * len(args.dtype_names) * len(args.mode_names), "done": 0, "stopped": None},
+    }
+    order = [b for b in RUN_ORDER if b in args.backend_names]
+    log(f"device {env['device']}; variants {args.variant_names}; backends {order}; dtypes "
+        f"{args.dtype_names}; modes {args.mode_names}; batch {args.batch}; "
+        f"time limit {args.time_limit_s or 'none'} s")
+    start = time.perf_counter()
+    stopped = None
+    for variant in args.variant_names:
+        cfg = model_config(variant, args.max_depth)
+        work = gmacs(cfg, args.image_size)
+        for dtype in args.dtype_names:
+            batches = None
+            for mode in args.mode_names:
+                for backend in order:
+                    row = {"variant": variant, "backend": backend, "dtype": dtype, "mode": mode,
+                           "gmacs": work}
+                    if backend == "dense":
+                        row["impl"] = dense_impl(dtype, args.dense_impl)
+                    report["rows"].append(row)
+                    if stopped is None and args.time_limit_s and \
+                            time.perf_counter() - start > args.time_limit_s:
+                        stopped = "time limit"
+                    if stopped:
+                        row["skipped"] = f"not run: {stopped}"
+                        continue
+                    per = report["backends"][backend]
+                    if dtype not in per:
+                        per[dtype] = probe_backend(backend, dtype, args)
+                        if per[dtype]:
+                            log(f"backend {backend} ({dtype}) skipped: {per[dtype]}")
+                    if per[dtype]:
+                        row["skipped"] = f"{UNAVAILABLE}: {per[dtype]}"
+                        continue
+                    if backend == "reference" and args.reference_max_params_m and \
+                            _official_params_m(variant) > args.reference_max_params_m:
+                        row["skipped"] = (f"reference skipped above "
+                                          f"{args.reference_max_params_m:g}M parameters")
+                        continue
+                    t0 = time.perf_counter()
+                    try:
+                        if batches is None:
+                            batches = make_batches(args.batch, args.image_size, dtype)
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore")
+                            row.update(measure(variant, backend, dtype, mode, batches, args))
+                    except Exception as e:  # noqa: BLE001 - OOM, compile errors: record, go on
+                        row["error"] = _err(e)
+                        if any(p.lower() in row["error"].lower() for p in FATAL_PATTERNS):
+                            stopped = f"device error in {variant} {backend}: {row['error'][:200]}"
+                    row["wall_s"] = round(time.perf_counter() - t0, 2)
+                    report["status"]["done"] += 1
+                    report["status"]["elapsed_s"] = round(time.perf_counter() - start, 1)
+                    log(f"{variant} {backend} {dtype} {mode}: "
+                        + (f"{row['images_per_s']:.1f} img/s ({row['ms']:.2f} ms, compile "
+                           f"{row['timing']['compile_s']:.1f} s)" if "ms" in row
+                           else row.get("error", "")[:200]) + f" [{row['wall_s']} s]")
+                    gc.collect()
+                    write(report, args)
+            del batches
+        jax.clear_caches()  # bounds host memory of the compiled programs
+    report["status"]["stopped"] = stopped
+    report["status"]["elapsed_s"] = round(time.perf_counter() - start, 1)
+    write(report, args)
+    md = markdown(report)
+    print(md, flush=True)
+    return report
+
+
+@functools.lru_cache(maxsize=None)
+def _official_params_m(variant: str) -> float:
+    """Parameters of the official configuration (millions), without building it."""
+    from flax import nnx
+
+    from natten_jax.models import count_params, create_model
+
+    return count_params(nnx.eval_shape(lambda: create_model(variant, rngs=nnx.Rngs(0)))) / 1e6
+
+
+if __name__ == "__main__":
+    main()

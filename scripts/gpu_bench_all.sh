@@ -1,0 +1,204 @@
+#!/usr/bin/env bash
+# All benchmarks in one command on the GPU machine, each under its own time limit (7.5 minutes
+# in all by default); results under $OUT (8 files at most), a summary table printed last.
+#
+#   bash scripts/gpu_check.sh            # builds natten_jax/_C*.so next to the sources (once)
+#   bash scripts/gpu_bench_all.sh        # or, in the same device call: STEPS=all bash
+#                                        #   scripts/gpu_session.sh
+#
+# Steps (STEPS, comma-separated, default "autotune,sweep,models"):
+#   autotune  python -m benchmarks.autotune_demo: per-problem tiles, before/after ms, and a second
+#             process that must reuse the cache without timing (AUTOTUNE_ARGS, AUTOTUNE_LIMIT_S)
+#   sweep     python -m benchmarks.sweep --size medium --dtype float16 --backends fused
+#             --peers cudnn --fwd-only, with its plots (SWEEP_ARGS, SWEEP_LIMIT_S)
+#   models    python -m benchmarks.model_throughput: NAT/DiNAT images/s (MODELS_ARGS,
+#             MODELS_LIMIT_S; default nat_mini,dinat_tiny,nat_tiny x fused,dense,reference x bf16
+#             x infer,train at batch 128)
+# Each *_LIMIT_S is the step's time limit (the tools start no new work after it, or, for the
+# autotune demo, when its second process would not fit), cut to what TOTAL_LIMIT_S (default 450)
+# leaves; a step still running HARD_MARGIN_S (default 45) seconds after its limit is killed
+# (its JSON and markdown, rewritten as it goes, are kept). *_ARGS replace a step's default
+# arguments (output paths and the time limit are always added).
+#
+# Environment:
+#   OUT          results (default /tmp/out): bench_all_detail.log (every log), summary.md (the
+#                three markdown reports and the summary), autotune_demo.json, sweep.json,
+#                model_throughput.json, and the sweep's three PNG plots
+#   PYTHON       default python3
+#   SKIP_BUILD=1 never build; otherwise, when natten_jax/_C*.so is missing, build it first
+#                through scripts/gpu_check.sh (tests collected, not run; its logs go to the
+#                detail log)
+#   NATTEN_JAX_FNA_IMPL, NATTEN_JAX_FUSED_BACKWARD: passed through to every step
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+OUT=${OUT:-/tmp/out}
+PY=${PYTHON:-python3}
+STEPS=${STEPS:-autotune,sweep,models}
+TOTAL=${TOTAL_LIMIT_S:-450}
+MARGIN=${HARD_MARGIN_S:-45}
+AUTOTUNE_LIMIT_S=${AUTOTUNE_LIMIT_S:-120}
+SWEEP_LIMIT_S=${SWEEP_LIMIT_S:-100}
+MODELS_LIMIT_S=${MODELS_LIMIT_S:-170}
+AUTOTUNE_ARGS=${AUTOTUNE_ARGS:---problems 2d_nat_t,2d_gen,1d_long,3d_video,2d_nat_t_dilated \
+  --thorough 2d_nat_t}
+SWEEP_ARGS=${SWEEP_ARGS:---size medium --dtype float16 --backends fused --peers cudnn --fwd-only}
+MODELS_ARGS=${MODELS_ARGS:---variants nat_mini,dinat_tiny,nat_tiny --backends fused,dense,reference \
+  --dtypes bf16 --modes infer,train --batch 128 --reps 5 --budget-s 5}
+WORK=$(mktemp -d /tmp/nj_bench_all.XXXXXX)
+LOG="$OUT/bench_all_detail.log"
+mkdir -p "$OUT"
+: > "$LOG"
+export XLA_PYTHON_CLIENT_PREALLOCATE=false  # the steps (and the tuner's second process) share
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+compgen -G ".whl/*.whl" > /dev/null && [ -d /tmp/site ] && export PYTHONPATH="/tmp/site:$PYTHONPATH"
+now() { date +%s; }
+has_step() { [[ ",$STEPS," == *",$1,"* ]]; }
+T0=$(now)
+
+{
+  echo "== $(date -u) on $(hostname); steps $STEPS; out $OUT"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || true
+  "$PY" -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1
+} >> "$LOG"
+
+# ---- module (built by scripts/gpu_check.sh)
+if ! compgen -G "natten_jax/_C*.so" > /dev/null && [ "${SKIP_BUILD:-0}" != 1 ]; then
+  echo "== building natten_jax/_C (scripts/gpu_check.sh, tests collected only)" | tee -a "$LOG"
+  OUT="$WORK/gpu_check" PYTEST_ARGS="--co -q" BENCH=0 bash scripts/gpu_check.sh \
+    > "$WORK/gpu_check.log" 2>&1
+  tail -8 "$WORK/gpu_check.log" >> "$LOG"
+  cat "$WORK/gpu_check/build.log" >> "$LOG" 2>/dev/null
+fi
+"$PY" -c "from natten_jax import _ffi
+print('fused kernels available:', _ffi.cuda_kernels_available(), _ffi.unavailable_reason())" \
+  2>&1 | tee -a "$LOG"
+
+declare -A STATUS SECONDS_TAKEN
+step_limit() {  # the step's limit, cut to what the total leaves (0: no time left)
+  local left=$(( TOTAL - ($(now) - T0) - MARGIN ))
+  local limit=$(( $1 < left ? $1 : left ))
+  echo $(( limit < 20 ? 0 : limit ))
+}
+run_step() {  # name, limit (s), command...
+  local name=$1 limit=$2
+  shift 2
+  local t0 rc
+  if [ "$limit" = 0 ]; then
+    STATUS[$name]="skipped: TOTAL_LIMIT_S=$TOTAL spent"
+    echo "== $name: ${STATUS[$name]}" | tee -a "$LOG"
+    return
+  fi
+  t0=$(now)
+  echo "== $name: $* (limit ${limit} s + ${MARGIN} s)" | tee -a "$LOG"
+  timeout --signal=TERM --kill-after=10 $((limit + MARGIN)) "$@" > "$WORK/$name.out" 2>> "$LOG"
+  rc=$?
+  SECONDS_TAKEN[$name]=$(( $(now) - t0 ))
+  case $rc in
+    0) STATUS[$name]=ok ;;
+    124|137) STATUS[$name]="KILLED after $((limit + MARGIN)) s (partial results kept)" ;;
+    *) STATUS[$name]="exit $rc" ;;
+  esac
+  cat "$WORK/$name.out" >> "$LOG"
+  echo "== $name: ${STATUS[$name]} in ${SECONDS_TAKEN[$name]} s" | tee -a "$LOG"
+}
+
+# shellcheck disable=SC2086  # the *_ARGS are word lists
+if has_step autotune; then
+  lim=$(step_limit "$AUTOTUNE_LIMIT_S")
+  run_step autotune "$lim" "$PY" -m benchmarks.autotune_demo $AUTOTUNE_ARGS \
+    --time-limit-s "$lim" --cache-dir "$WORK/autotune_cache" \
+    --out "$OUT/autotune_demo.json" --md "$WORK/autotune_demo.md"
+fi
+# shellcheck disable=SC2086
+if has_step sweep; then
+  lim=$(step_limit "$SWEEP_LIMIT_S")
+  run_step sweep "$lim" "$PY" -m benchmarks.sweep $SWEEP_ARGS --no-progress \
+    --time-limit-s "$lim" --out "$OUT/sweep.json" --md "$WORK/sweep.md" --plots "$OUT"
+fi
+# shellcheck disable=SC2086
+if has_step models; then
+  lim=$(step_limit "$MODELS_LIMIT_S")
+  run_step models "$lim" "$PY" -m benchmarks.model_throughput $MODELS_ARGS \
+    --time-limit-s "$lim" --out "$OUT/model_throughput.json" \
+    --md "$WORK/model_throughput.md"
+fi
+
+# ---- summary (last): one markdown file with every report, then a short table
+{
+  for f in autotune_demo sweep model_throughput; do
+    [ -f "$WORK/$f.md" ] && { cat "$WORK/$f.md"; echo; }
+  done
+} > "$OUT/summary.md"
+SUMMARY=$("$PY" - "$OUT" <<'PYEOF'
+import json, os, sys
+out = sys.argv[1]
+def load(name):
+    try:
+        with open(os.path.join(out, name)) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+lines = []
+a = load("autotune_demo.json")
+if a:
+    rows = [r for r in a["rows"] if r.get("mode")]
+    tuned = [(r.get("default") or {}, r.get(r["mode"]) or {}) for r in rows]
+    faster = sum(1 for d, t in tuned if d.get("ms") and t.get("ms") and t["ms"] < d["ms"])
+    changed = sum(1 for d, t in tuned if t.get("config") != d.get("config"))
+    v = a.get("verdict") or {}
+    lines.append(f"autotune: {len(rows)} problems tuned; tiles changed on {changed}, faster on "
+                 f"{faster}; 2nd process: {v.get('why', '?')} -> "
+                 + ("REUSED" if v.get("reused") else "NOT REUSED"))
+s = load("sweep.json")
+if s:
+    st = s.get("status", {})
+    wins = tot = 0
+    by = {}
+    for r in s["rows"]:
+        ms = (r.get("fwd") or {}).get("ms")
+        if ms:
+            by.setdefault((r["problem"], r["dtype"]), {})[r["impl"]] = ms
+    for d in by.values():
+        if "fused" in d and "cudnn" in d:
+            tot += 1
+            wins += d["fused"] <= d["cudnn"]
+    lines.append(f"sweep: {st.get('done')} of {st.get('planned')} problem runs in "
+                 f"{st.get('elapsed_s')} s"
+                 + (f"; fused <= cuDNN on {wins} of {tot}" if tot else "")
+                 + (f"; stopped: {st['stopped']}" if st.get("stopped") else ""))
+m = load("model_throughput.json")
+if m:
+    st = m["status"]
+    lines.append(f"models: {st['done']} of {st['planned']} measurements in {st.get('elapsed_s')} s"
+                 + (f"; stopped: {st['stopped']}" if st.get("stopped") else ""))
+    rate = {}
+    for r in m["rows"]:
+        if r.get("images_per_s"):
+            rate[(r["variant"], r["dtype"], r["mode"], r["backend"])] = r["images_per_s"]
+    keys = sorted({k[:3] for k in rate}, key=lambda k: (m["variants"].index(k[0]), k[1], k[2]))
+    for k in keys:
+        cells = " ".join(f"{b} {rate[k + (b,)]:.0f}" for b in
+                         ("fused", "gemm", "naive", "dense", "reference") if k + (b,) in rate)
+        f, ref, den = (rate.get(k + (b,)) for b in ("fused", "reference", "dense"))
+        sp = "".join([f"; fused/ref {f / ref:.2f}x" if f and ref else "",
+                      f"; fused/dense {f / den:.2f}x" if f and den else ""])
+        lines.append(f"  {k[0]:<11} {k[1]:<8} {k[2]:<5} img/s: {cells}{sp}")
+print("\n".join(lines))
+PYEOF
+)
+{
+  echo
+  echo "================ natten_jax benchmarks summary ================"
+  for name in autotune sweep models; do
+    has_step "$name" &&
+      printf "%-9s %s (%s s)\n" "$name" "${STATUS[$name]:-not run}" "${SECONDS_TAKEN[$name]:-0}"
+  done
+  echo "$SUMMARY"
+  echo "total $(( $(now) - T0 )) s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+} | tee -a "$OUT/summary.md"
+rm -rf "$WORK"
+for name in autotune sweep models; do
+  has_step "$name" && [ "${STATUS[$name]:-}" != ok ] && exit 1
+done
+exit 0

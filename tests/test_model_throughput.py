@@ -1,0 +1,164 @@
+"""CPU tests of benchmarks/model_throughput.py: the work count against the papers, the run
+loop's order / time limit / error handling (with a fake measurement), the markdown tables, and
+the --quick CLI end to end (real models, reference and dense attention)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import model_throughput as mt
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cpu_env():
+    """CPU-only JAX for a child process, with XLA's CPU compiler at its fastest (the quick runs
+    compile more than they run)."""
+    flags = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    return dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
+                XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
+
+# FLOPs (= multiply-accumulates) at 224x224 in the NAT and DiNAT papers / official READMEs.
+PAPER_GFLOPS = {"nat_mini": 2.7, "nat_tiny": 4.3, "nat_small": 7.8, "nat_base": 13.7,
+                "dinat_mini": 2.7, "dinat_tiny": 4.3, "dinat_small": 7.8, "dinat_base": 13.7}
+
+
+@pytest.mark.parametrize("variant", sorted(PAPER_GFLOPS))
+def test_gmacs_match_the_papers(variant):
+    got = mt.gmacs(mt.model_config(variant))
+    assert abs(got - PAPER_GFLOPS[variant]) <= 0.03 * PAPER_GFLOPS[variant], got
+
+
+def test_model_config_max_depth():
+    cfg = mt.model_config("dinat_tiny", max_depth=2)
+    assert cfg["depths"] == (2, 2, 2, 2)
+    assert cfg["dilations"] == ((1, 8), (1, 4), (1, 2), (1, 1))
+    assert mt.model_config("nat_tiny")["depths"] == (3, 4, 18, 5)
+    assert mt.gmacs(mt.model_config("nat_tiny", 1)) < mt.gmacs(mt.model_config("nat_tiny"))
+
+
+def test_cli_names_and_quick_defaults():
+    a = mt.parse_args(["--dtypes", "bf16,fp32", "--backends", "fused,dense", "--quick"])
+    assert a.dtype_names == ["bfloat16", "float32"] and a.backend_names == ["fused", "dense"]
+    assert a.variant_names == ["nat_mini"] and a.batch == 2 and a.image_size == 64
+    assert a.max_depth == 1 and a.reps == 1 and a.time_limit_s == 0
+    assert mt.parse_args([]).variant_names == list(mt.VARIANTS)
+    with pytest.raises(SystemExit):
+        mt.parse_args(["--backends", "flash"])
+
+
+# ---------------------------------------------------------------- run loop, fake measurement
+@pytest.fixture
+def fake(monkeypatch):
+    """measure() without JAX work: fixed rates per backend; some backends fail."""
+    calls = []
+    rates = {"fused": 400.0, "dense": 200.0, "reference": 100.0}
+    state = {"sleep": 0.0, "fail": {}}
+
+    def measure(variant, backend, dtype, mode, batches, args):
+        calls.append((variant, backend, dtype, mode))
+        if state["sleep"]:
+            import time
+            time.sleep(state["sleep"])
+        if backend in state["fail"]:
+            raise RuntimeError(state["fail"][backend])
+        rate = rates[backend] / (2 if mode == "train" else 1)
+        return {"params": 5_000_000, "ms": 1e3 * args.batch / rate, "images_per_s": rate,
+                "timing": {"compile_s": 0.1}}
+
+    monkeypatch.setattr(mt, "measure", measure)
+    monkeypatch.setattr(mt, "make_batches", lambda *a, **k: [])
+    monkeypatch.setattr(mt, "probe_backend",
+                        lambda b, d, a: "" if b != "gemm" else "this natten_jax has no gemm")
+    monkeypatch.setattr(mt, "_official_params_m", lambda v: {"nat_mini": 20, "nat_base": 90}[v])
+    return calls, state
+
+
+def test_run_order_errors_and_tables(fake, tmp_path):
+    calls, state = fake
+    state["fail"] = {"reference": "RESOURCE_EXHAUSTED: Out of memory while trying to allocate"}
+    out, md = tmp_path / "t.json", tmp_path / "t.md"
+    report = mt.main(["--variants", "nat_mini,nat_base", "--backends",
+                      "reference,gemm,fused,dense", "--dtypes", "bf16", "--modes", "infer,train",
+                      "--reference-max-params-m", "50", "--time-limit-s", "0", "--out", str(out),
+                      "--md", str(md)])
+    # Variant by variant, then mode, fused first; reference skipped on nat_base (> 50M).
+    assert calls == [("nat_mini", b, "bfloat16", m) for m in ("infer", "train")
+                     for b in ("fused", "dense", "reference")] + \
+        [("nat_base", b, "bfloat16", m) for m in ("infer", "train") for b in ("fused", "dense")]
+    data = json.loads(out.read_text())
+    assert data == json.loads(json.dumps(report))
+    assert data["status"] == {"planned": 16, "done": 10, "stopped": None,
+                              "elapsed_s": data["status"]["elapsed_s"]}
+    rows = {(r["variant"], r["backend"], r["mode"]): r for r in data["rows"]}
+    assert rows[("nat_mini", "reference", "infer")]["error"].startswith("RuntimeError: RESOURCE")
+    assert "skipped above 50M" in rows[("nat_base", "reference", "train")]["skipped"]
+    assert rows[("nat_mini", "gemm", "infer")]["skipped"].startswith(mt.UNAVAILABLE)
+    assert rows[("nat_mini", "dense", "train")]["images_per_s"] == 100.0
+    assert data["backends"]["gemm"] == {"bfloat16": "this natten_jax has no gemm"}
+    text = md.read_text()
+    assert "## Inference (jitted forward), bf16: images/s" in text
+    assert "## Training step (value_and_grad + AdamW), bf16: images/s" in text
+    assert "| model | params (M) | GMACs | reference | gemm | fused | dense (xla) | " \
+           "fused vs reference | fused vs dense |" in text
+    # nat_mini inference: fused 400 img/s, dense 200, reference failed.
+    assert f"| nat_mini | 5.0 | {mt.gmacs(mt.model_config('nat_mini')):.2f} | - | - | 400 | " \
+           "200 | - | 2.00x |" in text
+    assert "nat_mini reference: RuntimeError: RESOURCE_EXHAUSTED" in text
+    assert "Backends not run: gemm (bf16): this natten_jax has no gemm" in text
+    assert "10 of 16 measurements" in text
+
+
+def test_time_limit_and_fatal_errors(fake, tmp_path):
+    calls, state = fake
+    state["sleep"] = 0.2
+    report = mt.main(["--variants", "nat_mini", "--backends", "fused,dense", "--dtypes", "bf16",
+                      "--modes", "infer,train", "--time-limit-s", "0.1"])
+    assert len(calls) == 1  # the first measurement starts, none after the limit
+    assert report["status"]["stopped"] == "time limit"
+    assert [r.get("skipped") for r in report["rows"][1:]] == ["not run: time limit"] * 3
+    calls.clear()
+    state["sleep"], state["fail"] = 0.0, {"fused": "XlaRuntimeError: an illegal memory access "
+                                                   "was encountered"}
+    report = mt.main(["--variants", "nat_mini", "--backends", "fused,dense", "--dtypes", "bf16",
+                      "--modes", "infer", "--time-limit-s", "0"])
+    assert len(calls) == 1 and report["status"]["stopped"].startswith("device error")
+    assert mt.markdown(report).count("not run: device error") == 1
+
+
+# ------------------------------------------------------------------------------ real models
+def test_quick_cli_end_to_end(tmp_path):
+    """nat_mini (one layer per level, 64x64, batch 2) on CPU: reference and dense (XLA) timed
+    in inference and training, fused probed and listed as unavailable (no GPU kernels)."""
+    out, md = tmp_path / "q.json", tmp_path / "q.md"
+    cmd = [sys.executable, "-m", "benchmarks.model_throughput", "--quick", "--dtypes", "fp32",
+           "--backends", "reference,fused,dense", "--out", str(out), "--md", str(md)]
+    r = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True,
+                       timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["config"]["batch"] == 2 and data["config"]["image_size"] == 64
+    assert data["status"]["done"] == 4 and data["status"]["stopped"] is None
+    timed = [r for r in data["rows"] if "images_per_s" in r]
+    assert {(r["backend"], r["mode"]) for r in timed} == \
+        {(b, m) for b in ("reference", "dense") for m in ("infer", "train")}
+    for row in timed:
+        assert row["images_per_s"] > 0 and row["ms"] > 0 and row["params"] > 1e6
+        assert row["timing"]["reps"] >= 1 and row["timing"]["compile_s"] > 0
+    assert [r["impl"] for r in data["rows"] if r["backend"] == "dense"] == ["xla", "xla"]
+    assert data["backends"]["fused"]["float32"]  # the reason it cannot run here
+    text = md.read_text()
+    assert text.strip() in r.stdout
+    for title in ("Inference (jitted forward), fp32", "Training step (value_and_grad + AdamW), "
+                  "fp32"):
+        assert f"## {title}: images/s" in text
+    table_rows = [ln for ln in text.splitlines() if ln.startswith("| nat_mini |")]
+    assert len(table_rows) == 2
+    for ln in table_rows:
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        # model, params, GMACs, reference, fused, dense, fused/ref, fused/dense
+        assert len(cells) == 8 and float(cells[3].replace(",", "")) > 0
+        assert cells[4] == "-" and float(cells[5].replace(",", "")) > 0
