@@ -33,6 +33,7 @@
 
 #include "natten_jax/fna/fna_fwd_params.h"
 #include "natten_jax/fna/sm90_common.cuh"
+#include "natten_jax/fna/tile_coord.cuh"
 #include "natten_jax/window.cuh"
 
 namespace natten_jax {
@@ -68,13 +69,6 @@ struct FwdConfig {
                 "register reallocation exceeds the launch budget");
   static_assert(kMinBlocks * (kSmemBytes + 1024) <= 233472, "shared memory per SM");
 };
-
-// Local coordinates of row `r` of a 3-D tile of 2^l[0] x 2^l[1] x 2^l[2] tokens (row-major).
-__device__ __forceinline__ void tile_coord(int r, const int* l, int* c) {
-  c[2] = r & ((1 << l[2]) - 1);
-  c[1] = (r >> l[2]) & ((1 << l[1]) - 1);
-  c[0] = r >> (l[1] + l[2]);
-}
 
 // Bits [0, n) set, n in [0, 64].
 __device__ __forceinline__ uint64_t low_bits(int n) {

@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "natten_jax/common/warp_mma.cuh"
+#include "natten_jax/fna/tile_coord.cuh"
 
 namespace natten_jax {
 namespace fna {
@@ -27,13 +28,6 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-// Local coordinates of row `r` of a 3-D tile of 2^l[0] x 2^l[1] x 2^l[2] tokens (row-major).
-__device__ __forceinline__ void tile_coord(int r, const int* l, int* c) {
-  c[2] = r & ((1 << l[2]) - 1);
-  c[1] = (r >> l[2]) & ((1 << l[1]) - 1);
-  c[0] = r >> (l[1] + l[2]);
 }
 
 // Loads 64 rows of `D` elements into each of `n` shared-memory tiles from `n` sources that
