@@ -40,9 +40,12 @@ import natten_jax  # noqa: E402
 from benchmarks import peers, problems  # noqa: E402
 from benchmarks.timing import random_inputs, time_jax  # noqa: E402
 
-BACKENDS = ("fused", "reference")
+BACKENDS = ("fused", "fused_sm90", "reference")
+# Our backends that are the fused backend with a forward kernel forced through
+# $NATTEN_JAX_FNA_IMPL (read when a function is traced): timed side by side in one run.
+FUSED_IMPLS = {"fused_sm90": "sm90"}
 PEERS = ("cudnn", "flex", "xla")
-JOB_ORDER = (("ours", "fused"), ("peer", "cudnn"), ("peer", "xla"), ("peer", "flex"),
+JOB_ORDER = (("ours", "fused"), ("ours", "fused_sm90"), ("peer", "cudnn"), ("peer", "xla"), ("peer", "flex"),
              ("ours", "reference"))
 REFERENCE_AUTO_MAX_FLOPS = 2e10
 BWD_FACTOR = 2.5
@@ -75,9 +78,31 @@ def visited_flops(p: problems.Problem):
         return None
 
 
+class _forced_impl:
+    """Sets $NATTEN_JAX_FNA_IMPL for one of FUSED_IMPLS until close() (no-op otherwise)."""
+
+    def __init__(self, name):
+        from natten_jax.tiles import IMPL_ENV
+
+        self.key, self.old = IMPL_ENV, os.environ.get(IMPL_ENV)
+        self.active = name in FUSED_IMPLS
+        if self.active:
+            os.environ[self.key] = FUSED_IMPLS[name]
+
+    def close(self):
+        if self.active:
+            if self.old is None:
+                os.environ.pop(self.key, None)
+            else:
+                os.environ[self.key] = self.old
+            self.active = False
+
+
 def ours_fn(p: problems.Problem, backend: str):
     na = getattr(natten_jax, f"na{p.rank}d")
     kw = p.na_kwargs()
+
+    backend = "fused" if backend in FUSED_IMPLS else backend
 
     def f(q, k, v):
         return na(q, k, v, backend=backend, **kw)
@@ -214,7 +239,8 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--problems", help="comma-separated names (default: all)")
-    ap.add_argument("--backends", help="comma-separated of fused,reference (default: both; "
+    ap.add_argument("--backends", help="comma-separated of fused,fused_sm90,reference (default: "
+                    "fused and reference; fused_sm90 = fused with NATTEN_JAX_FNA_IMPL=sm90; "
                     "reference only on small problems unless named here)")
     ap.add_argument("--peers", default=",".join(PEERS), help="comma-separated of cudnn,flex,xla "
                     "('' for none)")
@@ -270,7 +296,8 @@ def main(argv=None) -> dict:
             print(p.name, p.to_json())
         return {}
     explicit_backends = args.backends is not None
-    backends = _names(args.backends, BACKENDS, "backends") if explicit_backends else list(BACKENDS)
+    backends = (_names(args.backends, BACKENDS, "backends") if explicit_backends
+                else ["fused", "reference"])
     peer_names = _names(args.peers, PEERS, "peers")
     peers.XLA_DENSE_MAX_BYTES = args.xla_max_gb * 1e9
     dtype = jax.numpy.dtype(args.dtype)
@@ -308,6 +335,7 @@ def main(argv=None) -> dict:
                 continue
             t0 = time.perf_counter()
             log(f"{p.name} {impl} ...")
+            impl_env = _forced_impl(name if kind == "ours" else None)
             sets = None
             if not (kind == "peer" and name == "flex"):
                 shapes = [(p.batch,) + p.spatial + (h, p.head_dim)
@@ -320,7 +348,8 @@ def main(argv=None) -> dict:
             if "skipped" not in row:
                 row.update(run_job(kind, name, p, sets, args, left_s()))
             del sets
-            visited = visited_flops(p) if name == "fused" else None
+            visited = visited_flops(p) if kind == "ours" and name != "reference" else None
+            impl_env.close()
             if visited:
                 row["visited_flops"] = visited
             derive(row, p, dtype.itemsize, visited)

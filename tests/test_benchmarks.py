@@ -233,3 +233,21 @@ def test_bench_time_limit(capsys):
     assert [r["problem"] for r in rep["rows"]] == ["q1d", "q1d", "q1d", "q2d", "q2d", "q2d"]
     assert all(r["skipped"] == "not run: time limit" for r in rep["rows"])
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("| q2d | reference |")
+
+
+def test_fused_sm90_backend_forces_the_impl_only_while_it_runs(monkeypatch):
+    from benchmarks import bench_na
+    from natten_jax import tiles
+
+    monkeypatch.delenv(tiles.IMPL_ENV, raising=False)
+    forced = bench_na._forced_impl("fused_sm90")
+    assert tiles.impl_setting() == "sm90"
+    forced.close()
+    assert tiles.impl_setting() == "sm80"
+    monkeypatch.setenv(tiles.IMPL_ENV, "auto")
+    bench_na._forced_impl("fused").close()
+    assert tiles.impl_setting() == "auto"
+    forced = bench_na._forced_impl("fused_sm90")
+    forced.close()
+    forced.close()
+    assert tiles.impl_setting() == "auto"
