@@ -43,7 +43,8 @@ for s in "${steps[@]}"; do
         python3 scripts/sanitize_fna.py ;;
     bench)
       run_step bench_na "${BENCH_LIMIT_S:-300}" python3 -m benchmarks.bench_na \
-        ${BENCH_ARGS:---backends fused --peers cudnn --time-limit-s 200} --out "$OUT/bench_na.json" ;;
+        ${BENCH_ARGS:---backends fused,fused_sm90 --peers cudnn --time-limit-s 200} \
+        --out "$OUT/bench_na.json" ;;
     sm90)
       [ -f scripts/check_fna_sm90.py ] && run_step sm90 "${SM90_LIMIT_S:-150}" python3 scripts/check_fna_sm90.py ;;
     unfused)
