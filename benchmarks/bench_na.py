@@ -228,7 +228,10 @@ def write(report: dict, args) -> None:
 
 # --------------------------------------------------------------------------------------- main
 def _names(s, allowed, what):
-    names = [x.strip() for x in s.split(",") if x.strip()] if s else []
+    """Comma-separated names; '' or 'none' (quotes that survived a shell variable stripped):
+    none."""
+    names = [x.strip().strip("'\"") for x in s.split(",")] if s else []
+    names = [x for x in names if x and x != "none"]
     bad = [x for x in names if x not in allowed]
     if bad:
         raise SystemExit(f"unknown {what} {bad}; known: {list(allowed)}")
