@@ -252,14 +252,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   for (int j = 0; j < total_boxes; ++j) {
     const int stage = j & 1;
-    if (j + 1 < total_boxes) {
-      load_kv(j + 1, stage ^ 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    pipeline_step(j, total_boxes, load_kv);
     const T* k_s = sK + stage * kTileKV * kPitch;
     const T* v_s = sV + stage * kTileKV * kPitch;
 
@@ -503,14 +496,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
   for (int t = 0; t < total; ++t) {
     const int stage = t & 1;
-    if (t + 1 < total) {
-      load_q(t + 1, stage ^ 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    pipeline_step(t, total, load_q);
     const T* q_s = sQ + stage * kTileKV * kPitch;
     const T* do_s = sdO + stage * kTileKV * kPitch;
     const int* win = sWin + stage * kTileKV * 6;

@@ -226,14 +226,7 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<D, MT>())
 
   for (int j = 0; j < total_boxes; ++j) {
     const int stage = j & 1;
-    if (j + 1 < total_boxes) {
-      load_kv(j + 1, stage ^ 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    pipeline_step(j, total_boxes, load_kv);
 
     const T* k_s = sK + stage * kTileKV * kPitch;
     const T* v_s = sV + stage * kTileKV * kPitch;

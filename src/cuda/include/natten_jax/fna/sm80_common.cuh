@@ -30,6 +30,21 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// Step `j` of `n` of a double-buffered cp.async pipeline (item j in stage j & 1): starts
+// loading item j + 1 into the other stage (`load(j + 1, stage)`), then waits until item j has
+// landed and every thread of the CTA sees it.
+template <typename Load>
+__device__ __forceinline__ void pipeline_step(int j, int n, Load&& load) {
+  if (j + 1 < n) {
+    load(j + 1, (j & 1) ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+  } else {
+    cp_async_wait<0>();
+  }
+  __syncthreads();
+}
+
 // Loads 64 rows of `D` elements into each of `n` shared-memory tiles from `n` sources that
 // share one token layout (K and V do): row r is token (origin + tile_coord(r)) if it lies below
 // `limit` on every axis, else zeros. Each `base[i]` already points at (batch, group, head).
