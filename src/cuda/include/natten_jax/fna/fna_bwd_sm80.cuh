@@ -258,13 +258,8 @@ __global__ void __launch_bounds__(kThreads, 2)
 
     int o[3];
     box_origin(j, o);
-    bool touch = warp_active, full = true;
-#pragma unroll
-    for (int a = 0; a < 3; ++a) {
-      int box_hi = o[a] + (1 << p.kv_tile_log2[a]);
-      touch = touch && o[a] < whi[a] && box_hi > wlo[a];
-      full = full && o[a] >= wilo[a] && box_hi <= wihi[a];
-    }
+    bool touch, full;
+    box_vs_warp(o, p.kv_tile_log2, wlo, whi, wilo, wihi, warp_active, touch, full);
     if (touch) {
       // S = Q K^T and dP = dO V^T (16 x 64 per warp).
       float s[kNTiles][4], dp[kNTiles][4];

@@ -233,13 +233,8 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<D, MT>())
 
     int o[3];
     box_origin(j, o);
-    bool touch = warp_active, full = true;
-#pragma unroll
-    for (int a = 0; a < 3; ++a) {
-      int box_hi = o[a] + (1 << p.kv_tile_log2[a]);
-      touch = touch && o[a] < whi[a] && box_hi > wlo[a];
-      full = full && o[a] >= wilo[a] && box_hi <= wihi[a];
-    }
+    bool touch, full;
+    box_vs_warp(o, p.kv_tile_log2, wlo, whi, wilo, wihi, warp_active, touch, full);
     if (touch) {
 #pragma unroll 1
      for (int n0 = 0; n0 < kTileKV; n0 += kStepN) {

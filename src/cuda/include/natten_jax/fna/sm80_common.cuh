@@ -45,6 +45,22 @@ __device__ __forceinline__ void pipeline_step(int j, int n, Load&& load) {
   __syncthreads();
 }
 
+// How a KV box at origin `o` (extents 2^l per axis) meets one warp's windows: `touch` if it
+// meets their union [wlo, whi) on every axis (and the warp has valid rows), `full` if it lies
+// inside their intersection [wilo, wihi) on every axis (no mask needed).
+__device__ __forceinline__ void box_vs_warp(const int* o, const int* l, const int* wlo,
+                                            const int* whi, const int* wilo, const int* wihi,
+                                            bool warp_active, bool& touch, bool& full) {
+  touch = warp_active;
+  full = true;
+#pragma unroll
+  for (int a = 0; a < 3; ++a) {
+    int box_hi = o[a] + (1 << l[a]);
+    touch = touch && o[a] < whi[a] && box_hi > wlo[a];
+    full = full && o[a] >= wilo[a] && box_hi <= wihi[a];
+  }
+}
+
 // Loads 64 rows of `D` elements into each of `n` shared-memory tiles from `n` sources that
 // share one token layout (K and V do): row r is token (origin + tile_coord(r)) if it lies below
 // `limit` on every axis, else zeros. Each `base[i]` already points at (batch, group, head).
