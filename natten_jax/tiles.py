@@ -48,13 +48,37 @@ SM90_HEAD_DIMS = (64, 128)
 _SM90_PAIR_COST = {6: 0.60, 7: 0.55}
 
 
+# Backward kernel implementations (sm90 hook): NATTEN_JAX_FNA_BWD_IMPL=sm80 (default) or sm90
+# (the wgmma dK/dV and dQ kernels, opt-in: docs/perf-log.md "Backward v2"; head dims other
+# than 64 / 128 stay on sm80). Read when a function is traced, like NATTEN_JAX_FNA_IMPL.
+BWD_IMPL_ENV = "NATTEN_JAX_FNA_BWD_IMPL"
+BWD_IMPL_SETTINGS = IMPLS
+
+
+def _env_setting(env: str, allowed) -> str:
+    """``$env`` lower-cased (default ``sm80``), validated against ``allowed``."""
+    raw = os.environ.get(env, "")
+    s = raw.strip().lower() or "sm80"
+    if s not in allowed:
+        raise ValueError(f"{env} must be one of {tuple(allowed)} (or unset), got {raw!r}")
+    return s
+
+
 def impl_setting() -> str:
     """``$NATTEN_JAX_FNA_IMPL`` (default ``sm80``), validated."""
-    raw = os.environ.get(IMPL_ENV, "")
-    s = raw.strip().lower() or "sm80"
-    if s not in IMPL_SETTINGS:
-        raise ValueError(f"{IMPL_ENV} must be one of {IMPL_SETTINGS} (or unset), got {raw!r}")
-    return s
+    return _env_setting(IMPL_ENV, IMPL_SETTINGS)
+
+
+def bwd_impl_setting() -> str:
+    """``$NATTEN_JAX_FNA_BWD_IMPL`` (default ``sm80``), validated."""
+    return _env_setting(BWD_IMPL_ENV, BWD_IMPL_SETTINGS)
+
+
+def bwd_impl(head_dim: int) -> str:
+    """The backward kernels for ``head_dim``: the setting where it supports the head dim, else
+    ``sm80``."""
+    s = bwd_impl_setting()
+    return s if impl_supports(s, head_dim) else "sm80"
 
 
 def impl_supports(impl: str, head_dim: int) -> bool:
@@ -62,7 +86,7 @@ def impl_supports(impl: str, head_dim: int) -> bool:
 
 
 def impl_code(impl: str) -> int:
-    """The FFI attribute ``impl`` of the forward custom call."""
+    """The FFI attribute ``impl`` of the forward and backward custom calls."""
     return IMPLS.index(impl)
 
 

@@ -2,6 +2,10 @@
 (memcheck / racecheck).
 
     compute-sanitizer --tool memcheck python3 scripts/sanitize_fna.py
+
+The sm90 (wgmma) kernels on a Hopper GPU: NATTEN_JAX_FNA_IMPL=sm90 (forward) and / or
+NATTEN_JAX_FNA_BWD_IMPL=sm90 (backward) in the environment; they cover the head dim 64 and 128
+cases (head dim 32 stays on sm80). Each line names the backward kernels the case ran.
 """
 import os
 
@@ -11,6 +15,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import natten_jax  # noqa: E402
+from natten_jax import tiles  # noqa: E402
 
 CASES = [
     (natten_jax.na1d, (70,), 9, 2, 3, True, 64),
@@ -26,4 +31,5 @@ for i, (f, sp, k, s, d, c, D) in enumerate(CASES):
     grads = jax.grad(lambda q, kk, v: jnp.sum(f(q, kk, v, k, s, d, c, backend="fused").astype(
         jnp.float32) ** 2), argnums=(0, 1, 2))(q, kk, v)
     finite = all(bool(jnp.isfinite(g.astype(jnp.float32)).all()) for g in (out, *grads))
-    print(f"rank {len(sp)} ok", out.shape, "finite:", finite)
+    print(f"rank {len(sp)} ok", out.shape, "finite:", finite, f"(head dim {D}: forward setting "
+          f"{tiles.impl_setting()}, backward {tiles.bwd_impl(D)})")

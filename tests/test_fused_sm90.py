@@ -161,12 +161,13 @@ def test_impl_candidates(monkeypatch):
     assert autotune.impl_candidates(128) == ("sm80",)
 
 
-def test_attrs_carry_impl_forward_only(monkeypatch):
+def test_attrs_carry_impl(monkeypatch):
     monkeypatch.delenv(autotune.MODE_ENV, raising=False)
     p = _problem()
     monkeypatch.delenv(IMPL_ENV, raising=False)
+    monkeypatch.delenv(tiles.BWD_IMPL_ENV, raising=False)
     assert fused._attrs(p)["impl"] == 0
-    assert "impl" not in fused._attrs(p, backward=True)
+    assert fused._attrs(p, backward=True)["impl"] == 0
     monkeypatch.setenv(IMPL_ENV, "sm90")
     a = fused._attrs(p)
     assert a["impl"] == 1
@@ -175,7 +176,8 @@ def test_attrs_carry_impl_forward_only(monkeypatch):
     assert tuple(a["q_tile"]) == tuple(qt) and tuple(a["kv_tile"]) == tuple(kt)
     assert fused._attrs(p, ((3, 3), (3, 3)))["impl"] == 1
     assert fused._attrs(p, ((3, 3), (3, 3)), impl="sm80")["impl"] == 0
-    assert "impl" not in fused._attrs(p, backward=True)
+    # The backward follows NATTEN_JAX_FNA_BWD_IMPL only (tests/test_fused_backward_sm90.py).
+    assert fused._attrs(p, backward=True)["impl"] == 0
 
 
 def test_autotune_keys_and_config(monkeypatch, tmp_path):

@@ -9,6 +9,9 @@ merged exactly through the two logsumexps. The VJP has two implementations, chos
   thread in a fixed order, so repeated runs give bitwise-equal gradients;
 * ``reference``: recomputes the reference backend's VJP (slow; for debugging).
 
+The kernel VJP runs the sm80 (mma.sync) kernels unless ``NATTEN_JAX_FNA_BWD_IMPL=sm90`` selects
+the Hopper (wgmma) ones, opt-in, at head dims 64 and 128 (others stay on sm80).
+
 float32 inputs run the fp16 kernels: Q, K, V are rounded to float16 (10 mantissa bits, as TF32
 has) with float32 accumulation, and results are returned in float32; expect relative errors of
 about 1e-3, and inputs must stay below 65504 in magnitude. The backward rescales dO by its
@@ -59,8 +62,9 @@ def can_run(p: NAProblem):
 
 def _attrs(p: NAProblem, tiles=None, backward=False, impl=None):
     # The cost model (choose_tiles), or the auto-tuner if NATTEN_JAX_AUTOTUNE is on/thorough.
-    if backward:
+    if backward:  # sm90 hook: NATTEN_JAX_FNA_BWD_IMPL (natten_jax.tiles.bwd_impl)
         qt, kt = tiles or autotune.select_tiles(p, backward=True)
+        impl = impl or tiles_mod.bwd_impl(p.head_dim)
     else:  # sm90 hook: the forward also picks its kernel (NATTEN_JAX_FNA_IMPL, natten_jax.tiles)
         if tiles is None:
             impl, (qt, kt) = autotune.select_config(p, impl=impl)
@@ -71,8 +75,7 @@ def _attrs(p: NAProblem, tiles=None, backward=False, impl=None):
     attrs = dict(kernel_size=i64(p.kernel_size), stride=i64(p.stride), dilation=i64(p.dilation),
                  is_causal=i64(p.is_causal), q_tile=i64(qt), kv_tile=i64(kt),
                  scale=np.float32(p.scale), poison=np.int64(1 if POISON_OUTPUTS else 0))
-    if not backward:
-        attrs["impl"] = np.int64(tiles_mod.impl_code(impl))
+    attrs["impl"] = np.int64(tiles_mod.impl_code(impl))
     return attrs
 
 
@@ -117,13 +120,15 @@ def _forward_call(p: NAProblem, q, k, v, tiles=None, impl=None):
                         ("o", "lse"))(q, k, v)
 
 
-def _backward_call(p: NAProblem, q, k, v, dout, lse, delta, tiles=None):
-    """The backward custom call -> (dq, dk, dv); delta = rowsum(dO * O) - d(lse)."""
+def _backward_call(p: NAProblem, q, k, v, dout, lse, delta, tiles=None, impl=None):
+    """The backward custom call -> (dq, dk, dv); delta = rowsum(dO * O) - d(lse). ``impl``:
+    ``sm80`` or ``sm90`` (default: ``NATTEN_JAX_FNA_BWD_IMPL``, see
+    :func:`natten_jax.tiles.bwd_impl`)."""
     _ffi.register()
     out_types = lambda q, k, v, *_: (jax.ShapeDtypeStruct(q.shape, q.dtype),  # noqa: E731
                                      jax.ShapeDtypeStruct(k.shape, k.dtype),
                                      jax.ShapeDtypeStruct(v.shape, v.dtype))
-    attrs = _attrs(p, tiles, backward=True)
+    attrs = _attrs(p, tiles, backward=True, impl=impl)
     return _ffi_batched(TARGET_BACKWARD, out_types, attrs, ("q", "k", "v", "o", "lse", "lse"),
                         ("q", "k", "v"))(q, k, v, dout, lse, delta)
 

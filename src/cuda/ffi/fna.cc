@@ -3,7 +3,7 @@
 // Attributes (names equal the Python kwargs): kernel_size, stride, dilation, is_causal (int64,
 // one per spatial axis), q_tile, kv_tile (int64 log2 tile extents per axis), scale (f32),
 // poison (int64; nonzero fills the outputs with NaN before the kernel runs, for tests); the
-// forward also takes impl (int64: 0 the sm80 kernel, 1 the sm90 wgmma kernel).
+// forward and the backward also take impl (int64: 0 the sm80 kernels, 1 the sm90 wgmma kernels).
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -12,6 +12,7 @@
 
 #include "natten_jax/common/ffi_check.h"
 #include "natten_jax/fna/fna_bwd_params.h"
+#include "natten_jax/fna/fna_bwd_sm90.h"
 #include "natten_jax/fna/fna_fwd_params.h"
 #include "natten_jax/fna/fna_fwd_sm90.h"
 #include "xla/ffi/api/ffi.h"
@@ -157,7 +158,7 @@ ffi::Error FnaBackwardImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer
                            ffi::Span<const int64_t> kernel_size, ffi::Span<const int64_t> stride,
                            ffi::Span<const int64_t> dilation, ffi::Span<const int64_t> is_causal,
                            ffi::Span<const int64_t> q_tile, ffi::Span<const int64_t> kv_tile,
-                           float scale, int64_t poison) {
+                           float scale, int64_t poison, int64_t impl) {
   fna::FnaBwdParams bp{};
   fna::DType dtype;
   NJ_RETURN_IF_ERROR(fill_params(q, k, v, kernel_size, stride, dilation, is_causal, q_tile,
@@ -177,6 +178,13 @@ ffi::Error FnaBackwardImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer
     int tk = 1 << bp.f.kv_tile_log2[a];
     bp.num_kv_tiles[a] = (group0 + tk - 1) / tk;
   }
+  // ---- impl (sm90 hook): which backward kernels; the sm90 ones refuse other devices clearly.
+  NJ_FFI_CHECK(impl == 0 || impl == 1, "impl must be 0 (sm80 kernels) or 1 (sm90 kernels)");
+  if (impl == 1) {
+    const std::string why = fna::fna_backward_sm90_unavailable_reason(bp.f.head_dim, dtype);
+    if (!why.empty())
+      return ffi::Error::InvalidArgument("natten_jax fna backward (impl sm90): " + why);
+  }
   bp.f.lse = const_cast<float*>(lse.typed_data());  // read only in the backward
   bp.dout = dout.untyped_data();
   bp.delta = delta.typed_data();
@@ -187,6 +195,10 @@ ffi::Error FnaBackwardImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer
     NJ_CUDA_CHECK(cudaMemsetAsync(bp.dq, 0xFF, dq->size_bytes(), stream));
     NJ_CUDA_CHECK(cudaMemsetAsync(bp.dk, 0xFF, dk->size_bytes(), stream));
     NJ_CUDA_CHECK(cudaMemsetAsync(bp.dv, 0xFF, dv->size_bytes(), stream));
+  }
+  if (impl == 1) {
+    NJ_CUDA_CHECK(fna::fna_backward_sm90(bp, dtype, stream));
+    return ffi::Error::Success();
   }
   NJ_CUDA_CHECK(fna::fna_backward(bp, dtype, stream));
   return ffi::Error::Success();
@@ -232,4 +244,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenJaxFnaBackward, natten_jax::FnaBackwardImpl,
                                   .Attr<ffi::Span<const int64_t>>("q_tile")
                                   .Attr<ffi::Span<const int64_t>>("kv_tile")
                                   .Attr<float>("scale")
-                                  .Attr<int64_t>("poison"));
+                                  .Attr<int64_t>("poison")
+                                  .Attr<int64_t>("impl"));
