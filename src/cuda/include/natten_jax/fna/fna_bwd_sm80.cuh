@@ -17,6 +17,7 @@
 #include <cstdint>
 
 #include "natten_jax/fna/fna_bwd_params.h"
+#include "natten_jax/fna/group_info.cuh"
 #include "natten_jax/fna/sm80_common.cuh"
 #include "natten_jax/window.cuh"
 
@@ -25,35 +26,6 @@ namespace fna {
 namespace sm80 {
 
 constexpr float kLog2e = 1.4426950408889634f;
-
-// Dilation group and in-group extents of a CTA (group index `grp` over the product of the
-// per-axis dilations, last axis fastest).
-struct GroupInfo {
-  int g[3], glen[3], dil[3], ks[3], st[3];
-  bool causal[3];
-
-  __device__ __forceinline__ GroupInfo(const FnaFwdParams& p, int grp) {
-#pragma unroll
-    for (int a = 2; a >= 0; --a) {
-      dil[a] = p.dilation[a];
-      g[a] = grp % dil[a];
-      grp /= dil[a];
-    }
-#pragma unroll
-    for (int a = 0; a < 3; ++a) {
-      ks[a] = p.kernel[a];
-      st[a] = p.stride[a];
-      causal[a] = p.causal[a] != 0;
-      glen[a] = group_extent(p.extent[a], dil[a], g[a]);
-    }
-  }
-  __device__ __forceinline__ int start(int a, int i) const {
-    return window_start(i, ks[a], st[a], glen[a], causal[a]);
-  }
-  __device__ __forceinline__ int end(int a, int i) const {
-    return window_end(i, start(a, i), ks[a], causal[a]);
-  }
-};
 
 // Decodes a flat tile index into per-axis tile origins (last axis fastest).
 __device__ __forceinline__ void tile_origin(int t, const int* count, const int* l2, int* o) {

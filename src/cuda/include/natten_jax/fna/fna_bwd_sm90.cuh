@@ -35,6 +35,7 @@
 #include <cstdint>
 
 #include "natten_jax/fna/fna_bwd_params.h"
+#include "natten_jax/fna/group_info.cuh"
 #include "natten_jax/fna/sm90_common.cuh"
 #include "natten_jax/fna/tile_coord.cuh"
 #include "natten_jax/window.cuh"
@@ -107,34 +108,6 @@ struct DkvConfig {
 __device__ __forceinline__ uint64_t bits_below(int n) {
   return n >= 64 ? ~0ull : ((1ull << n) - 1ull);
 }
-
-// Dilation group of a CTA and its window functions.
-struct Group {
-  int g[3], dil[3], glen[3], ks[3], st[3];
-  bool causal[3];
-
-  __device__ __forceinline__ Group(const FnaFwdParams& p, int grp) {
-#pragma unroll
-    for (int a = 2; a >= 0; --a) {
-      dil[a] = p.dilation[a];
-      g[a] = grp % dil[a];
-      grp /= dil[a];
-    }
-#pragma unroll
-    for (int a = 0; a < 3; ++a) {
-      ks[a] = p.kernel[a];
-      st[a] = p.stride[a];
-      causal[a] = p.causal[a] != 0;
-      glen[a] = group_extent(p.extent[a], dil[a], g[a]);
-    }
-  }
-  __device__ __forceinline__ int start(int a, int i) const {
-    return window_start(i, ks[a], st[a], glen[a], causal[a]);
-  }
-  __device__ __forceinline__ int end(int a, int i) const {
-    return window_end(i, start(a, i), ks[a], causal[a]);
-  }
-};
 
 // Smallest i in [lo, hi) with pred(i) (pred false then true), hi if none.
 template <typename Pred>
@@ -344,7 +317,7 @@ struct DqWork {
 };
 
 template <typename T, int D>
-__device__ __forceinline__ void dq_produce(const FnaBwdParams& bp, const Group& gi,
+__device__ __forceinline__ void dq_produce(const FnaBwdParams& bp, const GroupInfo& gi,
                                            const DqWork& c, uint32_t sbase, int pt) {
   using Cfg = DqConfig<D>;
   using Ld = TileLoader<T, D>;
@@ -418,7 +391,7 @@ __device__ __forceinline__ void dq_produce(const FnaBwdParams& bp, const Group& 
 }
 
 template <typename T, int D>
-__device__ __forceinline__ void dq_consume(const FnaBwdParams& bp, const Group& gi,
+__device__ __forceinline__ void dq_consume(const FnaBwdParams& bp, const GroupInfo& gi,
                                            const DqWork& c, uint32_t sbase, int t) {
   using Cfg = DqConfig<D>;
   const FnaFwdParams& p = bp.f;
@@ -575,7 +548,7 @@ __global__ void __launch_bounds__(DqConfig<D>::kThreads, DqConfig<D>::kMinBlocks
   c.b = blockIdx.z;
   c.h = blockIdx.y % p.heads;
   c.hkv = c.h / (p.heads / p.heads_kv);
-  const Group gi(p, blockIdx.y / p.heads);
+  const GroupInfo gi(p, blockIdx.y / p.heads);
   {
     int tq = blockIdx.x;
 #pragma unroll
@@ -671,12 +644,12 @@ __device__ __forceinline__ int ctaid_z() {
 // tile origin (in-group coordinates).
 struct DkvTile {
   int b, hkv;
-  Group gi;
+  GroupInfo gi;
   int k0[3];
 };
 __device__ __forceinline__ DkvTile dkv_tile(const FnaBwdParams& bp, int x, int y, int z) {
   const FnaFwdParams& p = bp.f;
-  DkvTile e{z, y % p.heads_kv, Group(p, y / p.heads_kv), {0, 0, 0}};
+  DkvTile e{z, y % p.heads_kv, GroupInfo(p, y / p.heads_kv), {0, 0, 0}};
 #pragma unroll
   for (int a = 2; a >= 0; --a) {
     const int i = x % bp.num_kv_tiles[a];
@@ -687,7 +660,7 @@ __device__ __forceinline__ DkvTile dkv_tile(const FnaBwdParams& bp, int x, int y
 }
 
 template <typename T, int D>
-__device__ __forceinline__ void dkv_produce(const FnaBwdParams& bp, const Group& gi,
+__device__ __forceinline__ void dkv_produce(const FnaBwdParams& bp, const GroupInfo& gi,
                                             const DkvWork& c, uint32_t sbase, int pt) {
   using Cfg = DkvConfig<D>;
   using Ld = TileLoader<T, D>;
@@ -769,7 +742,7 @@ __device__ __forceinline__ void dkv_produce(const FnaBwdParams& bp, const Group&
 }
 
 template <typename T, int D>
-__device__ __forceinline__ void dkv_consume(const FnaBwdParams& bp, const Group& gi,
+__device__ __forceinline__ void dkv_consume(const FnaBwdParams& bp, const GroupInfo& gi,
                                             const DkvWork& c, unsigned char* smem,
                                             uint32_t sbase, int w, int t) {
   using Cfg = DkvConfig<D>;
@@ -956,7 +929,7 @@ __global__ void __launch_bounds__(DkvConfig<D>::kThreads, DkvConfig<D>::kMinBloc
 
   DkvWork c;
   const DkvTile e = dkv_tile(bp, blockIdx.x, blockIdx.y, blockIdx.z);
-  const Group& gi = e.gi;
+  const GroupInfo& gi = e.gi;
   c.b = e.b;
   c.hkv = e.hkv;
   c.group_heads = p.heads / p.heads_kv;
