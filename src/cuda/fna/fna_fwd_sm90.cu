@@ -7,13 +7,10 @@
 
 #include "natten_jax/fna/fna_fwd_sm90.cuh"
 #include "natten_jax/fna/fna_fwd_sm90.h"
+#include "natten_jax/fna/sm90_availability.h"
 
 namespace natten_jax {
 namespace fna {
-
-bool fna_forward_sm90_supports_head_dim(int head_dim) {
-  return head_dim == 64 || head_dim == 128;
-}
 
 namespace {
 
@@ -48,30 +45,11 @@ int binary_version() {
 }  // namespace
 
 std::string fna_forward_sm90_unavailable_reason(int head_dim, DType dtype) {
-  if (!fna_forward_sm90_supports_head_dim(head_dim))
-    return "the sm90 forward kernel supports head_dim 64 and 128, got " +
-           std::to_string(head_dim) + " (use impl sm80)";
-  int dev = 0, major = 0, minor = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
-    cudaGetLastError();
-    return "the sm90 forward kernel could not query the current CUDA device";
-  }
-  if (major != 9 || minor != 0)
-    return "the sm90 forward kernel needs a compute capability 9.0 GPU (H100/H200), this device "
-           "is " + std::to_string(major) + "." + std::to_string(minor) + " (use impl sm80)";
-  int bin = 0;
-  switch (head_dim * 2 + (dtype == DType::kBFloat16 ? 1 : 0)) {
-    case 128: bin = binary_version<__half, 64>(); break;
-    case 129: bin = binary_version<__nv_bfloat16, 64>(); break;
-    case 256: bin = binary_version<__half, 128>(); break;
-    default: bin = binary_version<__nv_bfloat16, 128>(); break;
-  }
-  if (bin != 90)
-    return "natten_jax was built without sm_90a code for the sm90 forward kernel (binary version " +
-           std::to_string(bin) + "); rebuild with NATTEN_JAX_CUDA_ARCHS including 90a";
-  return "";
+  return sm90_unavailable_reason("the sm90 forward kernel", head_dim, dtype, [](int d, DType t) {
+    const bool f16 = t != DType::kBFloat16;
+    if (d == 64) return f16 ? binary_version<__half, 64>() : binary_version<__nv_bfloat16, 64>();
+    return f16 ? binary_version<__half, 128>() : binary_version<__nv_bfloat16, 128>();
+  });
 }
 
 cudaError_t fna_forward_sm90(const FnaFwdParams& p, DType dtype, cudaStream_t stream) {

@@ -11,8 +11,6 @@
 namespace natten_jax {
 namespace fna {
 
-bool fna_forward_sm90_supports_head_dim(int head_dim);
-
 // Why the sm90 kernel cannot run `head_dim` / `dtype` on the current device ("" if it can): the
 // device must have compute capability 9.0 and the module must hold sm_90a code.
 std::string fna_forward_sm90_unavailable_reason(int head_dim, DType dtype);
