@@ -139,7 +139,7 @@ def problem_key(p: NAProblem, backward: bool = False, *, device: Optional[str] =
     if not backward and _q_sizes(False) != tuple(tiles.Q_TILE_LOG2):
         # NATTEN_JAX_FNA_Q_TILE restricts the candidates: a separate entry
         parts.append(f"q_tile_log2={_axes(_q_sizes(False))}")
-    if not backward and impl != "sm80":  # sm90 hook: the other forward kernel, its own entries
+    if impl != "sm80":  # sm90 hook: the other kernel (forward or backward), its own entries
         parts.append(f"impl={impl}")
     return "|".join(parts)
 
@@ -337,10 +337,10 @@ def select_tiles(p: NAProblem, *, backward: bool = False, mode: Optional[str] = 
     Mode ``off``: :func:`natten_jax.tiles.choose_tiles`. Otherwise the cached winner for
     :func:`problem_key`, tuning now (see the module docstring) if there is none.
     ``timer(p, tiles, backward) -> seconds`` times one candidate (default :func:`default_timer`).
-    ``impl``: the forward kernel the tiles are for (``sm80`` or ``sm90``; the backward has one).
+    ``impl``: the kernel the tiles are for (``sm80`` or ``sm90``; forward or backward, as
+    ``backward`` says); sm90 entries are cached apart from sm80's.
     """
     mode = resolve_mode(mode)
-    impl = "sm80" if backward else impl
     if mode == "off":
         return _heuristic(p, backward, impl)
     if timer is None and impl != "sm80":
@@ -481,7 +481,7 @@ def default_timer(p: NAProblem, t: Tiles, backward: bool, *, reps: int = 5,
     with jax.ensure_compile_time_eval():
         args = _random_operands(p, backward)
         if backward:
-            fn = jax.jit(lambda *a: fused._backward_call(p, *a, tiles=t))
+            fn = jax.jit(lambda *a: fused._backward_call(p, *a, tiles=t, impl=impl))
         elif impl is None:
             fn = jax.jit(lambda q, k, v: fused._forward_call(p, q, k, v, tiles=t))
         else:  # sm90 hook: the given forward kernel

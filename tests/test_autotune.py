@@ -293,7 +293,7 @@ def test_default_timer_runs_at_trace_time_on_fresh_operands(cache, monkeypatch):
         seen["fwd"].append(tiles)
         return q * 2, jnp.sum(q, axis=-1)
 
-    def fake_backward(p_, q, k, v, dout, lse, delta, tiles=None):
+    def fake_backward(p_, q, k, v, dout, lse, delta, tiles=None, impl=None):
         assert tiles is not None and lse.shape == delta.shape == q.shape[:-1]
         seen["bwd"].append(tiles)
         return q + dout, k * 2, v * 2
@@ -334,3 +334,17 @@ def test_default_timer_runs_at_trace_time_on_fresh_operands(cache, monkeypatch):
     assert autotune._inputs == {}  # operands released after tuning
     assert (tuple(got["fwd"]["q_tile"]), tuple(got["fwd"]["kv_tile"])) in fwd_cands
     assert (tuple(got["bwd"]["q_tile"]), tuple(got["bwd"]["kv_tile"])) in bwd_cands
+
+
+def test_backward_tiles_are_tuned_and_cached_per_backward_kernel(cache):
+    """NATTEN_JAX_FNA_BWD_IMPL=sm90 tiles are timed with the sm90 backward and cached apart."""
+    p = problem()
+    t80 = fake_timer()
+    autotune.select_tiles(p, backward=True, mode="on", timer=t80)
+    t90 = fake_timer()
+    autotune.select_tiles(p, backward=True, mode="on", timer=t90, impl="sm90")
+    assert t80.calls and t90.calls  # the sm80 entry did not serve the sm90 kernel
+    again = fake_timer()
+    autotune.select_tiles(p, backward=True, mode="on", timer=again, impl="sm90")
+    autotune.select_tiles(p, backward=True, mode="on", timer=again)
+    assert not again.calls

@@ -63,8 +63,8 @@ def can_run(p: NAProblem):
 def _attrs(p: NAProblem, tiles=None, backward=False, impl=None):
     # The cost model (choose_tiles), or the auto-tuner if NATTEN_JAX_AUTOTUNE is on/thorough.
     if backward:  # sm90 hook: NATTEN_JAX_FNA_BWD_IMPL (natten_jax.tiles.bwd_impl)
-        qt, kt = tiles or autotune.select_tiles(p, backward=True)
         impl = impl or tiles_mod.bwd_impl(p.head_dim)
+        qt, kt = tiles or autotune.select_tiles(p, backward=True, impl=impl)
     else:  # sm90 hook: the forward also picks its kernel (NATTEN_JAX_FNA_IMPL, natten_jax.tiles)
         if tiles is None:
             impl, (qt, kt) = autotune.select_config(p, impl=impl)
