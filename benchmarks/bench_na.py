@@ -39,14 +39,21 @@ import jax  # noqa: E402
 import natten_jax  # noqa: E402
 from benchmarks import peers, problems  # noqa: E402
 from benchmarks.timing import random_inputs, time_jax  # noqa: E402
+from natten_jax.tiles import BWD_IMPL_ENV, IMPL_ENV  # noqa: E402
 
-BACKENDS = ("fused", "fused_sm90", "reference")
-# Our backends that are the fused backend with a forward kernel forced through
-# $NATTEN_JAX_FNA_IMPL (read when a function is traced): timed side by side in one run.
-FUSED_IMPLS = {"fused_sm90": "sm90"}
+# Our backends that are the fused backend with its kernels forced through $NATTEN_JAX_FNA_IMPL
+# (forward) and $NATTEN_JAX_FNA_BWD_IMPL (backward), read when a function is traced: timed side
+# by side in one run. "fused" itself follows the environment (default: auto forward, sm80
+# backward).
+FUSED_IMPLS = {
+    "fused_sm80": {IMPL_ENV: "sm80", BWD_IMPL_ENV: "sm80"},
+    "fused_sm90": {IMPL_ENV: "sm90"},
+    "fused_sm90_bwd": {IMPL_ENV: "sm90", BWD_IMPL_ENV: "sm90"},
+}
+BACKENDS = ("fused", *FUSED_IMPLS, "reference")
 PEERS = ("cudnn", "flex", "xla")
-JOB_ORDER = (("ours", "fused"), ("ours", "fused_sm90"), ("peer", "cudnn"), ("peer", "xla"), ("peer", "flex"),
-             ("ours", "reference"))
+JOB_ORDER = (("ours", "fused"), *(("ours", n) for n in FUSED_IMPLS), ("peer", "cudnn"),
+             ("peer", "xla"), ("peer", "flex"), ("ours", "reference"))
 REFERENCE_AUTO_MAX_FLOPS = 2e10
 BWD_FACTOR = 2.5
 # H100 SXM figures of /work/shared/bench/peers-h100.md: dense cuDNN attention's practical
@@ -79,22 +86,21 @@ def visited_flops(p: problems.Problem):
 
 
 class _forced_impl:
-    """Sets $NATTEN_JAX_FNA_IMPL for one of FUSED_IMPLS until close() (no-op otherwise)."""
+    """Sets the environment of one of FUSED_IMPLS until close() (no-op otherwise)."""
 
     def __init__(self, name):
-        from natten_jax.tiles import IMPL_ENV
-
-        self.key, self.old = IMPL_ENV, os.environ.get(IMPL_ENV)
-        self.active = name in FUSED_IMPLS
-        if self.active:
-            os.environ[self.key] = FUSED_IMPLS[name]
+        self.env = FUSED_IMPLS.get(name, {})
+        self.old = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+        self.active = bool(self.env)
 
     def close(self):
         if self.active:
-            if self.old is None:
-                os.environ.pop(self.key, None)
-            else:
-                os.environ[self.key] = self.old
+            for k, old in self.old.items():
+                if old is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = old
             self.active = False
 
 
@@ -242,8 +248,9 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--problems", help="comma-separated names (default: all)")
-    ap.add_argument("--backends", help="comma-separated of fused,fused_sm90,reference (default: "
-                    "fused and reference; fused_sm90 = fused with NATTEN_JAX_FNA_IMPL=sm90; "
+    ap.add_argument("--backends", help="comma-separated of " + ",".join(BACKENDS) + " (default: "
+                    "fused and reference; fused_sm80 / fused_sm90 = fused with that forward kernel, "
+                    "fused_sm90_bwd = sm90 forward and backward; "
                     "reference only on small problems unless named here)")
     ap.add_argument("--peers", default=",".join(PEERS), help="comma-separated of cudnn,flex,xla "
                     "('' for none)")

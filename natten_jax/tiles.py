@@ -35,9 +35,8 @@ def _pair_cost(q_log2: int, head_dim: int, impl: str = "sm80") -> float:
 # ---- Forward kernel implementations (sm90 hook) ------------------------------------------------
 # "sm80": the mma.sync kernel (every GPU from sm_80 on); "sm90": the Hopper wgmma kernel
 # (compute capability 9.0, head dims 64 and 128; docs/perf-log.md v4). NATTEN_JAX_FNA_IMPL picks
-# one: sm80 (default for now; make sm90/auto the default once the full GPU suite has run on it),
-# sm90 (head dims it lacks fall back to sm80), or auto (sm90 where it runs; with
-# NATTEN_JAX_AUTOTUNE on, both are timed).
+# one: auto (default: sm90 where it runs, by the cost model; with NATTEN_JAX_AUTOTUNE on, both
+# are timed), sm80, or sm90 (head dims it lacks fall back to sm80).
 IMPL_ENV = "NATTEN_JAX_FNA_IMPL"
 IMPLS = ("sm80", "sm90")
 IMPL_SETTINGS = IMPLS + ("auto",)
@@ -55,18 +54,18 @@ BWD_IMPL_ENV = "NATTEN_JAX_FNA_BWD_IMPL"
 BWD_IMPL_SETTINGS = IMPLS
 
 
-def _env_setting(env: str, allowed) -> str:
-    """``$env`` lower-cased (default ``sm80``), validated against ``allowed``."""
+def _env_setting(env: str, allowed, default: str = "sm80") -> str:
+    """``$env`` lower-cased (``default`` when unset or empty), validated against ``allowed``."""
     raw = os.environ.get(env, "")
-    s = raw.strip().lower() or "sm80"
+    s = raw.strip().lower() or default
     if s not in allowed:
         raise ValueError(f"{env} must be one of {tuple(allowed)} (or unset), got {raw!r}")
     return s
 
 
 def impl_setting() -> str:
-    """``$NATTEN_JAX_FNA_IMPL`` (default ``sm80``), validated."""
-    return _env_setting(IMPL_ENV, IMPL_SETTINGS)
+    """``$NATTEN_JAX_FNA_IMPL`` (default ``auto``), validated."""
+    return _env_setting(IMPL_ENV, IMPL_SETTINGS, "auto")
 
 
 def bwd_impl_setting() -> str:

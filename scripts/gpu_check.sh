@@ -9,6 +9,9 @@
 #   NATTEN_JAX_CUDA_ARCHS  CUDA architectures to build (default "90a")
 #   PYTEST_MARK            pytest -m expression (default "gpu"; empty: every test)
 #   PYTEST_ARGS            extra pytest arguments, e.g. "-x -k window"
+#   PYTEST_SHARDS=n        n pytest processes side by side (default 1)
+#   PYTEST_LIMIT_S         time limit of each shard (exit 124 when it runs out)
+#   TESTS=0                build (and bench) only
 #   BENCH=1                also run `python3 -m benchmarks.bench_na $BENCH_ARGS --out $OUT/bench.json`
 #   BENCH_ARGS             default "--fwd-only --backends fused --peers cudnn --time-limit-s 240"
 #   SKIP_BUILD=1           reuse the module built by an earlier run
@@ -72,23 +75,52 @@ fi
 "$PY" -c "from natten_jax import _ffi; print('module:', _ffi.module_available(), sorted(_ffi.registrations()), _ffi.cuda_compiled_archs()); print('kernels available:', _ffi.cuda_kernels_available(), _ffi.unavailable_reason())" \
   2>&1 | tee "$OUT/module.log"
 
-# ---- (3) tests
+# ---- (3) tests: PYTEST_SHARDS=n runs n pytest processes side by side (tests/conftest.py takes
+# every n-th test), each with on-demand GPU memory; TESTS=0 skips this step.
 mark_args=()
 [ -n "$MARK" ] && mark_args=(-m "$MARK")
+SHARDS=${PYTEST_SHARDS:-1}
+rm -f "$OUT"/pytest*.xml "$OUT"/pytest*.log
 t0=$(now)
-# shellcheck disable=SC2086
-"$PY" -m pytest -q -rfE ${mark_args[@]+"${mark_args[@]}"} --junitxml="$OUT/pytest.xml" \
-  ${PYTEST_ARGS:-} > "$OUT/pytest.log" 2>&1
-test_rc=$?
+test_rc=0
+if [ "${TESTS:-1}" = 0 ]; then
+  test_rc=skipped
+elif [ "$SHARDS" -le 1 ]; then
+  # shellcheck disable=SC2086
+  "$PY" -m pytest -q -rfE ${mark_args[@]+"${mark_args[@]}"} --junitxml="$OUT/pytest.xml" \
+    ${PYTEST_ARGS:-} > "$OUT/pytest.log" 2>&1
+  test_rc=$?
+  tail -30 "$OUT/pytest.log"
+else
+  pids=()
+  for ((i = 0; i < SHARDS; i++)); do
+    # shellcheck disable=SC2086
+    NATTEN_JAX_TEST_SHARD="$i/$SHARDS" XLA_PYTHON_CLIENT_PREALLOCATE=false \
+      timeout "${PYTEST_LIMIT_S:-86400}" "$PY" -m pytest -q -rfE ${mark_args[@]+"${mark_args[@]}"} --junitxml="$OUT/pytest.$i.xml" \
+      ${PYTEST_ARGS:-} > "$OUT/pytest.$i.log" 2>&1 &
+    pids+=($!)
+  done
+  for ((i = 0; i < SHARDS; i++)); do
+    wait "${pids[$i]}"
+    rc_i=$?
+    echo "-- shard $i/$SHARDS: pytest exit $rc_i"
+    grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.$i.log" | tail -15
+    # exit 5 (nothing collected in this shard) is not a failure when others ran tests
+    [ "$rc_i" != 0 ] && [ "$rc_i" != 5 ] && test_rc=$rc_i
+  done
+fi
 test_time=$(elapsed "$t0" "$(now)")
-tail -30 "$OUT/pytest.log"
-test_counts=$("$PY" - "$OUT/pytest.xml" <<'PYEOF'
+test_counts=$("$PY" - "$OUT"/pytest*.xml <<'PYEOF'
 import sys, xml.etree.ElementTree as ET
-try:
-    root = ET.parse(sys.argv[1]).getroot()
-except Exception as e:  # no report
-    print(f"no junit report ({type(e).__name__})"); sys.exit()
-suites = [root] if root.tag == "testsuite" else list(root)
+suites = []
+for path in sys.argv[1:]:
+    try:
+        root = ET.parse(path).getroot()
+    except Exception as e:  # no report
+        print(f"no junit report {path} ({type(e).__name__})"); sys.exit()
+    suites += [root] if root.tag == "testsuite" else list(root)
+if not suites:
+    print("no junit report"); sys.exit()
 n = lambda k: sum(int(s.get(k, 0)) for s in suites)
 total, fail, err, skip = n("tests"), n("failures"), n("errors"), n("skipped")
 print(f"{total - fail - err - skip} passed, {fail} failed, {err} errors, {skip} skipped")
@@ -96,6 +128,7 @@ PYEOF
 )
 case $test_rc in
   0) test_status=ok ;;
+  skipped) test_status="skipped (TESTS=0)" ;;
   5) test_status="NO TESTS RAN (pytest exit 5)" ;;
   *) test_status="FAILED (pytest exit $test_rc)" ;;
 esac
@@ -124,9 +157,9 @@ fi
   echo
   echo "================ natten_jax GPU check summary ================"
   printf "%-8s %s\n" "build" "$build_status (${build_time} s, archs $ARCHS)"
-  printf "%-8s %s\n" "tests" "$test_status: $test_counts in ${test_time} s (-m '${MARK}' ${PYTEST_ARGS:-})"
+  printf "%-8s %s\n" "tests" "$test_status: $test_counts in ${test_time} s (-m '${MARK}' ${PYTEST_ARGS:-}, $SHARDS shard(s))"
   printf "%-8s %s\n" "bench" "$bench_status"
   printf "%-8s %s\n" "logs" "$OUT"
 } | tee "$OUT/summary.txt"
 
-[ "$build_status" != FAILED ] && [ "$test_rc" = 0 ] && [[ "$bench_status" != FAILED* ]]
+[ "$build_status" != FAILED ] && { [ "$test_rc" = 0 ] || [ "$test_rc" = skipped ]; } && [[ "$bench_status" != FAILED* ]]

@@ -5,8 +5,13 @@
 #
 #   STEPS=sanitize,bench bash scripts/gpu_session.sh
 #
+# The build comes first; the sanitize step then runs in the background, beside the GPU tests
+# (PYTEST_SHARDS pytest processes, default 4); the other steps run after both, one by one.
+#
 # Steps:
-#   sanitize     compute-sanitizer memcheck + racecheck on scripts/sanitize_fna.py
+#   sanitize     compute-sanitizer memcheck + racecheck on scripts/sanitize_fna.py, twice side by
+#                side: default kernels, and the sm90 forward + backward (NATTEN_JAX_FNA_IMPL=sm90,
+#                NATTEN_JAX_FNA_BWD_IMPL=sm90)
 #   bench        python -m benchmarks.bench_na $BENCH_ARGS (fwd+bwd, peers)
 #   sm90         python scripts/check_fna_sm90.py (if present)
 #   unfused      python -m benchmarks.unfused_bench $UNFUSED_ARGS (if present)
@@ -30,20 +35,39 @@ run_step() {  # name, limit_s, command...
   return $rc
 }
 
-bash scripts/gpu_check.sh > "$OUT/gpu_check.log" 2>&1
-check_rc=$?
+TESTS=0 bash scripts/gpu_check.sh > "$OUT/gpu_build.log" 2>&1
+build_rc=$?
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 IFS=, read -ra steps <<< "${STEPS:-}"
+
+sanitize_chain() {  # tag, env assignments...: memcheck then racecheck under that environment
+  local tag=$1
+  shift
+  run_step "memcheck_$tag" "${MEMCHECK_LIMIT_S:-240}" env "$@" compute-sanitizer --tool memcheck \
+    --error-exitcode 9 python3 scripts/sanitize_fna.py
+  run_step "racecheck_$tag" "${RACECHECK_LIMIT_S:-300}" env "$@" compute-sanitizer --tool racecheck \
+    --error-exitcode 9 python3 scripts/sanitize_fna.py
+}
+bg=()
+if [ "$build_rc" = 0 ] && [[ ",${STEPS:-}," == *,sanitize,* ]]; then
+  sanitize_chain default XLA_PYTHON_CLIENT_PREALLOCATE=false & bg+=($!)
+  sanitize_chain sm90 XLA_PYTHON_CLIENT_PREALLOCATE=false NATTEN_JAX_FNA_IMPL=sm90 \
+    NATTEN_JAX_FNA_BWD_IMPL=sm90 & bg+=($!)
+fi
+if [ "$build_rc" = 0 ]; then
+  SKIP_BUILD=1 PYTEST_SHARDS=${PYTEST_SHARDS:-4} bash scripts/gpu_check.sh > "$OUT/gpu_check.log" 2>&1
+  check_rc=$?
+else
+  cp "$OUT/gpu_build.log" "$OUT/gpu_check.log"
+  check_rc=$build_rc
+fi
+for p in "${bg[@]}"; do wait "$p"; done
 for s in "${steps[@]}"; do
   case $s in
-    sanitize)
-      run_step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
-        python3 scripts/sanitize_fna.py
-      run_step racecheck 200 compute-sanitizer --tool racecheck --error-exitcode 9 \
-        python3 scripts/sanitize_fna.py ;;
+    sanitize) ;;  # ran beside the tests
     bench)
       run_step bench_na "${BENCH_LIMIT_S:-300}" python3 -m benchmarks.bench_na \
-        ${BENCH_ARGS:---backends fused,fused_sm90 --peers cudnn --time-limit-s 200} \
+        ${BENCH_ARGS:---backends fused,fused_sm80,fused_sm90 --peers cudnn --time-limit-s 200} \
         --out "$OUT/bench_na.json" ;;
     sm90)
       [ -f scripts/check_fna_sm90.py ] && run_step sm90 "${SM90_LIMIT_S:-150}" python3 scripts/check_fna_sm90.py ;;
@@ -66,8 +90,8 @@ tail -25 "$OUT/gpu_check.log"
 for f in "$OUT"/bench_na.log "$OUT"/sm90.log "$OUT"/unfused.log "$OUT"/bench_all.log; do
   [ -f "$f" ] && { echo "---- $(basename "$f") (tail)"; tail -30 "$f" | cut -c1-160; }
 done
-for f in "$OUT"/memcheck.log "$OUT"/racecheck.log; do
-  [ -f "$f" ] && { echo "---- $(basename "$f")"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|rank" "$f"; }
+for f in "$OUT"/memcheck_*.log "$OUT"/racecheck_*.log; do
+  [ -f "$f" ] && { echo "---- $(basename "$f")"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|rank|Error" "$f" | head -12; }
 done
 echo "================ session summary ================"
 echo "gpu_check rc=$check_rc"

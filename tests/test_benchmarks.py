@@ -240,10 +240,15 @@ def test_fused_sm90_backend_forces_the_impl_only_while_it_runs(monkeypatch):
     from natten_jax import tiles
 
     monkeypatch.delenv(tiles.IMPL_ENV, raising=False)
+    monkeypatch.delenv(tiles.BWD_IMPL_ENV, raising=False)
     forced = bench_na._forced_impl("fused_sm90")
     assert tiles.impl_setting() == "sm90"
     forced.close()
-    assert tiles.impl_setting() == "sm80"
+    assert tiles.impl_setting() == "auto" and tiles.BWD_IMPL_ENV not in os.environ
+    forced = bench_na._forced_impl("fused_sm90_bwd")
+    assert tiles.impl_setting() == "sm90" and tiles.bwd_impl_setting() == "sm90"
+    forced.close()
+    assert tiles.bwd_impl_setting() == "sm80"
     monkeypatch.setenv(tiles.IMPL_ENV, "auto")
     bench_na._forced_impl("fused").close()
     assert tiles.impl_setting() == "auto"

@@ -138,7 +138,7 @@ def _problem(D=64):
 
 def test_impl_setting(monkeypatch):
     monkeypatch.delenv(IMPL_ENV, raising=False)
-    assert tiles.impl_setting() == "sm80"
+    assert tiles.impl_setting() == "auto"
     for s in ("sm80", "SM90", " auto "):
         monkeypatch.setenv(IMPL_ENV, s)
         assert tiles.impl_setting() == s.strip().lower()
