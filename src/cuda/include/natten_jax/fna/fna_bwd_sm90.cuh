@@ -875,6 +875,9 @@ __device__ __forceinline__ void dkv_consume(const FnaBwdParams& bp, const GroupI
     reg_fence(dk);
     reg_fence(pa);
     reg_fence(sa);
+    // Every lane's lse / delta reads of this stage happen before lane 0 frees it (the wgmma
+    // above already orders them; the warp barrier states it, for racecheck too).
+    __syncwarp();
     mbar_arrive_if(bar_empty + 8 * stage, lane == 0);
   }
 
