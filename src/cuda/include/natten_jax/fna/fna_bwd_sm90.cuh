@@ -875,10 +875,10 @@ __device__ __forceinline__ void dkv_consume(const FnaBwdParams& bp, const GroupI
     reg_fence(dk);
     reg_fence(pa);
     reg_fence(sa);
-    // Every lane's lse / delta reads of this stage happen before lane 0 frees it (the wgmma
-    // above already orders them; the warp barrier states it, for racecheck too).
-    __syncwarp();
-    mbar_arrive_if(bar_empty + 8 * stage, lane == 0);
+    // Every thread frees the stage itself: its own lse / delta reads of the stage are then
+    // ordered before the producer's next cp.async into it (one arrival per warp, after the warp
+    // collective wgmma, orders them too, but racecheck flags the other lanes' reads).
+    mbar_arrive_if(bar_empty + 8 * stage, true);
   }
 
   // ---- Epilogue. Both consumers are done with every stage and with K / V: warpgroup 0 hands
@@ -960,7 +960,7 @@ __global__ void __launch_bounds__(DkvConfig<D>::kThreads, DkvConfig<D>::kMinBloc
 #pragma unroll 1
     for (int s = 0; s < Cfg::kStages; ++s) {
       mbar_init(bar_full + 8 * s, kWG);                 // full: producer threads
-      mbar_init(bar_full + 8 * (Cfg::kStages + s), 4);  // empty: the owning consumer's warps
+      mbar_init(bar_full + 8 * (Cfg::kStages + s), kWG);  // empty: the owning consumer's threads
     }
     mbar_init(bar_full + 16 * Cfg::kStages, kWG);       // K and V loaded
     mbar_init_fence();
