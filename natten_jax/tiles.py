@@ -47,14 +47,15 @@ SM90_HEAD_DIMS = (64, 128)
 _SM90_PAIR_COST = {6: 0.60, 7: 0.55}
 
 
-# Backward kernel implementations (sm90 hook): NATTEN_JAX_FNA_BWD_IMPL=sm80 (default) or sm90
-# (the wgmma dK/dV and dQ kernels, opt-in: docs/perf-log.md "Backward v2"; head dims other
-# than 64 / 128 stay on sm80). Read when a function is traced, like NATTEN_JAX_FNA_IMPL.
+# Backward kernel implementations (sm90 hook): NATTEN_JAX_FNA_BWD_IMPL=auto (default: the sm90
+# wgmma dK/dV and dQ kernels where they run, docs/perf-log.md "Backward v2"), sm80 or sm90; head
+# dims other than 64 / 128 stay on sm80 (natten_jax.autotune.bwd_impl). Read when a function is
+# traced, like NATTEN_JAX_FNA_IMPL.
 BWD_IMPL_ENV = "NATTEN_JAX_FNA_BWD_IMPL"
-BWD_IMPL_SETTINGS = IMPLS
+BWD_IMPL_SETTINGS = IMPL_SETTINGS
 
 
-def _env_setting(env: str, allowed, default: str = "sm80") -> str:
+def _env_setting(env: str, allowed, default: str) -> str:
     """``$env`` lower-cased (``default`` when unset or empty), validated against ``allowed``."""
     raw = os.environ.get(env, "")
     s = raw.strip().lower() or default
@@ -69,15 +70,8 @@ def impl_setting() -> str:
 
 
 def bwd_impl_setting() -> str:
-    """``$NATTEN_JAX_FNA_BWD_IMPL`` (default ``sm80``), validated."""
-    return _env_setting(BWD_IMPL_ENV, BWD_IMPL_SETTINGS)
-
-
-def bwd_impl(head_dim: int) -> str:
-    """The backward kernels for ``head_dim``: the setting where it supports the head dim, else
-    ``sm80``."""
-    s = bwd_impl_setting()
-    return s if impl_supports(s, head_dim) else "sm80"
+    """``$NATTEN_JAX_FNA_BWD_IMPL`` (default ``auto``), validated."""
+    return _env_setting(BWD_IMPL_ENV, BWD_IMPL_SETTINGS, "auto")
 
 
 def impl_supports(impl: str, head_dim: int) -> bool:

@@ -76,8 +76,9 @@ for s in "${steps[@]}"; do
         python3 -m benchmarks.unfused_bench ${UNFUSED_ARGS:---time-limit-s 150} \
         --out "$OUT/unfused.json" --md "$OUT/unfused.md" ;;
     all)
-      [ -f scripts/gpu_bench_all.sh ] && SKIP_BUILD=1 run_step bench_all "${ALL_LIMIT_S:-480}" \
-        bash scripts/gpu_bench_all.sh ;;
+      # (its own STEPS: ALL_STEPS, default all of them)
+      [ -f scripts/gpu_bench_all.sh ] && run_step bench_all "${ALL_LIMIT_S:-480}" env SKIP_BUILD=1 \
+        STEPS="${ALL_STEPS:-autotune,sweep,models}" bash scripts/gpu_bench_all.sh ;;
     "") ;;
     *) echo "unknown step $s" >> "$SUMMARY" ;;
   esac

@@ -15,7 +15,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import natten_jax  # noqa: E402
-from natten_jax import tiles  # noqa: E402
+from natten_jax import autotune, tiles  # noqa: E402
 
 CASES = [
     (natten_jax.na1d, (70,), 9, 2, 3, True, 64),
@@ -32,4 +32,4 @@ for i, (f, sp, k, s, d, c, D) in enumerate(CASES):
         jnp.float32) ** 2), argnums=(0, 1, 2))(q, kk, v)
     finite = all(bool(jnp.isfinite(g.astype(jnp.float32)).all()) for g in (out, *grads))
     print(f"rank {len(sp)} ok", out.shape, "finite:", finite, f"(head dim {D}: forward setting "
-          f"{tiles.impl_setting()}, backward {tiles.bwd_impl(D)})")
+          f"{tiles.impl_setting()}, backward {autotune.bwd_impl(D)})")

@@ -248,7 +248,7 @@ def test_fused_sm90_backend_forces_the_impl_only_while_it_runs(monkeypatch):
     forced = bench_na._forced_impl("fused_sm90_bwd")
     assert tiles.impl_setting() == "sm90" and tiles.bwd_impl_setting() == "sm90"
     forced.close()
-    assert tiles.bwd_impl_setting() == "sm80"
+    assert tiles.bwd_impl_setting() == "auto" and tiles.BWD_IMPL_ENV not in os.environ
     monkeypatch.setenv(tiles.IMPL_ENV, "auto")
     bench_na._forced_impl("fused").close()
     assert tiles.impl_setting() == "auto"

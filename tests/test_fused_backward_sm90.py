@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import natten_jax
-from natten_jax import tiles
+from natten_jax import autotune, tiles
 from natten_jax.backends import fused
 from natten_jax.checks import check_na_call
 from test_fused import CASES, TOL, _inputs, _rel
@@ -155,21 +155,32 @@ def _problem(D=64):
 
 def test_bwd_impl_setting(monkeypatch):
     monkeypatch.delenv(BWD_ENV, raising=False)
-    assert tiles.bwd_impl_setting() == "sm80"
-    for s in ("sm80", " SM90 "):
+    assert tiles.bwd_impl_setting() == "auto"
+    for s in ("sm80", " SM90 ", "Auto"):
         monkeypatch.setenv(BWD_ENV, s)
         assert tiles.bwd_impl_setting() == s.strip().lower()
-    for bad in ("auto", "sm100"):
+    for bad in ("sm100", "fast"):
         monkeypatch.setenv(BWD_ENV, bad)
         with pytest.raises(ValueError, match=BWD_ENV):
             tiles.bwd_impl_setting()
     monkeypatch.setenv(BWD_ENV, "sm90")
-    assert [tiles.bwd_impl(d) for d in (32, 64, 128)] == ["sm80", "sm90", "sm90"]
+    assert [autotune.bwd_impl(d) for d in (32, 64, 128)] == ["sm80", "sm90", "sm90"]
+    monkeypatch.setattr(autotune, "sm90_runs", lambda: False)
+    assert [autotune.bwd_impl(d) for d in (32, 64, 128)] == ["sm80", "sm90", "sm90"]
+    for s in ("auto", ""):  # the default: sm90 where it runs
+        monkeypatch.setenv(BWD_ENV, s)
+        assert [autotune.bwd_impl(d) for d in (32, 64, 128)] == ["sm80"] * 3
+        monkeypatch.setattr(autotune, "sm90_runs", lambda: True)
+        assert [autotune.bwd_impl(d) for d in (32, 64, 128)] == ["sm80", "sm90", "sm90"]
+        monkeypatch.setattr(autotune, "sm90_runs", lambda: False)
+    monkeypatch.setenv(BWD_ENV, "sm80")
+    monkeypatch.setattr(autotune, "sm90_runs", lambda: True)
+    assert [autotune.bwd_impl(d) for d in (32, 64, 128)] == ["sm80"] * 3
 
 
 def test_backward_attrs_carry_bwd_impl(monkeypatch):
     p = _problem()
-    monkeypatch.delenv(BWD_ENV, raising=False)
+    monkeypatch.setenv(BWD_ENV, "sm80")
     monkeypatch.setenv(tiles.IMPL_ENV, "sm90")  # the forward's switch does not move the backward
     assert fused._attrs(p, backward=True)["impl"] == 0
     monkeypatch.setenv(BWD_ENV, "sm90")

@@ -149,13 +149,13 @@ def test_impl_setting(monkeypatch):
 
 
 def test_impl_candidates(monkeypatch):
-    monkeypatch.setattr(autotune, "hopper_device", lambda: True)
+    monkeypatch.setattr(autotune, "sm90_runs", lambda: True)
     monkeypatch.setenv(IMPL_ENV, "sm90")
     assert autotune.impl_candidates(64) == ("sm90",)
     assert autotune.impl_candidates(32) == ("sm80",)  # no sm90 kernel at head dim 32
     monkeypatch.setenv(IMPL_ENV, "auto")
     assert autotune.impl_candidates(128) == ("sm80", "sm90")
-    monkeypatch.setattr(autotune, "hopper_device", lambda: False)
+    monkeypatch.setattr(autotune, "sm90_runs", lambda: False)
     assert autotune.impl_candidates(128) == ("sm80",)
     monkeypatch.setenv(IMPL_ENV, "sm80")
     assert autotune.impl_candidates(128) == ("sm80",)
@@ -166,8 +166,13 @@ def test_attrs_carry_impl(monkeypatch):
     p = _problem()
     monkeypatch.delenv(IMPL_ENV, raising=False)
     monkeypatch.delenv(tiles.BWD_IMPL_ENV, raising=False)
+    monkeypatch.setattr(autotune, "sm90_runs", lambda: False)  # auto, where sm90 cannot run
     assert fused._attrs(p)["impl"] == 0
     assert fused._attrs(p, backward=True)["impl"] == 0
+    monkeypatch.setattr(autotune, "sm90_runs", lambda: True)  # auto on a Hopper GPU
+    assert fused._attrs(p)["impl"] == 1
+    assert fused._attrs(p, backward=True)["impl"] == 1
+    monkeypatch.setenv(tiles.BWD_IMPL_ENV, "sm80")
     monkeypatch.setenv(IMPL_ENV, "sm90")
     a = fused._attrs(p)
     assert a["impl"] == 1
@@ -190,7 +195,7 @@ def test_autotune_keys_and_config(monkeypatch, tmp_path):
     kb80 = autotune.problem_key(p, True, device="H100")
     kb90 = autotune.problem_key(p, True, device="H100", impl="sm90")  # the sm90 backward
     assert kb80 != kb90 and "impl=sm90" in kb90 and "impl" not in kb80 and kb90 != k90
-    monkeypatch.setattr(autotune, "hopper_device", lambda: True)
+    monkeypatch.setattr(autotune, "sm90_runs", lambda: True)
     monkeypatch.setattr(autotune, "device_kind", lambda: "H100")
     monkeypatch.setenv(IMPL_ENV, "auto")
     # Tuning off: the cost model (sm90's predicted per-pair cost is lower).

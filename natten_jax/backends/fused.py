@@ -62,8 +62,8 @@ def can_run(p: NAProblem):
 
 def _attrs(p: NAProblem, tiles=None, backward=False, impl=None):
     # The cost model (choose_tiles), or the auto-tuner if NATTEN_JAX_AUTOTUNE is on/thorough.
-    if backward:  # sm90 hook: NATTEN_JAX_FNA_BWD_IMPL (natten_jax.tiles.bwd_impl)
-        impl = impl or tiles_mod.bwd_impl(p.head_dim)
+    if backward:  # sm90 hook: NATTEN_JAX_FNA_BWD_IMPL (natten_jax.autotune.bwd_impl)
+        impl = impl or autotune.bwd_impl(p.head_dim)
         qt, kt = tiles or autotune.select_tiles(p, backward=True, impl=impl)
     else:  # sm90 hook: the forward also picks its kernel (NATTEN_JAX_FNA_IMPL, natten_jax.tiles)
         if tiles is None:
@@ -123,7 +123,7 @@ def _forward_call(p: NAProblem, q, k, v, tiles=None, impl=None):
 def _backward_call(p: NAProblem, q, k, v, dout, lse, delta, tiles=None, impl=None):
     """The backward custom call -> (dq, dk, dv); delta = rowsum(dO * O) - d(lse). ``impl``:
     ``sm80`` or ``sm90`` (default: ``NATTEN_JAX_FNA_BWD_IMPL``, see
-    :func:`natten_jax.tiles.bwd_impl`)."""
+    :func:`natten_jax.autotune.bwd_impl`)."""
     _ffi.register()
     out_types = lambda q, k, v, *_: (jax.ShapeDtypeStruct(q.shape, q.dtype),  # noqa: E731
                                      jax.ShapeDtypeStruct(k.shape, k.dtype),
