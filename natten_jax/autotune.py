@@ -67,6 +67,10 @@ MODES = ("off", "on", "thorough")
 CACHE_FILE = "autotune-v1.json"
 CACHE_FORMAT = 1
 TOP_K = 6  # candidates timed in mode "on"
+# A timed candidate (tiles, or a kernel implementation) replaces the cost model's choice only when
+# it is faster by more than this share: closer than that is timing noise (run-to-run spread on
+# the H100 ~1%; device run 5 of 2026-11-23 "tuned" 2d_nat_t to tiles 4% slower on a 0.4% lead).
+TUNE_MARGIN = 0.02
 
 Tiles = Tuple[Tuple[int, ...], Tuple[int, ...]]
 Timer = Callable[[NAProblem, Tiles, bool], float]
@@ -343,7 +347,7 @@ def select_tiles(p: NAProblem, *, backward: bool = False, mode: Optional[str] = 
     mode = resolve_mode(mode)
     if mode == "off":
         return _heuristic(p, backward, impl)
-    if timer is None and impl != "sm80":
+    if timer is None:  # time the kernel the entry is for, whatever the environment selects
         timer = functools.partial(default_timer, impl=impl)
     path = cache_path()
     key = problem_key(p, backward, impl=impl)
@@ -374,6 +378,15 @@ def select_tiles(p: NAProblem, *, backward: bool = False, mode: Optional[str] = 
         return _usable(p, backward, entry, mode)
 
 
+def _pick(times: Dict, preferred, order: Callable):
+    """The fastest key of ``times`` (ties by ``order``), or ``preferred`` (the cost model's
+    choice) when it is within TUNE_MARGIN of the fastest."""
+    best = min(times, key=lambda k: (times[k], order(k)))
+    if preferred in times and times[preferred] <= times[best] * (1 + TUNE_MARGIN):
+        return preferred
+    return best
+
+
 def _tune(p: NAProblem, backward: bool, mode: str, timer: Timer, top_k: int,
           impl: str = "sm80") -> dict:
     cands = candidates(p, backward, mode, top_k, impl)
@@ -400,7 +413,7 @@ def _tune(p: NAProblem, backward: bool, mode: str, timer: Timer, top_k: int,
                       RuntimeWarning, stacklevel=3)
     if not times:  # keep the cost model's choice for this process, do not persist
         return {"mode": mode, "failed": True}
-    best = min(times, key=lambda t: (times[t], cands.index(t)))
+    best = _pick(times, heuristic, cands.index)
     return {
         "mode": mode,
         "q_tile": list(best[0]),
@@ -482,9 +495,7 @@ def default_timer(p: NAProblem, t: Tiles, backward: bool, *, reps: int = 5,
         args = _random_operands(p, backward)
         if backward:
             fn = jax.jit(lambda *a: fused._backward_call(p, *a, tiles=t, impl=impl))
-        elif impl is None:
-            fn = jax.jit(lambda q, k, v: fused._forward_call(p, q, k, v, tiles=t))
-        else:  # sm90 hook: the given forward kernel
+        else:
             fn = jax.jit(lambda q, k, v: fused._forward_call(p, q, k, v, tiles=t, impl=impl))
         jax.block_until_ready(fn(*args))  # compile + first run
         t0 = time.perf_counter()
@@ -576,11 +587,11 @@ def select_config(p: NAProblem, *, mode: Optional[str] = None, timer: Optional[T
     if resolve_mode(mode) == "off":
         best = resolve_impl(p)
         return best, _heuristic(p, False, best)
-    results = []
+    tiles_of, seconds_of = {}, {}
     for i in impls:
-        t = select_tiles(p, mode=mode, timer=timer, top_k=top_k, impl=i)
+        tiles_of[i] = select_tiles(p, mode=mode, timer=timer, top_k=top_k, impl=i)
         entry = _memory_for(cache_path()).get(problem_key(p, False, impl=i)) or {}
         seconds = entry.get("seconds")
-        results.append((seconds if isinstance(seconds, (int, float)) else math.inf, i, t))
-    _, best, t = min(results, key=lambda r: (r[0], impls.index(r[1])))
-    return best, t
+        seconds_of[i] = seconds if isinstance(seconds, (int, float)) else math.inf
+    best = _pick(seconds_of, resolve_impl(p), impls.index)
+    return best, tiles_of[best]

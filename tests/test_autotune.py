@@ -35,7 +35,7 @@ def fake_timer(counter=None, delay=0.0):
     Each call appends "pid tiles" to ``counter`` (a file) when given."""
     calls = []
 
-    def timer(p, t, backward):
+    def timer(p, t, backward, *, impl=None):
         calls.append(t)
         if counter is not None:
             with open(counter, "a") as f:
@@ -288,7 +288,7 @@ def test_default_timer_runs_at_trace_time_on_fresh_operands(cache, monkeypatch):
     p = problem(dtype="float32", spatial=(8, 16))
     seen = {"fwd": [], "bwd": [], "operands": []}
 
-    def fake_forward(p_, q, k, v, tiles=None):
+    def fake_forward(p_, q, k, v, tiles=None, impl=None):
         assert tiles is not None
         seen["fwd"].append(tiles)
         return q * 2, jnp.sum(q, axis=-1)
@@ -348,3 +348,52 @@ def test_backward_tiles_are_tuned_and_cached_per_backward_kernel(cache):
     autotune.select_tiles(p, backward=True, mode="on", timer=again, impl="sm90")
     autotune.select_tiles(p, backward=True, mode="on", timer=again)
     assert not again.calls
+
+
+def test_default_timer_times_the_kernel_of_the_entry(cache, monkeypatch):
+    """Each cache entry is timed with its own kernel, whatever NATTEN_JAX_FNA_IMPL selects (the
+    sm80 entry of device run 5 was timed with the sm90 kernel under `auto`)."""
+    seen = []
+
+    def timer(p, t, backward, *, impl=None):
+        seen.append((backward, impl))
+        return 1.0
+
+    monkeypatch.setattr(autotune, "default_timer", timer)
+    monkeypatch.setenv(tiles.IMPL_ENV, "auto")
+    p = problem()
+    for backward in (False, True):
+        for impl in ("sm80", "sm90"):
+            autotune.select_tiles(p, backward=backward, mode="on", impl=impl)
+    assert sorted(set(seen)) == [(False, "sm80"), (False, "sm90"), (True, "sm80"), (True, "sm90")]
+
+
+@pytest.mark.parametrize("lead, keeps", [(0.01, True), (0.05, False)])
+def test_a_winner_inside_the_noise_margin_keeps_the_cost_models_choice(cache, lead, keeps):
+    p = problem()
+    h = heuristic(p)
+    other = next(t for t in autotune.candidates(p, False, "on") if t != h)
+
+    def timer(p_, t, backward):
+        return {h: 1.0, other: 1.0 - lead}.get(t, 2.0)
+
+    got = autotune.select_tiles(p, mode="on", timer=timer)
+    assert got == (h if keeps else other)
+    assert autotune.TUNE_MARGIN == 0.02
+
+
+def test_implementation_choice_keeps_the_cost_models_impl_inside_the_margin(cache, monkeypatch):
+    monkeypatch.setattr(autotune, "sm90_runs", lambda: True)
+    monkeypatch.setenv(tiles.IMPL_ENV, "auto")
+    p = problem()
+    preferred = autotune.resolve_impl(p)
+    other = "sm80" if preferred == "sm90" else "sm90"
+    for lead, want in ((0.01, preferred), (0.10, other)):
+        autotune.clear_memory_cache()
+        timers = {i: (lambda p_, t, b, s=(1.0 - lead if i == other else 1.0): s)
+                  for i in ("sm80", "sm90")}
+        monkeypatch.setattr(autotune, "default_timer",
+                            lambda p_, t, b, *, impl=None: timers[impl](p_, t, b))
+        monkeypatch.setenv(autotune.CACHE_DIR_ENV, str(cache / f"lead{lead}"))
+        impl, _ = autotune.select_config(p, mode="on")
+        assert impl == want
