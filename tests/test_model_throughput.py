@@ -162,3 +162,27 @@ def test_quick_cli_end_to_end(tmp_path):
         # model, params, GMACs, reference, fused, dense, fused/ref, fused/dense
         assert len(cells) == 8 and float(cells[3].replace(",", "")) > 0
         assert cells[4] == "-" and float(cells[5].replace(",", "")) > 0
+
+
+def test_dense_cudnn_falls_back_to_xla_where_cudnn_rejects_the_shape(monkeypatch):
+    import argparse
+
+    from benchmarks import model_throughput as mt
+
+    seen = []
+
+    def fake_measure(variant, backend, dtype, mode, batches, args):
+        seen.append(args.dense_impl)
+        if args.dense_impl == "cudnn":
+            raise NotImplementedError("Unsupported sequence length Q 49, KV 49.")
+        return {"ms": 1.0}
+
+    monkeypatch.setattr(mt, "measure", fake_measure)
+    args = argparse.Namespace(dense_impl="cudnn", batch=2)
+    row = {"impl": "cudnn"}
+    assert mt.measure_dense_fallback("nat_mini", "dense", "bfloat16", "train", None, args,
+                                     row) == {"ms": 1.0}
+    assert seen == ["cudnn", "xla"] and row["impl"] == "xla" and "49" in row["fallback"]
+    assert args.dense_impl == "cudnn"  # the caller's arguments are untouched
+    with pytest.raises(NotImplementedError):  # other backends: the error stands
+        mt.measure_dense_fallback("nat_mini", "fused", "bfloat16", "train", None, args, {})
