@@ -105,6 +105,25 @@ def _inputs(ci, dtype):
         d_out=jnp.asarray(n(B, *S, H, Dv), dt))
 
 
+@functools.lru_cache(maxsize=None)
+def _ref_qk(ci, dtype):
+    """float64 reference logits and gradients of a case's inputs in ``dtype`` (shared by the
+    gemm and naive tests of the case)."""
+    x = _inputs(ci, dtype)
+    rpb = x["rpb"]
+    want, vjp_ref = jax.vjp(_qk_fn(ci, "reference"), _f64(x["q"]), _f64(x["k"]),
+                            None if rpb is None else _f64(rpb))
+    return (want, *vjp_ref(_f64(x["d_logits"])))
+
+
+@functools.lru_cache(maxsize=None)
+def _ref_av(ci, dtype):
+    """float64 reference output and gradients (see :func:`_ref_qk`)."""
+    x = _inputs(ci, dtype)
+    want, vjp_ref = jax.vjp(_av_fn(ci, "reference"), _f64(x["attn"]), _f64(x["v"]))
+    return (want, *vjp_ref(_f64(x["d_out"])))
+
+
 def _qk_fn(ci, backend):
     S, ks, di, ca, *_ = _norm(CASES[ci])
     return lambda q, k, b: unfused.na_qk_generic(len(S), q, k, ks, di, ca, b, backend=backend)
@@ -123,12 +142,10 @@ def test_qk_and_grads(ci, impl, dtype):
     q, k, rpb, ct = x["q"], x["k"], x["rpb"], x["d_logits"]
     tol = TOL[dtype]
     got, vjp = jax.vjp(_qk_fn(ci, impl), q, k, rpb)
-    want, vjp_ref = jax.vjp(_qk_fn(ci, "reference"), _f64(q), _f64(k),
-                            None if rpb is None else _f64(rpb))
+    want, rq, rk, rrpb = _ref_qk(ci, dtype)
     assert got.dtype == q.dtype
     _close(got, want, tol, "logits")
     dq, dk, drpb = vjp(ct)
-    rq, rk, rrpb = vjp_ref(_f64(ct))
     assert dq.dtype == q.dtype and dk.dtype == k.dtype
     _close(dq, rq, tol, "d_query")
     _close(dk, rk, tol, "d_key")
@@ -145,11 +162,10 @@ def test_av_and_grads(ci, impl, dtype):
     a, v, ct = x["attn"], x["v"], x["d_out"]
     tol = TOL[dtype]
     got, vjp = jax.vjp(_av_fn(ci, impl), a, v)
-    want, vjp_ref = jax.vjp(_av_fn(ci, "reference"), _f64(a), _f64(v))
+    want, ra, rv = _ref_av(ci, dtype)
     assert got.dtype == v.dtype
     _close(got, want, tol, "output")
     da, dv = vjp(ct)
-    ra, rv = vjp_ref(_f64(ct))
     _close(da, ra, tol, "d_attn")
     assert not np.any(_np(da)[~np.broadcast_to(np.isfinite(_np(a)), da.shape)]), \
         "d_attn must be 0 off the window"
