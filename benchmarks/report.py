@@ -26,7 +26,8 @@ import statistics
 import sys
 from typing import Dict, List, Optional, Tuple
 
-IMPL_ORDER = ("fused", "reference", "cudnn", "xla", "flex")
+# The order implementations run in (benchmarks.sweep) and appear in the tables.
+IMPL_ORDER = ("fused", "gemm", "naive", "reference", "cudnn", "xla", "flex")
 MODES = (("fwd", "fwd"), ("fwd_bwd", "fwd+bwd"))
 DTYPE_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}

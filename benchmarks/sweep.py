@@ -1,6 +1,6 @@
 """Sweep a deterministic grid of neighborhood-attention problems (the paper's section 4 style).
 
-  python -m benchmarks.sweep [--rank 1,2,3] [--dtype float16,bfloat16] [--backends fused,reference]
+  python -m benchmarks.sweep [--rank 1,2,3] [--dtype float16,bfloat16] [--backends fused,gemm,naive,reference]
       [--peers cudnn] [--size small|medium|paper] [--fwd-only] [--time-limit-s N]
       [--out sweep.json] [--md docs/sweep.md] [--plots docs/plots/] [--quick] [--list]
 
@@ -11,8 +11,8 @@ heads) under the size's caps on elements (B*T*H*D) and dense work (4*B*H*T^2*D, 
 The same arguments always give the same grid (it is stored in the JSON too). Ranks are
 interleaved (1-D, 2-D, 3-D, 1-D, ...) so that a time-limited run still covers every rank.
 
-Per problem and dtype every implementation runs on the same inputs: our backends (fused, and
-reference on problems up to --reference-max-gflop) and the peers of benchmarks/peers.py (cuDNN
+Per problem and dtype every implementation runs on the same inputs: our backends (fused, gemm,
+and naive and reference on problems up to --reference-max-gflop) and the peers of benchmarks/peers.py (cuDNN
 dense, XLA masked dense, torch Flex). Timing through benchmarks.timing.time_jax (jitted loop of
 calls when it fits the budget). Every failure is recorded in its row and the run goes on; a CUDA
 error that leaves the device unusable (illegal address, launch failure) stops the run. No new
@@ -40,14 +40,15 @@ from typing import Dict, List, Sequence  # noqa: E402
 
 from benchmarks import problems  # noqa: E402
 from benchmarks.problems import Problem, make_problem  # noqa: E402
+from benchmarks.report import IMPL_ORDER  # noqa: E402  (run order = table order)
 from natten_jax.window import num_neighbors  # noqa: E402
 
-BACKENDS = ("fused", "reference")
+BACKENDS = ("fused", "gemm", "naive", "reference")
+# Ours that run only on problems of at most --reference-max-gflop useful work (slow by design).
+CAPPED_BACKENDS = ("naive", "reference")
 PEERS = ("cudnn", "xla", "flex")
-IMPL_ORDER = BACKENDS + PEERS  # the order implementations run in, and the report's order
 DTYPES = ("float16", "bfloat16", "float32")
 REFERENCE_MAX_GFLOP = 20.0
-BACKWARD_ENV = "NATTEN_JAX_FUSED_BACKWARD"
 # Errors after which the CUDA context is gone: every later call would fail too.
 FATAL_PATTERNS = ("illegal memory access", "illegal address", "ILLEGAL_ADDRESS",
                   "unspecified launch failure", "LAUNCH_FAILED", "misaligned address",
@@ -270,8 +271,9 @@ def parse_args(argv=None):
     ap.add_argument("--rank", default="1,2,3", help="comma-separated ranks (default 1,2,3)")
     ap.add_argument("--dtype", default="float16",
                     help="comma-separated of float16,bfloat16,float32 (default float16)")
-    ap.add_argument("--backends", default="fused", help="comma-separated of fused,reference "
-                    "(default fused; reference only up to --reference-max-gflop)")
+    ap.add_argument("--backends", default="fused", help="comma-separated of "
+                    + ",".join(BACKENDS) + " (default fused; naive and reference only up to "
+                    "--reference-max-gflop)")
     ap.add_argument("--peers", default="cudnn", help="comma-separated of cudnn,xla,flex "
                     "(default cudnn; '' for none)")
     ap.add_argument("--size", default="medium", choices=["small", "medium", "paper"])
@@ -282,7 +284,7 @@ def parse_args(argv=None):
     ap.add_argument("--no-loop", dest="loop", action="store_false",
                     help="per-call medians only (no jitted-loop timing)")
     ap.add_argument("--reference-max-gflop", type=float, default=REFERENCE_MAX_GFLOP,
-                    help="run the reference backend only on problems of at most this much "
+                    help="run the naive and reference backends only on problems of at most this much "
                     "useful forward work")
     ap.add_argument("--flex-timeout-s", type=float, default=120.0,
                     help="limit of the flex peer's child process per problem")
@@ -330,7 +332,11 @@ def main(argv=None) -> dict:
     jobs = [(("ours" if n in BACKENDS else "peer"), n) for n in IMPL_ORDER
             if n in args.backend_names + args.peer_names]
     env = bench_na.env_info()
-    env["fused_backward"] = os.environ.get(BACKWARD_ENV, "reference")
+    from natten_jax import tiles
+    from natten_jax.backends import fused
+
+    env["fused_backward"] = fused.backward_mode()
+    env["fused_impls"] = {"forward": tiles.impl_setting(), "backward": tiles.bwd_impl_setting()}
     report = {
         "env": env, "argv": sys.argv[1:] if argv is None else list(argv),
         "constants": {"peak_tflops": bench_na.PEAK_TFLOPS, "peak_tbps": bench_na.PEAK_TBPS,
@@ -376,8 +382,8 @@ def main(argv=None) -> dict:
                 if input_error:
                     row["skipped"] = input_error
                     continue
-                if name == "reference" and useful > args.reference_max_gflop * 1e9:
-                    row["skipped"] = (f"reference skipped: {useful / 1e9:.3g} useful GFLOP > "
+                if name in CAPPED_BACKENDS and useful > args.reference_max_gflop * 1e9:
+                    row["skipped"] = (f"{name} skipped: {useful / 1e9:.3g} useful GFLOP > "
                                       f"--reference-max-gflop {args.reference_max_gflop:g}")
                     continue
                 t1 = time.perf_counter()

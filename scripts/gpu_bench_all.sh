@@ -9,8 +9,9 @@
 # Steps (STEPS, comma-separated, default "autotune,sweep,models"):
 #   autotune  python -m benchmarks.autotune_demo: per-problem tiles, before/after ms, and a second
 #             process that must reuse the cache without timing (AUTOTUNE_ARGS, AUTOTUNE_LIMIT_S)
-#   sweep     python -m benchmarks.sweep --size medium --dtype float16 --backends fused
-#             --peers cudnn --fwd-only, with its plots (SWEEP_ARGS, SWEEP_LIMIT_S)
+#   sweep     python -m benchmarks.sweep --size medium --dtype float16 --backends
+#             fused,gemm,naive --peers cudnn,xla (forward and forward+backward; naive only on
+#             small problems), with its plots (SWEEP_ARGS, SWEEP_LIMIT_S)
 #   models    python -m benchmarks.model_throughput: NAT/DiNAT images/s (MODELS_ARGS,
 #             MODELS_LIMIT_S; default nat_mini,dinat_tiny,nat_tiny x fused,dense,reference x bf16
 #             x infer,train at batch 128)
@@ -42,7 +43,7 @@ SWEEP_LIMIT_S=${SWEEP_LIMIT_S:-100}
 MODELS_LIMIT_S=${MODELS_LIMIT_S:-170}
 AUTOTUNE_ARGS=${AUTOTUNE_ARGS:---problems 2d_nat_t,2d_gen,1d_long,3d_video,2d_nat_t_dilated \
   --thorough 2d_nat_t}
-SWEEP_ARGS=${SWEEP_ARGS:---size medium --dtype float16 --backends fused --peers cudnn --fwd-only}
+SWEEP_ARGS=${SWEEP_ARGS:---size medium --dtype float16 --backends fused,gemm,naive --peers cudnn,xla}
 MODELS_ARGS=${MODELS_ARGS:---variants nat_mini,dinat_tiny,nat_tiny --backends fused,dense,reference \
   --dtypes bf16 --modes infer,train --batch 128 --reps 5 --budget-s 5}
 WORK=$(mktemp -d /tmp/nj_bench_all.XXXXXX)

@@ -96,6 +96,23 @@ def test_time_limit_and_json(tmp_path):
     assert rep["status"] == data["status"]
 
 
+def test_every_backend_of_ours_and_the_cap(tmp_path, monkeypatch):
+    """gemm and naive run beside fused and reference, in the tables' order; naive and reference
+    skip problems above --reference-max-gflop; the header names the backward in use."""
+    ran = []
+    monkeypatch.setattr(sweep, "run_impl", lambda kind, name, *a: ran.append((kind, name))
+                        or {"fwd": {"ms": 1.0}})
+    rep = sweep.main(["--quick", "--dtype", "float32", "--rank", "1", "--backends",
+                      "reference,naive,gemm,fused", "--peers", "", "--fwd-only",
+                      "--reference-max-gflop", "0", "--out", str(tmp_path / "s.json"),
+                      "--no-progress"])
+    assert rep["impls"] == ["fused", "gemm", "naive", "reference"]
+    assert set(ran) == {("ours", "fused"), ("ours", "gemm")}
+    capped = [r for r in rep["rows"] if r["impl"] in ("naive", "reference")]
+    assert capped and all("--reference-max-gflop" in r["skipped"] for r in capped)
+    assert rep["env"]["fused_backward"] == "kernel"
+
+
 def test_device_error_stops_the_run(tmp_path, monkeypatch):
     calls = []
 
