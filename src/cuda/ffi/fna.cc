@@ -223,7 +223,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenJaxFnaForward, natten_jax::FnaForwardImpl,
                                   .Attr<ffi::Span<const int64_t>>("kv_tile")
                                   .Attr<float>("scale")
                                   .Attr<int64_t>("poison")
-                                  .Attr<int64_t>("impl"));
+                                  .Attr<int64_t>("impl"),
+                              NJ_FFI_HANDLER_TRAITS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenJaxFnaBackward, natten_jax::FnaBackwardImpl,
                               ffi::Ffi::Bind()
@@ -245,4 +246,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenJaxFnaBackward, natten_jax::FnaBackwardImpl,
                                   .Attr<ffi::Span<const int64_t>>("kv_tile")
                                   .Attr<float>("scale")
                                   .Attr<int64_t>("poison")
-                                  .Attr<int64_t>("impl"));
+                                  .Attr<int64_t>("impl"),
+                              NJ_FFI_HANDLER_TRAITS);

@@ -264,7 +264,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenJaxUnfusedPn, natten_jax::PnImpl,
                                   .Attr<int64_t>("has_rpb")
                                   .Attr<float>("scale")
                                   .Attr<float>("fill")
-                                  .Attr<int64_t>("poison"));
+                                  .Attr<int64_t>("poison"),
+                              NJ_FFI_HANDLER_TRAITS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenJaxUnfusedNn, natten_jax::NnImpl,
                               ffi::Ffi::Bind()
@@ -275,7 +276,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenJaxUnfusedNn, natten_jax::NnImpl,
                                       NJ_UNFUSED_WINDOW_ATTRS
                                   .Attr<int64_t>("impl")
                                   .Attr<float>("scale")
-                                  .Attr<int64_t>("poison"));
+                                  .Attr<int64_t>("poison"),
+                              NJ_FFI_HANDLER_TRAITS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenJaxUnfusedIn, natten_jax::InImpl,
                               ffi::Ffi::Bind()
@@ -286,7 +288,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenJaxUnfusedIn, natten_jax::InImpl,
                                       NJ_UNFUSED_WINDOW_ATTRS
                                   .Attr<int64_t>("impl")
                                   .Attr<float>("scale")
-                                  .Attr<int64_t>("poison"));
+                                  .Attr<int64_t>("poison"),
+                              NJ_FFI_HANDLER_TRAITS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenJaxUnfusedRpbGrad, natten_jax::RpbGradImpl,
                               ffi::Ffi::Bind()
@@ -294,4 +297,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenJaxUnfusedRpbGrad, natten_jax::RpbGradImpl,
                                   .Arg<ffi::AnyBuffer>()         // d(logits)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // partial sums
                                       NJ_UNFUSED_WINDOW_ATTRS
-                                  .Attr<int64_t>("poison"));
+                                  .Attr<int64_t>("poison"),
+                              NJ_FFI_HANDLER_TRAITS);

@@ -64,3 +64,9 @@ inline xla::ffi::Error invalid_argument(const std::string& what, const char* con
     ::xla::ffi::Error nj_ffi_err_ = (expr);         \
     if (nj_ffi_err_.failure()) return nj_ffi_err_;  \
   } while (0)
+
+// Traits of every kernel handler: command-buffer (CUDA graph) compatible. The handlers make no
+// host synchronisation and allocate nothing: they read attributes and device properties, set
+// kernel attributes, and enqueue memsets and kernel launches on the FFI stream, all of which CUDA
+// stream capture records or allows (tests/test_command_buffer.py checks the captured results).
+#define NJ_FFI_HANDLER_TRAITS {::xla::ffi::Traits::kCmdBufferCompatible}

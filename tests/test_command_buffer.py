@@ -1,0 +1,99 @@
+"""Our custom calls inside XLA command buffers (CUDA graphs).
+
+The kernel handlers declare the command-buffer trait (NJ_FFI_HANDLER_TRAITS in
+src/cuda/include/natten_jax/common/ffi_check.h), so XLA may record them into a CUDA graph and
+replay it with other buffers. GPU test: one child process with command buffers forced on for
+custom calls (every graph, however small), one with them off; the fused forward + backward and
+an unfused gemm call must appear inside a command-buffer computation of the first process's
+optimized HLO, and both processes must give bitwise-equal results over two calls with different
+inputs (the kernels are deterministic; the second call replays the graph on new buffers).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CHILD = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+import natten_jax
+from natten_jax import unfused
+
+def loss(q, k, v):
+    out = natten_jax.na2d(q, k, v, (7, 5), dilation=(1, 2), backend="fused")
+    logits = unfused.na2d_qk(q, k, (3, 3), backend="gemm")
+    return jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(logits.astype(jnp.float32))
+
+step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+shape = (2, 24, 20, 4, 64)
+hlo = None
+results = []
+for seed in (0, 1):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+    q, k, v = (jax.random.normal(x, shape, jnp.bfloat16) for x in keys)
+    if hlo is None:
+        hlo = step.lower(q, k, v).compile().as_text()
+    val, grads = step(q, k, v)
+    results.append([np.asarray(val, np.float32).tolist()]
+                   + [np.asarray(g.astype(jnp.float32)).ravel()[::97].tolist() for g in grads])
+json.dump({"hlo": hlo, "results": results}, sys.stdout)
+"""
+
+
+def _child(command_buffers: bool) -> dict:
+    flags = ("--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL "
+             "--xla_gpu_graph_min_graph_size=1") if command_buffers else \
+        "--xla_gpu_enable_command_buffer="
+    env = dict(os.environ, XLA_FLAGS=flags, XLA_PYTHON_CLIENT_PREALLOCATE="false",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+def _computations(hlo: str) -> dict:
+    """name -> body of each computation in an HLO module's text."""
+    comps, name, body = {}, None, []
+    for line in hlo.splitlines():
+        stripped = line.strip()
+        if name is None and stripped.endswith("{") and "=" not in stripped.split("(")[0]:
+            name = stripped.split()[0 if not stripped.startswith("ENTRY") else 1].lstrip("%")
+            body = []
+        elif name is not None and stripped == "}":
+            comps[name] = "\n".join(body)
+            name = None
+        elif name is not None:
+            body.append(stripped)
+    return comps
+
+
+def test_computations_parser():
+    text = "HloModule m\n\n%command_buffer.1 (p: f32[2]) -> f32[2] {\n  %x = custom-call(), " \
+           "custom_call_target=\"t\"\n}\n\nENTRY %main (a: f32[2]) -> f32[2] {\n  ROOT %c = " \
+           "call(a), to_apply=%command_buffer.1\n}\n"
+    comps = _computations(text)
+    assert set(comps) == {"command_buffer.1", "main"}
+    assert 'custom_call_target="t"' in comps["command_buffer.1"]
+
+
+@pytest.mark.gpu
+def test_custom_calls_replay_inside_command_buffers():
+    from natten_jax import _ffi
+
+    if not _ffi.cuda_kernels_available():
+        pytest.skip(_ffi.unavailable_reason())
+    on, off = _child(True), _child(False)
+    inside = "\n".join(body for name, body in _computations(on["hlo"]).items()
+                       if "command_buffer" in name)
+    for target in ("natten_jax_fna_forward", "natten_jax_fna_backward", "natten_jax_unfused_pn"):
+        assert f'custom_call_target="{target}"' in inside, \
+            f"{target} is not inside a command buffer"
+    assert "command_buffer" not in off["hlo"]
+    assert on["results"] == off["results"]
+    assert on["results"][0] != on["results"][1]  # two inputs, two answers
