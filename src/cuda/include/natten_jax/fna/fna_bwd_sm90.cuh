@@ -375,17 +375,8 @@ __device__ __forceinline__ void dq_produce(const FnaBwdParams& bp, const GroupIn
     const uint32_t ks = sbase + Cfg::kStageOff + stage * Cfg::kStageBytes;
     ld.load2(ks, ks + Cfg::kTileBytes, kb + box_off, vb + box_off, off, interior, o, c.hi, c.kl);
     cp_async_arrive_noinc(bar_full + 8 * stage);
-    if (++stage == Cfg::kStages) {
-      stage = 0;
-      phase ^= 1;
-    }
-    if (++bi[2] == c.nbox[2]) {
-      bi[2] = 0;
-      if (++bi[1] == c.nbox[1]) {
-        bi[1] = 0;
-        ++bi[0];
-      }
-    }
+    NJ_NEXT_STAGE(stage, phase, Cfg::kStages)
+    NJ_NEXT_BOX(bi, c.nbox)
   }
   cp_async_wait_all();
 }
@@ -510,17 +501,8 @@ __device__ __forceinline__ void dq_consume(const FnaBwdParams& bp, const GroupIn
     reg_fence(a);
     mbar_arrive_if(bar_empty + 8 * stage, lane == 0);
 
-    if (++stage == Cfg::kStages) {
-      stage = 0;
-      phase ^= 1;
-    }
-    if (++bi[2] == c.nbox[2]) {
-      bi[2] = 0;
-      if (++bi[1] == c.nbox[1]) {
-        bi[1] = 0;
-        ++bi[0];
-      }
-    }
+    NJ_NEXT_STAGE(stage, phase, Cfg::kStages)
+    NJ_NEXT_BOX(bi, c.nbox)
   }
 
   // Epilogue: dQ = scale * acc through the (now unused) Q tile, 16-byte stores of valid rows.
@@ -733,10 +715,7 @@ __device__ __forceinline__ void dkv_produce(const FnaBwdParams& bp, const GroupI
              interior, o, gi.glen, c.ql);
     cp_async4(st_addr + sdst, svalid ? sptr + lse_off : sptr, svalid);
     cp_async_arrive_noinc(bar_full + 8 * stage);
-    if (++stage == Cfg::kStages) {
-      stage = 0;
-      phase ^= 1;
-    }
+    NJ_NEXT_STAGE(stage, phase, Cfg::kStages)
   }
   cp_async_wait_all();
 }

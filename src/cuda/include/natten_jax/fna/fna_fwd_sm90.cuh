@@ -191,17 +191,8 @@ __device__ __forceinline__ void fwd_produce(const FnaFwdParams& p, const CtaWork
       }
     }
     cp_async_arrive_noinc(bar_full + 8 * stage);
-    if (++stage == Cfg::kStages) {
-      stage = 0;
-      phase ^= 1;
-    }
-    if (++bi[2] == c.nbox[2]) {
-      bi[2] = 0;
-      if (++bi[1] == c.nbox[1]) {
-        bi[1] = 0;
-        ++bi[0];
-      }
-    }
+    NJ_NEXT_STAGE(stage, phase, Cfg::kStages)
+    NJ_NEXT_BOX(bi, c.nbox)
   }
   cp_async_wait_all();
 }
@@ -490,17 +481,8 @@ __device__ __forceinline__ void fwd_consume(const FnaFwdParams& p, const CtaWork
       release(stage);
     }
 
-    if (++stage == Cfg::kStages) {
-      stage = 0;
-      phase ^= 1;
-    }
-    if (++bi[2] == c.nbox[2]) {
-      bi[2] = 0;
-      if (++bi[1] == c.nbox[1]) {
-        bi[1] = 0;
-        ++bi[0];
-      }
-    }
+    NJ_NEXT_STAGE(stage, phase, Cfg::kStages)
+    NJ_NEXT_BOX(bi, c.nbox)
   }
   if (pending) finish_pending_pv(prev_stage);
 

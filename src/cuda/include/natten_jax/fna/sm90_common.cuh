@@ -340,3 +340,22 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float x, float y) {
 }  // namespace sm90
 }  // namespace fna
 }  // namespace natten_jax
+
+// The stage after `stage` in a ring of `stages` stages; `phase` (the mbarrier parity to wait for)
+// flips at each wrap. (Macros, not functions: the kernels' PTX stays byte-identical to the
+// GPU-validated builds; an inline function reorders registers. Statements: use them alone.)
+#define NJ_NEXT_STAGE(stage, phase, stages) \
+  if (++(stage) == (stages)) {              \
+    (stage) = 0;                            \
+    (phase) ^= 1;                           \
+  }
+
+// The box after `bi` in a row-major walk over nbox[0] x nbox[1] x nbox[2] boxes.
+#define NJ_NEXT_BOX(bi, nbox)      \
+  if (++(bi)[2] == (nbox)[2]) {    \
+    (bi)[2] = 0;                   \
+    if (++(bi)[1] == (nbox)[1]) {  \
+      (bi)[1] = 0;                 \
+      ++(bi)[0];                   \
+    }                              \
+  }
