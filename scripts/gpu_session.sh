@@ -16,6 +16,10 @@
 #   sm90         python scripts/check_fna_sm90.py (if present)
 #   unfused      python -m benchmarks.unfused_bench $UNFUSED_ARGS (if present)
 #   all          bash scripts/gpu_bench_all.sh (if present: autotune demo, sweep, throughput)
+#   ncu          Nsight Compute (--set full) on one launch of the kernels matching $NCU_KERNEL
+#                (default fna_fwd) in `benchmarks.bench_na $NCU_ARGS` (default: 2d_nat_t forward,
+#                fused); the report, its details page and its raw metrics go into the archive, the
+#                occupancy, throughput and stall lines into the summary
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-/tmp/out}
@@ -79,6 +83,12 @@ for s in "${steps[@]}"; do
       # (its own STEPS: ALL_STEPS, default all of them)
       [ -f scripts/gpu_bench_all.sh ] && run_step bench_all "${ALL_LIMIT_S:-480}" env SKIP_BUILD=1 \
         STEPS="${ALL_STEPS:-autotune,sweep,models}" bash scripts/gpu_bench_all.sh ;;
+    ncu)
+      run_step ncu "${NCU_LIMIT_S:-180}" ncu --set full -k "regex:${NCU_KERNEL:-fna_fwd}" \
+        -s "${NCU_SKIP:-2}" -c "${NCU_COUNT:-1}" -f -o "$OUT/ncu" python3 -m benchmarks.bench_na \
+        ${NCU_ARGS:---problems 2d_nat_t --fwd-only --backends fused --peers none --reps 3 --no-loop} \
+        && ncu -i "$OUT/ncu.ncu-rep" --page details > "$OUT/ncu_details.txt" 2>&1 \
+        && ncu -i "$OUT/ncu.ncu-rep" --page raw --csv > "$OUT/ncu_raw.csv" 2>&1 ;;
     "") ;;
     *) echo "unknown step $s" >> "$SUMMARY" ;;
   esac
@@ -94,6 +104,23 @@ done
 for f in "$OUT"/memcheck_*.log "$OUT"/racecheck_*.log; do
   [ -f "$f" ] && { echo "---- $(basename "$f")"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|rank|Error" "$f" | head -12; }
 done
+if [ -f "$OUT/ncu_details.txt" ]; then
+  echo "---- ncu (details, selected lines)"
+  grep -E "^  [a-z_]+.*\(|Duration|Registers Per|Theoretical Occ|Achieved Occ|Block Limit|Compute \(SM\) Th|Memory Throughput|Warp Cycles Per Issued|Issue Slots Busy|Executed Ipc A|L1/TEX Hit|L2 Hit|Waves Per SM|Eligible Warps|No Eligible|Shared Memory Configuration Size|Dynamic Shared" \
+    "$OUT/ncu_details.txt" | cut -c1-150 | head -40
+  echo "---- ncu (stall reasons, cycles per issued instruction)"
+  python3 - "$OUT/ncu_raw.csv" <<'PY' || true
+import csv, sys
+rows = list(csv.reader(open(sys.argv[1])))
+head = next(i for i, r in enumerate(rows) if "Kernel Name" in r)
+names, vals = rows[head], rows[head + 2]
+pref = "smsp__average_warps_issue_stalled_"
+stalls = sorted(((float(v.replace(",", "")), n[len(pref):]) for n, v in zip(names, vals)
+                 if n.startswith(pref) and n.endswith("_per_issue_active.ratio")
+                 and v.replace(",", "").replace(".", "").isdigit()), reverse=True)
+print("  " + ", ".join(f"{n.replace('_per_issue_active.ratio', '')} {v:.2f}" for v, n in stalls[:10]))
+PY
+fi
 echo "================ session summary ================"
 echo "gpu_check rc=$check_rc"
 cat "$SUMMARY"
