@@ -11,7 +11,7 @@
 # Steps:
 #   sanitize     compute-sanitizer memcheck + racecheck on scripts/sanitize_fna.py, twice side by
 #                side: default kernels, and the sm90 forward + backward (NATTEN_JAX_FNA_IMPL=sm90,
-#                NATTEN_JAX_FNA_BWD_IMPL=sm90)
+#                NATTEN_JAX_FNA_BWD_IMPL=sm90); SANITIZE_SETS=default or sm90 runs one of them
 #   bench        python -m benchmarks.bench_na $BENCH_ARGS (fwd+bwd, peers)
 #   sm90         python scripts/check_fna_sm90.py (if present)
 #   unfused      python -m benchmarks.unfused_bench $UNFUSED_ARGS (if present)
@@ -54,9 +54,14 @@ sanitize_chain() {  # tag, env assignments...: memcheck then racecheck under tha
 }
 bg=()
 if [ "$build_rc" = 0 ] && [[ ",${STEPS:-}," == *,sanitize,* ]]; then
-  sanitize_chain default XLA_PYTHON_CLIENT_PREALLOCATE=false & bg+=($!)
-  sanitize_chain sm90 XLA_PYTHON_CLIENT_PREALLOCATE=false NATTEN_JAX_FNA_IMPL=sm90 \
-    NATTEN_JAX_FNA_BWD_IMPL=sm90 & bg+=($!)
+  # SANITIZE_SETS picks the chains (default both)
+  if [[ ",${SANITIZE_SETS:-default,sm90}," == *,default,* ]]; then
+    sanitize_chain default XLA_PYTHON_CLIENT_PREALLOCATE=false & bg+=($!)
+  fi
+  if [[ ",${SANITIZE_SETS:-default,sm90}," == *,sm90,* ]]; then
+    sanitize_chain sm90 XLA_PYTHON_CLIENT_PREALLOCATE=false NATTEN_JAX_FNA_IMPL=sm90 \
+      NATTEN_JAX_FNA_BWD_IMPL=sm90 & bg+=($!)
+  fi
 fi
 if [ "$build_rc" = 0 ]; then
   SKIP_BUILD=1 PYTEST_SHARDS=${PYTEST_SHARDS:-4} bash scripts/gpu_check.sh > "$OUT/gpu_check.log" 2>&1

@@ -11,6 +11,7 @@ inputs (the kernels are deterministic; the second call replays the graph on new 
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -86,17 +87,19 @@ def test_computations_parser():
 TARGETS = ("natten_jax_fna_forward", "natten_jax_fna_backward", "natten_jax_unfused_pn")
 
 
-def _dump_evidence(dump_dir: str) -> str:
-    """The lines of XLA's dump files (other than HLO modules) that name a command buffer: XLA
-    versions that form command buffers from thunks rather than HLO computations show them only
-    there."""
-    lines = []
-    for root, _, files in os.walk(dump_dir):
-        for f in sorted(files):
-            if f.endswith(".txt") and "thunk" in f:
-                with open(os.path.join(root, f), errors="replace") as fh:
-                    lines += [f + ": " + ln.strip() for ln in fh if "ommand" in ln or "custom" in ln]
-    return "\n".join(lines)
+def _thunk_kinds(dump_dir: str):
+    """Top-level thunk kinds of the dumped module that holds our custom calls (XLA versions that
+    form command buffers from thunks, after HLO optimisation, show them only in these dumps),
+    with the dump's text; None when XLA wrote no thunk sequence."""
+    files = sorted(os.listdir(dump_dir))
+    ours = {f.split(".")[0] for f in files if f.endswith(".txt") and
+            TARGETS[0] in open(os.path.join(dump_dir, f), errors="replace").read()}
+    seqs = [f for f in files if f.split(".")[0] in ours and
+            f.endswith("thunk_sequence_after_thunk_passes.txt")]
+    if not seqs:
+        return None, "no thunk sequence among " + ", ".join(files)[:2000]
+    text = open(os.path.join(dump_dir, seqs[0]), errors="replace").read()
+    return re.findall(r"^\s*\d+: (\w+)", text, flags=re.M), text
 
 
 @pytest.mark.gpu
@@ -107,15 +110,20 @@ def test_custom_calls_replay_inside_command_buffers(tmp_path):
         pytest.skip(_ffi.unavailable_reason())
     on = _child(True, str(tmp_path / "on"))
     off = _child(False, str(tmp_path / "off"))
-    inside = "\n".join(body for name, body in _computations(on["hlo"]).items()
-                       if "command_buffer" in name)
-    if "command_buffer" not in on["hlo"]:  # formed from thunks: look in the thunk dumps
-        inside = _dump_evidence(str(tmp_path / "on"))
-        print(inside[:4000])
-        assert inside, "no command buffer in the optimized HLO nor in XLA's thunk dumps: " + \
-            ", ".join(sorted(os.listdir(tmp_path / "on")))[:3000]
-    for target in TARGETS:
-        assert target in inside, f"{target} is not inside a command buffer:\n{inside[:3000]}"
+    if "command_buffer" in on["hlo"]:  # formed from HLO computations
+        inside = "\n".join(body for name, body in _computations(on["hlo"]).items()
+                           if "command_buffer" in name)
+        for target in TARGETS:
+            assert f'custom_call_target="{target}"' in inside, \
+                f"{target} is not inside a command buffer"
+    else:  # formed from thunks: every top-level thunk of our module is one command buffer
+        kinds_on, text_on = _thunk_kinds(str(tmp_path / "on"))
+        kinds_off, text_off = _thunk_kinds(str(tmp_path / "off"))
+        print("with command buffers:\n" + text_on[:3000] + "\nwithout:\n" + text_off[:3000])
+        assert kinds_on is not None and kinds_off is not None, (text_on, text_off)
+        assert kinds_on and set(kinds_on) == {"kCommandBuffer"}, text_on[:3000]
+        # the check can fail: without command buffers the kernels are thunks of their own
+        assert "kCommandBuffer" not in kinds_off and len(kinds_off) >= len(TARGETS), text_off
     assert "command_buffer" not in off["hlo"]
     assert on["results"] == off["results"]
     assert on["results"][0] != on["results"][1]  # two inputs, two answers
