@@ -393,6 +393,8 @@ def parse_args(argv=None):
                     "GPU, else XLA)")
     ap.add_argument("--max-depth", type=int, default=0,
                     help="keep at most this many layers per level (smoke tests; 0: all)")
+    ap.add_argument("--only", default="", help="comma-separated variant:mode[:backend[:dtype]] "
+                    "(dtype as in --dtypes): measure just these of the grid, in the grid's order")
     ap.add_argument("--out", help="JSON file (rewritten after every measurement)")
     ap.add_argument("--md", help="markdown tables (rewritten after every measurement)")
     ap.add_argument("--quick", action="store_true",
@@ -408,6 +410,11 @@ def parse_args(argv=None):
     a.backend_names = _names(a.backends, BACKENDS, "backends")
     a.dtype_names = _names(a.dtypes, DTYPES, "dtypes", DTYPE_ALIASES)
     a.mode_names = _names(a.modes, MODES, "modes")
+    a.only = [tuple(x.strip().split(":")) for x in a.only.split(",") if x.strip()]
+    for o in a.only:
+        if not 2 <= len(o) <= 4 or o[0] not in VARIANTS or o[1] not in MODES or \
+                (len(o) > 2 and o[2] not in BACKENDS):
+            raise SystemExit(f"--only: bad entry {':'.join(o)!r} (variant:mode[:backend[:dtype]])")
     if not (a.variant_names and a.backend_names and a.dtype_names and a.mode_names):
         raise SystemExit("need at least one variant, backend, dtype and mode")
     return a
@@ -431,8 +438,9 @@ def main(argv=None) -> dict:
         "variants": args.variant_names,
         "backends": {b: {} for b in args.backend_names},  # backend -> dtype -> "" or why not
         "rows": [],
-        "status": {"planned": len(args.variant_names) * len(args.backend_names)
-                   * len(args.dtype_names) * len(args.mode_names), "done": 0, "stopped": None},
+        "status": {"planned": sum(wanted(args.only, v, m, b, d) for v in args.variant_names
+                                  for b in args.backend_names for d in args.dtype_names
+                                  for m in args.mode_names), "done": 0, "stopped": None},
     }
     order = [b for b in RUN_ORDER if b in args.backend_names]
     log(f"device {env['device']}; variants {args.variant_names}; backends {order}; dtypes "
@@ -447,6 +455,8 @@ def main(argv=None) -> dict:
             batches = None
             for mode in args.mode_names:
                 for backend in order:
+                    if not wanted(args.only, variant, mode, backend, dtype):
+                        continue
                     row = {"variant": variant, "backend": backend, "dtype": dtype, "mode": mode,
                            "gmacs": work}
                     if backend == "dense":
@@ -500,6 +510,14 @@ def main(argv=None) -> dict:
     md = markdown(report)
     print(md, flush=True)
     return report
+
+
+def wanted(only, variant: str, mode: str, backend: str, dtype: str) -> bool:
+    """Whether --only (parsed entries; empty: everything) names this measurement."""
+    short = DTYPE_SHORT.get(dtype, dtype)
+    return not only or any(
+        o[:2] == (variant, mode) and (len(o) < 3 or o[2] == backend)
+        and (len(o) < 4 or o[3] in (dtype, short)) for o in only)
 
 
 @functools.lru_cache(maxsize=None)

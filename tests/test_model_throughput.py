@@ -129,6 +129,25 @@ def test_time_limit_and_fatal_errors(fake, tmp_path):
     assert mt.markdown(report).count("not run: device error") == 1
 
 
+def test_only_measures_the_named_entries_in_grid_order(fake, tmp_path):
+    calls, _ = fake
+    report = mt.main(["--variants", "nat_base,nat_mini", "--backends", "fused,dense",
+                      "--dtypes", "bf16,fp32", "--modes", "infer,train", "--time-limit-s", "0",
+                      "--only", "nat_mini:train,nat_base:infer:dense,nat_mini:infer:fused:fp32"])
+    # an entry without a dtype (or backend) names every dtype (backend)
+    assert calls == [("nat_base", "dense", "bfloat16", "infer"),
+                     ("nat_base", "dense", "float32", "infer"),
+                     ("nat_mini", "fused", "bfloat16", "train"),
+                     ("nat_mini", "dense", "bfloat16", "train"),
+                     ("nat_mini", "fused", "float32", "infer"),
+                     ("nat_mini", "fused", "float32", "train"),
+                     ("nat_mini", "dense", "float32", "train")]
+    assert report["status"]["planned"] == report["status"]["done"] == 7
+    assert len(report["rows"]) == 7
+    with pytest.raises(SystemExit):
+        mt.parse_args(["--only", "nat_mini:fly"])
+
+
 # ------------------------------------------------------------------------------ real models
 def test_quick_cli_end_to_end(tmp_path):
     """nat_mini (one layer per level, 64x64, batch 2) on CPU: reference and dense (XLA) timed
