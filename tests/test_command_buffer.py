@@ -2,11 +2,12 @@
 
 The kernel handlers declare the command-buffer trait (NJ_FFI_HANDLER_TRAITS in
 src/cuda/include/natten_jax/common/ffi_check.h), so XLA may record them into a CUDA graph and
-replay it with other buffers. GPU test: one child process with command buffers forced on for
-custom calls (every graph, however small), one with them off; the fused forward + backward and
+replay it with other buffers. GPU test: three child processes, with command buffers for fusions
+and custom calls (every graph, however small), for fusions only, and none; the fused forward + backward and
 an unfused gemm call must appear inside a command-buffer computation of the first process's
-optimized HLO, and both processes must give bitwise-equal results over two calls with different
-inputs (the kernels are deterministic; the second call replays the graph on new buffers).
+optimized HLO (or, where XLA forms command buffers from thunks, nested in the module's one
+command-buffer thunk), and our outputs must agree bitwise with runs without command buffers for
+our calls, over calls with new inputs (the graph replays on new buffers).
 """
 
 import json
@@ -146,8 +147,14 @@ def test_custom_calls_replay_inside_command_buffers(tmp_path):
         off_seq = _thunk_sequence(str(tmp_path / "off"))
         assert off_seq is None or "kCommandBuffer" not in off_seq[0]
     assert "command_buffer" not in off["hlo"]
-    # each process repeats itself bitwise, and all three agree bitwise
+    # Our kernels' outputs (the gradients) agree bitwise: within a process on repeated inputs and
+    # across the three. The loss is XLA's own float32 sum of our outputs; its reduction may be
+    # scheduled differently inside a graph (the H100 run: 1 ulp, 0.002 of 16284), so it agrees
+    # to rounding.
     for x in (on, fusion, off):
         assert [r["sha"] for r in x["results"][:2]] == [r["sha"] for r in x["results"][2:]]
-    assert on["results"] == fusion["results"] == off["results"]
-    assert on["results"][0] != on["results"][1]  # two inputs, two answers
+    for x in (fusion, off):
+        assert [r["grads"] for r in on["results"]] == [r["grads"] for r in x["results"]]
+        assert [r["loss"] for r in on["results"]] == \
+            pytest.approx([r["loss"] for r in x["results"]], rel=1e-6)
+    assert on["results"][0]["sha"] != on["results"][1]["sha"]  # two inputs, two answers
