@@ -37,8 +37,9 @@ __host__ __device__ constexpr bool q_in_registers() {
   return MT * D <= 128;
 }
 
-template <typename T, int D, int MT>
-__global__ void __launch_bounds__(kThreads, min_ctas_per_sm<D, MT>())
+// MinCtas: the CTAs per SM the register budget aims at (registers <= 64K / (128 MinCtas)).
+template <typename T, int D, int MT, int MinCtas = min_ctas_per_sm<D, MT>()>
+__global__ void __launch_bounds__(kThreads, MinCtas)
     fna_fwd_kernel(const __grid_constant__ FnaFwdParams p) {
   using Mma = WarpMma<T>;
   constexpr int kTileQ = 64 * MT;
@@ -414,13 +415,18 @@ constexpr int smem_bytes() {
          64 * MT * 6 * static_cast<int>(sizeof(int));
 }
 
-template <typename T, int D, int MT>
+template <typename T, int D, int MT, int MinCtas = min_ctas_per_sm<D, MT>()>
 cudaError_t launch(const FnaFwdParams& p, cudaStream_t stream) {
   constexpr int bytes = smem_bytes<T, D, MT>();
-  auto kernel = fna_fwd_kernel<T, D, MT>;
+  auto kernel = fna_fwd_kernel<T, D, MT, MinCtas>;
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (err != cudaSuccess) return err;
+  if (MinCtas != min_ctas_per_sm<D, MT>()) {  // more CTAs than the default: all the shared memory
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                               cudaSharedmemCarveoutMaxShared);
+    if (err != cudaSuccess) return err;
+  }
   int groups = p.dilation[0] * p.dilation[1] * p.dilation[2];
   dim3 grid(p.num_q_tiles[0] * p.num_q_tiles[1] * p.num_q_tiles[2], p.heads * groups, p.batch);
   kernel<<<grid, kThreads, bytes, stream>>>(p);
