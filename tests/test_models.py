@@ -2,7 +2,9 @@
 checkpoint conversion and the relative-positional-bias attention."""
 
 import importlib.util
+import unittest.mock
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -181,6 +183,22 @@ def test_dense_attention_equals_a_window_over_the_whole_map():
         NATAttention(16, 2, 3, dense_attention="xla", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="dense_attention"):
         NATAttention(16, 2, 3, rpb=False, dense_attention="flash", rngs=nnx.Rngs(0))
+    # cudnn_or_xla: cuDNN on even token counts, XLA on odd ones (recorded, not run: CPU)
+    seen = []
+    real = jax.nn.dot_product_attention
+
+    def spy(*a, implementation=None, **k):
+        seen.append(implementation)
+        return real(*a, implementation="xla", **k)
+
+    mixed = NATAttention(16, 2, 3, rpb=False, dense_attention="cudnn_or_xla", rngs=nnx.Rngs(0))
+    with unittest.mock.patch.object(jax.nn, "dot_product_attention", spy):
+        for shape in ((1, 7, 7, 16), (1, 4, 6, 16)):
+            whole = NATAttention(16, 2, shape[1:3], rpb=False, backend="reference",
+                                 rngs=nnx.Rngs(0))
+            np.testing.assert_allclose(mixed(images(shape)), whole(images(shape)), rtol=1e-5,
+                                       atol=1e-6)
+    assert seen == ["xla", "cudnn"]
     model = tiny_nat(dense_attention="xla")
     model.eval()
     assert model.levels[1].blocks[1].attn.dense_attention == "xla"

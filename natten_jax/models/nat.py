@@ -27,6 +27,7 @@ mode, as a freshly built PyTorch module); call ``model.eval()`` for inference an
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Any, Optional, Sequence
 
 import jax
@@ -62,8 +63,10 @@ __all__ = [
     "dinat_large_384",
 ]
 
-# Implementations of ``jax.nn.dot_product_attention`` for NATAttention(dense_attention=...).
-DENSE_IMPLEMENTATIONS = ("auto", "cudnn", "xla")
+# Implementations of ``jax.nn.dot_product_attention`` for NATAttention(dense_attention=...);
+# "cudnn_or_xla": cuDNN on feature maps with an even number of tokens, XLA on odd ones (cuDNN's
+# training path rejects odd sequence lengths, e.g. the last level's 7 x 7 = 49 tokens at 224 px).
+DENSE_IMPLEMENTATIONS = ("auto", "cudnn", "xla", "cudnn_or_xla")
 
 # PyTorch's nn.LayerNorm default (the official models use it); Flax's default is 1e-6.
 LN_EPS = 1e-5
@@ -108,7 +111,8 @@ class NATAttention(NeighborhoodAttention2D):
       dense_attention: ``None`` (default): neighborhood attention. Else a baseline for
         benchmarks: dense self-attention over every token of the feature map through
         ``jax.nn.dot_product_attention`` with this ``implementation`` (``"cudnn"``, ``"xla"``,
-        or ``"auto"`` for JAX's choice); the window arguments (``kernel_size``, ``dilation``,
+        ``"auto"`` for JAX's choice, or ``"cudnn_or_xla"``: cuDNN where the map has an even
+        number of tokens, XLA where odd); the window arguments (``kernel_size``, ``dilation``,
         ``stride``, ``is_causal``) and ``backend`` are then ignored (same parameters, so one
         set of weights serves both). Needs ``rpb=False``.
 
@@ -188,7 +192,9 @@ class NATAttention(NeighborhoodAttention2D):
         """Every query attends to every token: ``jax.nn.dot_product_attention`` on
         ``[B, H*W, heads, head_dim]`` (key/value heads as given: GQA needs no repeat)."""
         flat = lambda t: t.reshape((t.shape[0], -1) + t.shape[-2:])  # noqa: E731
-        impl = None if self.dense_attention == "auto" else self.dense_attention
+        impl = {"auto": None}.get(self.dense_attention, self.dense_attention)
+        if impl == "cudnn_or_xla":
+            impl = "xla" if math.prod(q.shape[1:-2]) % 2 else "cudnn"
         out = jax.nn.dot_product_attention(flat(q), flat(k), flat(v), scale=self.qk_scale,
                                            implementation=impl)
         return out.reshape(q.shape)
