@@ -27,11 +27,13 @@ static int small_head_dim_occupancy() {
 template <typename T, int D>
 static cudaError_t dispatch_q_tile(const FnaFwdParams& p, cudaStream_t stream) {
   int q_log2 = p.q_tile_log2[0] + p.q_tile_log2[1] + p.q_tile_log2[2];
-  if (D == 32 && q_log2 == 6) {
-    switch (small_head_dim_occupancy()) {
-      case 5: return sm80::launch<T, D, 1, 5>(p, stream);
-      case 6: return sm80::launch<T, D, 1, 6>(p, stream);
-      default: break;
+  if constexpr (D == 32) {
+    if (q_log2 == 6) {
+      switch (small_head_dim_occupancy()) {
+        case 5: return sm80::launch<T, D, 1, 5>(p, stream);
+        case 6: return sm80::launch<T, D, 1, 6>(p, stream);
+        default: break;
+      }
     }
   }
   if (q_log2 == 6) return sm80::launch<T, D, 1>(p, stream);
