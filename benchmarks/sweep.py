@@ -232,6 +232,34 @@ def _fatal(row: dict) -> str:
     return ""
 
 
+# What must agree between a run and the run it resumes.
+RESUME_KEYS = ("impls", "dtypes", "ranks", "fwd_only", "problems")
+
+
+def resume_rows(path: str, report: dict) -> set:
+    """Copies into ``report`` the rows of the earlier run in ``path`` for every (problem, dtype)
+    it finished (all implementations run or skipped, no device error), and returns those pairs;
+    refuses a run of another grid, implementations, dtypes or modes."""
+    with open(path) as f:
+        old = json.load(f)
+    for key in RESUME_KEYS:
+        if old.get(key) != json.loads(json.dumps(report[key])):  # as JSON has it (lists)
+            raise SystemExit(f"--resume {path}: its {key} differ from this run's")
+    if old["constants"].get("size") != report["constants"]["size"]:
+        raise SystemExit(f"--resume {path}: grid size {old['constants'].get('size')!r}, this "
+                         f"run's {report['constants']['size']!r}")
+    by_pair = {}
+    for r in old["rows"]:
+        by_pair.setdefault((r["problem"], r["dtype"]), []).append(r)
+    done = {pair for pair, rows in by_pair.items()
+            if {r["impl"] for r in rows} == set(report["impls"]) and not any(map(_fatal, rows))}
+    report["rows"] += [r for pair, rows in by_pair.items() if pair in done for r in rows]
+    report["status"]["done"] += len(done)
+    report["resumed_from"] = {"path": path, "pairs": len(done),
+                              "env": {k: old["env"].get(k) for k in ("device", "jax")}}
+    return done
+
+
 def write_json(report: dict, path: str) -> None:
     if not path:
         return
@@ -297,6 +325,9 @@ def parse_args(argv=None):
     ap.add_argument("--out", help="JSON file (rewritten after every problem)")
     ap.add_argument("--md", help="markdown tables (benchmarks/report.py) written here at the end")
     ap.add_argument("--plots", help="folder for the PNG plots (needs matplotlib)")
+    ap.add_argument("--resume", help="an earlier run's JSON: its measured (problem, dtype) rows "
+                    "are kept and not re-run, when it ran the same grid, implementations, dtypes "
+                    "and modes (a sweep longer than one time limit, over several runs)")
     ap.add_argument("--quick", action="store_true",
                     help="tiny CPU-sized grid, 3 reps, no loop timing (seconds on a CPU)")
     ap.add_argument("--list", action="store_true", help="print the grid and exit")
@@ -349,6 +380,7 @@ def main(argv=None) -> dict:
         "status": {"planned": len(probs) * len(args.dtypes), "done": 0, "stopped": None},
         "rows": [],
     }
+    done_before = resume_rows(args.resume, report) if args.resume else set()
     log(f"device {env['device']}; {len(probs)} problems x {len(args.dtypes)} dtypes; impls "
         f"{report['impls']}; time limit {args.time_limit_s or 'none'} s")
     start = time.perf_counter()
@@ -356,6 +388,8 @@ def main(argv=None) -> dict:
     stopped = None
     for i, p in enumerate(probs):
         for dt in args.dtypes:
+            if (p.name, dt) in done_before:
+                continue
             if stopped is None and args.time_limit_s and \
                     time.perf_counter() - start > args.time_limit_s:
                 stopped = "time limit"

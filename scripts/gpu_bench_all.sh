@@ -11,7 +11,9 @@
 #             process that must reuse the cache without timing (AUTOTUNE_ARGS, AUTOTUNE_LIMIT_S)
 #   sweep     python -m benchmarks.sweep --size medium --dtype float16 --backends
 #             fused,gemm,naive --peers cudnn,xla (forward and forward+backward; naive only on
-#             small problems), with its plots (SWEEP_ARGS, SWEEP_LIMIT_S)
+#             small problems), with its plots (SWEEP_ARGS, SWEEP_LIMIT_S); the whole medium grid
+#             with every backend takes ~30 device minutes: add `--resume <earlier sweep.json>`
+#             (e.g. docs/sweep-s4-all-backends-h100.json) to SWEEP_ARGS to go on where a run stopped
 #   models    python -m benchmarks.model_throughput: NAT/DiNAT images/s (MODELS_ARGS,
 #             MODELS_LIMIT_S; default nat_mini,dinat_tiny,nat_tiny x fused,dense,reference x bf16
 #             x infer,train at batch 128)

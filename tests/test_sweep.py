@@ -130,6 +130,32 @@ def test_device_error_stops_the_run(tmp_path, monkeypatch):
     assert data["status"]["stopped"].startswith("device error")
 
 
+def test_resume_runs_only_what_is_missing(tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(sweep, "run_impl", lambda kind, name, p, *a: ran.append((p.name, name))
+                        or {"fwd": {"ms": 1.0}})
+    argv = ["--quick", "--dtype", "float32", "--rank", "1", "--backends", "reference",
+            "--peers", "xla", "--fwd-only", "--no-progress"]
+    full = sweep.main(argv + ["--out", str(tmp_path / "full.json")])
+    n = full["status"]["planned"]
+    assert len(ran) == 2 * n and n >= 3
+    # an earlier run that stopped after two problems (the second without its xla row)
+    part = json.loads((tmp_path / "full.json").read_text())
+    names = [p["name"] for p in part["problems"]]
+    part["rows"] = [r for r in part["rows"] if r["problem"] in names[:2]][:-1]
+    (tmp_path / "part.json").write_text(json.dumps(part))
+    ran.clear()
+    out = sweep.main(argv + ["--resume", str(tmp_path / "part.json"),
+                             "--out", str(tmp_path / "rest.json")])
+    assert [x[0] for x in ran[::2]] == names[1:]  # the first problem was not run again
+    assert out["status"]["done"] == n and out["resumed_from"]["pairs"] == 1
+    assert sorted((r["problem"], r["impl"]) for r in out["rows"]) == \
+        sorted((r["problem"], r["impl"]) for r in full["rows"])
+    with pytest.raises(SystemExit, match="impls"):  # another set of implementations
+        sweep.main([a if a != "xla" else "" for a in argv] +
+                   ["--resume", str(tmp_path / "part.json")])
+
+
 def test_bad_names_rejected():
     with pytest.raises(SystemExit):
         sweep.parse_args(["--backends", "nope"])
