@@ -398,6 +398,9 @@ def parse_args(argv=None):
                     help="keep at most this many layers per level (smoke tests; 0: all)")
     ap.add_argument("--only", default="", help="comma-separated variant:mode[:backend[:dtype]] "
                     "(dtype as in --dtypes): measure just these of the grid, in the grid's order")
+    ap.add_argument("--resume", action="append", default=[],
+                    help="an earlier run's JSON (repeatable): its measured rows of the same batch "
+                    "and image size are kept and not measured again")
     ap.add_argument("--out", help="JSON file (rewritten after every measurement)")
     ap.add_argument("--md", help="markdown tables (rewritten after every measurement)")
     ap.add_argument("--quick", action="store_true",
@@ -446,6 +449,9 @@ def main(argv=None) -> dict:
                                   for m in args.mode_names), "done": 0, "stopped": None},
     }
     order = [b for b in RUN_ORDER if b in args.backend_names]
+    kept = {}
+    for path in args.resume:
+        kept.update(resume_rows(path, args))
     log(f"device {env['device']}; variants {args.variant_names}; backends {order}; dtypes "
         f"{args.dtype_names}; modes {args.mode_names}; batch {args.batch}; "
         f"time limit {args.time_limit_s or 'none'} s")
@@ -459,6 +465,10 @@ def main(argv=None) -> dict:
             for mode in args.mode_names:
                 for backend in order:
                     if not wanted(args.only, variant, mode, backend, dtype):
+                        continue
+                    if (variant, backend, dtype, mode) in kept:
+                        report["rows"].append(kept[(variant, backend, dtype, mode)])
+                        report["status"]["done"] += 1
                         continue
                     row = {"variant": variant, "backend": backend, "dtype": dtype, "mode": mode,
                            "gmacs": work}
@@ -513,6 +523,18 @@ def main(argv=None) -> dict:
     md = markdown(report)
     print(md, flush=True)
     return report
+
+
+def resume_rows(path: str, args) -> dict:
+    """(variant, backend, dtype, mode) -> row of every measured row of an earlier run's JSON,
+    marked with where it came from; refuses another batch or image size."""
+    with open(path) as f:
+        old = json.load(f)
+    for key, mine in (("batch", args.batch), ("image_size", args.image_size)):
+        if old["config"].get(key) != mine:
+            raise SystemExit(f"--resume {path}: {key} {old['config'].get(key)}, this run's {mine}")
+    return {(r["variant"], r["backend"], r["dtype"], r["mode"]): dict(r, resumed_from=path)
+            for r in old["rows"] if "ms" in r}
 
 
 def wanted(only, variant: str, mode: str, backend: str, dtype: str) -> bool:

@@ -16,7 +16,9 @@
 #             (e.g. docs/sweep-s4-all-backends-h100.json) to SWEEP_ARGS to go on where a run stopped
 #   models    python -m benchmarks.model_throughput: NAT/DiNAT images/s (MODELS_ARGS,
 #             MODELS_LIMIT_S; default nat_mini,dinat_tiny,nat_tiny x fused,dense,reference x bf16
-#             x infer,train at batch 128)
+#             x infer,train at batch 128; `--only variant:mode[:backend[:dtype]]` picks rows and
+#             `--resume <earlier model_throughput.json>` keeps rows measured before, e.g. the
+#             docs/model-throughput-s4-*.json files)
 # Each *_LIMIT_S is the step's time limit (the tools start no new work after it, or, for the
 # autotune demo, when its second process would not fit), cut to what TOTAL_LIMIT_S (default 450)
 # leaves; a step still running HARD_MARGIN_S (default 45) seconds after its limit is killed

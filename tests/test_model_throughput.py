@@ -148,6 +148,29 @@ def test_only_measures_the_named_entries_in_grid_order(fake, tmp_path):
         mt.parse_args(["--only", "nat_mini:fly"])
 
 
+def test_resume_keeps_measured_rows(fake, tmp_path):
+    calls, state = fake
+    first = tmp_path / "a.json"
+    state["fail"] = {"dense": "RESOURCE_EXHAUSTED: Out of memory"}
+    mt.main(["--variants", "nat_mini", "--backends", "fused,dense", "--dtypes", "bf16",
+             "--modes", "infer,train", "--time-limit-s", "0", "--out", str(first)])
+    assert len(calls) == 4
+    calls.clear()
+    state["fail"] = {}
+    report = mt.main(["--variants", "nat_mini,nat_base", "--backends", "fused,dense",
+                      "--dtypes", "bf16", "--modes", "infer", "--time-limit-s", "0",
+                      "--resume", str(first)])
+    # nat_mini fused infer was measured: kept; dense failed there: measured now
+    assert calls == [("nat_mini", "dense", "bfloat16", "infer"),
+                     ("nat_base", "fused", "bfloat16", "infer"),
+                     ("nat_base", "dense", "bfloat16", "infer")]
+    rows = {(r["variant"], r["backend"]): r for r in report["rows"]}
+    assert rows[("nat_mini", "fused")]["resumed_from"] == str(first)
+    assert report["status"]["done"] == report["status"]["planned"] == 4
+    with pytest.raises(SystemExit, match="batch"):
+        mt.main(["--variants", "nat_mini", "--batch", "64", "--resume", str(first)])
+
+
 # ------------------------------------------------------------------------------ real models
 def test_quick_cli_end_to_end(tmp_path):
     """nat_mini (one layer per level, 64x64, batch 2) on CPU: reference and dense (XLA) timed
