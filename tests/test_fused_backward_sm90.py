@@ -18,6 +18,7 @@ from natten_jax import autotune, tiles
 from natten_jax.backends import fused
 from natten_jax.checks import check_na_call
 from test_fused import CASES, TOL, _inputs, _rel
+from test_fused_backward import check_deterministic
 from test_fused_backward import _ref_grads  # also sets fused.POISON_OUTPUTS
 from test_fused_sm90 import _sm90_ready
 
@@ -124,13 +125,7 @@ def test_backward_sm90_matches_sm80_large_2d(sm90_bwd, dtype):
 
 @pytest.mark.gpu
 def test_backward_sm90_is_deterministic(sm90_bwd):
-    q, k, v = _inputs(jax.random.PRNGKey(21), (24, 40), 2, 4, 1, 128, "bfloat16")
-    g = jax.jit(jax.grad(lambda q, k, v: jnp.sum(
-        natten_jax.na2d(q, k, v, (7, 9), backend="fused").astype(jnp.float32) ** 3),
-        argnums=(0, 1, 2)))
-    a, b = g(q, k, v), g(q, k, v)
-    for x, y in zip(a, b):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    check_deterministic()
 
 
 @pytest.mark.gpu
