@@ -39,6 +39,7 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import functools  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
@@ -163,28 +164,84 @@ def probe_backend(backend: str, dtype: str, args) -> str:
 
 
 # ---------------------------------------------------------------------------------- timing
-def time_calls(call: Callable[[], object], reps: int, warmup: int, budget_s: float) -> dict:
-    """Compile (first call), ``warmup`` - 1 more calls, then up to ``reps`` calls each ended by
-    ``block_until_ready`` until ``budget_s`` seconds of them; median and spread."""
+def time_calls(call: Callable[[], object], reps: int, warmup: int, budget_s: float,
+               gpu_lock: Optional[str] = None) -> dict:
+    """Compile, ``warmup`` untimed calls, then up to ``reps`` calls each ended by
+    ``block_until_ready`` until ``budget_s`` seconds of them; median and spread.
+
+    ``call`` may have a ``compile()`` method (ahead-of-time compilation: :class:`Compiled`);
+    then the compilation is timed on its own and is the only part outside ``gpu_lock``, a file
+    whose exclusive lock (flock) is held from the first device call to the last, so that several
+    processes can compile side by side while only one at a time runs on the GPU. Without
+    ``compile()`` the first call compiles (and runs) and counts as the first warm-up call."""
     t0 = time.perf_counter()
-    jax.block_until_ready(call())
-    compile_s = time.perf_counter() - t0
-    for _ in range(max(0, warmup - 1)):
-        jax.block_until_ready(call())
-    times: List[float] = []
-    while len(times) < max(1, reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(call())
-        times.append(time.perf_counter() - t0)
-        if sum(times) > budget_s:
-            break
+    info = {}
+    if hasattr(call, "compile"):
+        info = call.compile() or {}
+        compile_s = time.perf_counter() - t0
+        untimed = max(1, warmup)
+    with _file_lock(gpu_lock):
+        if not hasattr(call, "compile"):
+            jax.block_until_ready(call())
+            compile_s = time.perf_counter() - t0
+            untimed = max(0, warmup - 1)
+        for _ in range(untimed):
+            jax.block_until_ready(call())
+        times: List[float] = []
+        while len(times) < max(1, reps):
+            t0 = time.perf_counter()
+            jax.block_until_ready(call())
+            times.append(time.perf_counter() - t0)
+            if sum(times) > budget_s:
+                break
     med = statistics.median(times)
     return dict(ms=med * 1e3, ms_min=min(times) * 1e3, ms_max=max(times) * 1e3,
                 spread_pct=100.0 * (max(times) - min(times)) / med if med > 0 else 0.0,
-                reps=len(times), compile_s=compile_s)
+                reps=len(times), compile_s=compile_s, **info)
 
 
-def inference_call(model, batches) -> Callable[[], object]:
+@contextlib.contextmanager
+def _file_lock(path: Optional[str]):
+    """Exclusive flock on ``path`` (created if missing) for the duration; no-op for None."""
+    if not path:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+class Compiled:
+    """A jitted function and its next arguments: ``compile()`` lowers and compiles it ahead of
+    time (so that compilation can be timed, and locked, apart from the device calls) and
+    returns its memory analysis; calling runs the compiled executable (or, before compile(),
+    the jitted function) on ``args_fn()``, and hands the result to ``keep`` (the carried
+    training state)."""
+
+    def __init__(self, fn, args_fn, keep=None):
+        self.fn, self.args_fn, self.keep, self.exe = fn, args_fn, keep, None
+
+    def compile(self) -> dict:
+        self.exe = self.fn.lower(*self.args_fn(peek=True)).compile()
+        try:
+            mem = self.exe.memory_analysis()
+            return {"temp_bytes": int(mem.temp_size_in_bytes),
+                    "argument_bytes": int(mem.argument_size_in_bytes),
+                    "output_bytes": int(mem.output_size_in_bytes)}
+        except Exception:  # noqa: BLE001 - not every backend / version reports it
+            return {}
+
+    def __call__(self):
+        out = (self.exe or self.fn)(*self.args_fn())
+        return self.keep(out) if self.keep else out
+
+
+def inference_call(model, batches) -> Compiled:
     """() -> logits of the next batch, through one jitted pure function of the model state."""
     from flax import nnx
 
@@ -193,14 +250,14 @@ def inference_call(model, batches) -> Callable[[], object]:
     fwd = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x, deterministic=True))
     it = {"i": 0}
 
-    def call():
-        it["i"] += 1
-        return fwd(state, batches[it["i"] % len(batches)][0])
+    def args(peek=False):
+        it["i"] += 0 if peek else 1
+        return state, batches[it["i"] % len(batches)][0]
 
-    return call
+    return Compiled(fwd, args)
 
 
-def train_call(model, batches) -> Callable[[], object]:
+def train_call(model, batches) -> Compiled:
     """() -> loss of one training step on the next batch; model and optimizer state are carried
     from step to step (a jitted pure function of their split state)."""
     from flax import nnx
@@ -220,13 +277,16 @@ def train_call(model, batches) -> Callable[[], object]:
 
     carry = {"state": state, "i": 0}
 
-    def call():
-        carry["i"] += 1
+    def args(peek=False):
+        carry["i"] += 0 if peek else 1
         images, labels = batches[carry["i"] % len(batches)]
-        carry["state"], loss = step(carry["state"], images, labels)
+        return carry["state"], images, labels
+
+    def keep(out):
+        carry["state"], loss = out
         return loss, carry["state"]
 
-    return call
+    return Compiled(step, args, keep)
 
 
 def make_batches(batch: int, image_size: int, dtype: str, n: int = 2):
@@ -265,7 +325,7 @@ def measure(variant: str, backend: str, dtype: str, mode: str, batches, args) ->
     params = count_params(model)
     call = (inference_call if mode == "infer" else train_call)(model, batches)
     del model
-    t = time_calls(call, args.reps, args.warmup, args.budget_s)
+    t = time_calls(call, args.reps, args.warmup, args.budget_s, args.gpu_lock)
     return {"params": params, "ms": t["ms"], "images_per_s": args.batch / (t["ms"] / 1e3),
             "timing": t}
 
@@ -401,6 +461,15 @@ def parse_args(argv=None):
     ap.add_argument("--resume", action="append", default=[],
                     help="an earlier run's JSON (repeatable): its measured rows of the same batch "
                     "and image size are kept and not measured again")
+    ap.add_argument("--shard", default="", help="i/n: measure every n-th of the rows left to "
+                    "measure, from the i-th (n processes side by side, with --gpu-lock; put "
+                    "their JSON files together with --merge)")
+    ap.add_argument("--gpu-lock", default="", help="a file whose exclusive lock is held while "
+                    "this process runs on the GPU (compilation happens outside it): processes "
+                    "that share it compile side by side and time one at a time")
+    ap.add_argument("--merge", action="store_true",
+                    help="measure nothing: the table of the --resume files' rows (failed rows "
+                    "included; a measured row wins over a failed one)")
     ap.add_argument("--out", help="JSON file (rewritten after every measurement)")
     ap.add_argument("--md", help="markdown tables (rewritten after every measurement)")
     ap.add_argument("--quick", action="store_true",
@@ -417,6 +486,13 @@ def parse_args(argv=None):
     a.dtype_names = _names(a.dtypes, DTYPES, "dtypes", DTYPE_ALIASES)
     a.mode_names = _names(a.modes, MODES, "modes")
     a.only = [tuple(x.strip().split(":")) for x in a.only.split(",") if x.strip()]
+    try:
+        a.shard = tuple(int(x) for x in a.shard.split("/")) if a.shard else ()
+        assert not a.shard or (len(a.shard) == 2 and 0 <= a.shard[0] < a.shard[1])
+    except (ValueError, AssertionError):
+        raise SystemExit(f"--shard: expected i/n with 0 <= i < n, got {a.shard!r}") from None
+    if a.merge and not a.resume:
+        raise SystemExit("--merge needs --resume files")
     for o in a.only:
         if not 2 <= len(o) <= 4 or o[0] not in VARIANTS or o[1] not in MODES or \
                 (len(o) > 2 and o[2] not in BACKENDS):
@@ -444,79 +520,92 @@ def main(argv=None) -> dict:
         "variants": args.variant_names,
         "backends": {b: {} for b in args.backend_names},  # backend -> dtype -> "" or why not
         "rows": [],
-        "status": {"planned": sum(wanted(args.only, v, m, b, d) for v in args.variant_names
-                                  for b in args.backend_names for d in args.dtype_names
-                                  for m in args.mode_names), "done": 0, "stopped": None},
+        "status": {"planned": 0, "done": 0, "stopped": None},
     }
+    if args.shard:
+        report["shard"] = "/".join(map(str, args.shard))
     order = [b for b in RUN_ORDER if b in args.backend_names]
     kept = {}
     for path in args.resume:
-        kept.update(resume_rows(path, args))
+        for key, row in resume_rows(path, args, with_errors=args.merge).items():
+            if key not in kept or ("ms" in row and "ms" not in kept[key]):
+                kept[key] = row
+    if args.merge:  # the table describes the machine the rows were measured on
+        parts = []
+        for path in args.resume:
+            with open(path) as f:
+                parts.append(json.load(f))
+        report["env"] = parts[0]["env"]
+        report["merged"] = {"files": args.resume, "elapsed_s": [
+            p.get("status", {}).get("elapsed_s") for p in parts]}
+    grid = plan(args, order, kept)
+    report["status"]["planned"] = sum(tag != "other" for _, tag in grid)
     log(f"device {env['device']}; variants {args.variant_names}; backends {order}; dtypes "
         f"{args.dtype_names}; modes {args.mode_names}; batch {args.batch}; "
-        f"time limit {args.time_limit_s or 'none'} s")
+        f"time limit {args.time_limit_s or 'none'} s"
+        + (f"; shard {report['shard']}: {sum(t == 'mine' for _, t in grid)} to measure"
+           if args.shard else "") + (f"; merging {len(kept)} rows" if args.merge else ""))
     start = time.perf_counter()
     stopped = None
-    for variant in args.variant_names:
-        cfg = model_config(variant, args.max_depth)
-        work = gmacs(cfg, args.image_size)
-        for dtype in args.dtype_names:
-            batches = None
-            for mode in args.mode_names:
-                for backend in order:
-                    if not wanted(args.only, variant, mode, backend, dtype):
-                        continue
-                    if (variant, backend, dtype, mode) in kept:
-                        report["rows"].append(kept[(variant, backend, dtype, mode)])
-                        report["status"]["done"] += 1
-                        continue
-                    row = {"variant": variant, "backend": backend, "dtype": dtype, "mode": mode,
-                           "gmacs": work}
-                    if backend == "dense":
-                        row["impl"] = dense_impl(dtype, args.dense_impl)
-                    report["rows"].append(row)
-                    if stopped is None and args.time_limit_s and \
-                            time.perf_counter() - start > args.time_limit_s:
-                        stopped = "time limit"
-                    if stopped:
-                        row["skipped"] = f"not run: {stopped}"
-                        continue
-                    per = report["backends"][backend]
-                    if dtype not in per:
-                        per[dtype] = probe_backend(backend, dtype, args)
-                        if per[dtype]:
-                            log(f"backend {backend} ({dtype}) skipped: {per[dtype]}")
-                    if per[dtype]:
-                        row["skipped"] = f"{UNAVAILABLE}: {per[dtype]}"
-                        continue
-                    if backend == "reference" and args.reference_max_params_m and \
-                            _official_params_m(variant) > args.reference_max_params_m:
-                        row["skipped"] = (f"reference skipped above "
-                                          f"{args.reference_max_params_m:g}M parameters")
-                        continue
-                    t0 = time.perf_counter()
-                    try:
-                        if batches is None:
-                            batches = make_batches(args.batch, args.image_size, dtype)
-                        with warnings.catch_warnings():
-                            warnings.simplefilter("ignore")
-                            row.update(measure_dense_fallback(variant, backend, dtype, mode,
-                                                              batches, args, row))
-                    except Exception as e:  # noqa: BLE001 - OOM, compile errors: record, go on
-                        row["error"] = _err(e)
-                        if any(p.lower() in row["error"].lower() for p in FATAL_PATTERNS):
-                            stopped = f"device error in {variant} {backend}: {row['error'][:200]}"
-                    row["wall_s"] = round(time.perf_counter() - t0, 2)
-                    report["status"]["done"] += 1
-                    report["status"]["elapsed_s"] = round(time.perf_counter() - start, 1)
-                    log(f"{variant} {backend} {dtype} {mode}: "
-                        + (f"{row['images_per_s']:.1f} img/s ({row['ms']:.2f} ms, compile "
-                           f"{row['timing']['compile_s']:.1f} s)" if "ms" in row
-                           else row.get("error", "")[:200]) + f" [{row['wall_s']} s]")
-                    gc.collect()
-                    write(report, args)
-            del batches
+    batches, batches_key = None, None
+    for (variant, dtype, mode, backend), tag in grid:
+        if tag == "other":
+            continue
+        if tag == "kept":
+            report["rows"].append(kept[(variant, backend, dtype, mode)])
+            report["status"]["done"] += 1
+            continue
+        row = {"variant": variant, "backend": backend, "dtype": dtype, "mode": mode,
+               "gmacs": gmacs(model_config(variant, args.max_depth), args.image_size)}
+        if backend == "dense":
+            row["impl"] = dense_impl(dtype, args.dense_impl)
+        report["rows"].append(row)
+        if args.merge:
+            row["skipped"] = "not measured in the merged runs"
+            continue
+        if stopped is None and args.time_limit_s and \
+                time.perf_counter() - start > args.time_limit_s:
+            stopped = "time limit"
+        if stopped:
+            row["skipped"] = f"not run: {stopped}"
+            continue
+        per = report["backends"][backend]
+        if dtype not in per:
+            per[dtype] = probe_backend(backend, dtype, args)
+            if per[dtype]:
+                log(f"backend {backend} ({dtype}) skipped: {per[dtype]}")
+        if per[dtype]:
+            row["skipped"] = f"{UNAVAILABLE}: {per[dtype]}"
+            continue
+        if backend == "reference" and args.reference_max_params_m and \
+                _official_params_m(variant) > args.reference_max_params_m:
+            row["skipped"] = (f"reference skipped above "
+                              f"{args.reference_max_params_m:g}M parameters")
+            continue
+        t0 = time.perf_counter()
+        try:
+            if batches_key != dtype:
+                batches, batches_key = None, None
+                gc.collect()
+                batches, batches_key = make_batches(args.batch, args.image_size, dtype), dtype
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                row.update(measure_dense_fallback(variant, backend, dtype, mode,
+                                                  batches, args, row))
+        except Exception as e:  # noqa: BLE001 - OOM, compile errors: record, go on
+            row["error"] = _err(e)
+            if any(p.lower() in row["error"].lower() for p in FATAL_PATTERNS):
+                stopped = f"device error in {variant} {backend}: {row['error'][:200]}"
+        row["wall_s"] = round(time.perf_counter() - t0, 2)
+        report["status"]["done"] += 1
+        report["status"]["elapsed_s"] = round(time.perf_counter() - start, 1)
+        log(f"{variant} {backend} {dtype} {mode}: "
+            + (f"{row['images_per_s']:.1f} img/s ({row['ms']:.2f} ms, compile "
+               f"{row['timing']['compile_s']:.1f} s)" if "ms" in row
+               else row.get("error", "")[:200]) + f" [{row['wall_s']} s]")
+        gc.collect()
         jax.clear_caches()  # bounds host memory of the compiled programs
+        write(report, args)
     report["status"]["stopped"] = stopped
     report["status"]["elapsed_s"] = round(time.perf_counter() - start, 1)
     write(report, args)
@@ -525,16 +614,40 @@ def main(argv=None) -> dict:
     return report
 
 
-def resume_rows(path: str, args) -> dict:
-    """(variant, backend, dtype, mode) -> row of every measured row of an earlier run's JSON,
-    marked with where it came from; refuses another batch or image size."""
+def resume_rows(path: str, args, with_errors: bool = False) -> dict:
+    """(variant, backend, dtype, mode) -> row of every measured row (``with_errors``: and every
+    failed one) of an earlier run's JSON, marked with where it came from; refuses another batch
+    or image size."""
     with open(path) as f:
         old = json.load(f)
     for key, mine in (("batch", args.batch), ("image_size", args.image_size)):
         if old["config"].get(key) != mine:
             raise SystemExit(f"--resume {path}: {key} {old['config'].get(key)}, this run's {mine}")
-    return {(r["variant"], r["backend"], r["dtype"], r["mode"]): dict(r, resumed_from=path)
-            for r in old["rows"] if "ms" in r}
+    return {(r["variant"], r["backend"], r["dtype"], r["mode"]):
+            dict(r, resumed_from=r.get("resumed_from", path))
+            for r in old["rows"] if "ms" in r or (with_errors and "error" in r)}
+
+
+def plan(args, order, kept) -> list:
+    """The grid in run order (variant by variant, smallest first; then dtype, mode, backend),
+    each entry ``((variant, dtype, mode, backend), tag)``: "kept" (an earlier run's row),
+    "mine" (to measure here) or "other" (another shard's: ``--shard i/n`` measures every n-th
+    of the rows left to measure, starting at the i-th)."""
+    out, todo = [], 0
+    for variant in args.variant_names:
+        for dtype in args.dtype_names:
+            for mode in args.mode_names:
+                for backend in order:
+                    if not wanted(args.only, variant, mode, backend, dtype):
+                        continue
+                    key = (variant, dtype, mode, backend)
+                    if (variant, backend, dtype, mode) in kept:
+                        out.append((key, "kept"))
+                        continue
+                    mine = not args.shard or todo % args.shard[1] == args.shard[0]
+                    todo += 1
+                    out.append((key, "mine" if mine else "other"))
+    return out
 
 
 def wanted(only, variant: str, mode: str, backend: str, dtype: str) -> bool:

@@ -18,7 +18,9 @@
 #             MODELS_LIMIT_S; default nat_mini,dinat_tiny,nat_tiny x fused,dense,reference x bf16
 #             x infer,train at batch 128; `--only variant:mode[:backend[:dtype]]` picks rows and
 #             `--resume <earlier model_throughput.json>` keeps rows measured before, e.g. the
-#             docs/model-throughput-s4-*.json files)
+#             docs/model-throughput-s4-*.json files); MODELS_WORKERS=n runs n processes side
+#             by side (--shard i/n, each 0.92/n of GPU memory; they compile in parallel and
+#             take turns on the GPU: --gpu-lock) and merges their tables
 # Each *_LIMIT_S is the step's time limit (the tools start no new work after it, or, for the
 # autotune demo, when its second process would not fit), cut to what TOTAL_LIMIT_S (default 450)
 # leaves; a step still running HARD_MARGIN_S (default 45) seconds after its limit is killed
@@ -122,11 +124,37 @@ if has_step sweep; then
     --time-limit-s "$lim" --out "$OUT/sweep.json" --md "$WORK/sweep.md" --plots "$OUT"
 fi
 # shellcheck disable=SC2086
+models_sharded() {  # MODELS_WORKERS processes (each a share of GPU memory), then their merge
+  local lim=$1 n=$MODELS_WORKERS pids=() parts=() rc=0 i
+  mkdir -p "$OUT/models_parts"
+  for ((i = 0; i < n; i++)); do
+    XLA_PYTHON_CLIENT_MEM_FRACTION=$(awk -v n="$n" 'BEGIN { printf "%.2f", 0.92 / n }') \
+      "$PY" -m benchmarks.model_throughput $MODELS_ARGS --time-limit-s "$lim" \
+      --shard "$i/$n" --gpu-lock "$WORK/gpu.lock" --out "$OUT/models_parts/$i.json" \
+      > "$OUT/models_parts/$i.log" 2>&1 &
+    pids+=($!)
+    parts+=(--resume "$OUT/models_parts/$i.json")
+  done
+  for ((i = 0; i < n; i++)); do
+    wait "${pids[$i]}" || rc=$?
+    echo "-- shard $i/$n (exit ${rc})"
+    cat "$OUT/models_parts/$i.log"
+  done
+  "$PY" -m benchmarks.model_throughput $MODELS_ARGS --merge "${parts[@]}" \
+    --out "$OUT/model_throughput.json" --md "$WORK/model_throughput.md" || rc=$?
+  return $rc
+}
 if has_step models; then
   lim=$(step_limit "$MODELS_LIMIT_S")
-  run_step models "$lim" "$PY" -m benchmarks.model_throughput $MODELS_ARGS \
-    --time-limit-s "$lim" --out "$OUT/model_throughput.json" \
-    --md "$WORK/model_throughput.md"
+  if [ "${MODELS_WORKERS:-1}" -gt 1 ] && [ "$lim" != 0 ]; then
+    export -f models_sharded
+    export MODELS_WORKERS MODELS_ARGS PY WORK OUT
+    run_step models "$lim" bash -c 'models_sharded "$0"' "$lim"
+  else
+    run_step models "$lim" "$PY" -m benchmarks.model_throughput $MODELS_ARGS \
+      --time-limit-s "$lim" --out "$OUT/model_throughput.json" \
+      --md "$WORK/model_throughput.md"
+  fi
 fi
 
 # ---- summary (last): one markdown file with every report, then a short table

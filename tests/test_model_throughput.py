@@ -171,6 +171,86 @@ def test_resume_keeps_measured_rows(fake, tmp_path):
         mt.main(["--variants", "nat_mini", "--batch", "64", "--resume", str(first)])
 
 
+def test_shards_split_the_rows_left_and_merge_puts_them_together(fake, tmp_path):
+    calls, state = fake
+    grid = ["--variants", "nat_mini,nat_base", "--backends", "fused,dense", "--dtypes", "bf16",
+            "--modes", "infer,train", "--time-limit-s", "0"]
+    first = tmp_path / "first.json"
+    mt.main(grid + ["--only", "nat_mini:infer:fused", "--out", str(first)])
+    calls.clear()
+    parts = []
+    for i in range(3):
+        state["fail"] = {"dense": "RESOURCE_EXHAUSTED: Out of memory"} if i == 1 else {}
+        parts.append(tmp_path / f"part{i}.json")
+        report = mt.main(grid + ["--resume", str(first), "--shard", f"{i}/3",
+                                 "--out", str(parts[-1])])
+        assert report["shard"] == f"{i}/3"
+    # the 7 rows left, dealt round-robin in grid order; the kept row measured by none
+    order = [("nat_mini", "dense", "bfloat16", "infer"), ("nat_mini", "fused", "bfloat16", "train"),
+             ("nat_mini", "dense", "bfloat16", "train"), ("nat_base", "fused", "bfloat16", "infer"),
+             ("nat_base", "dense", "bfloat16", "infer"), ("nat_base", "fused", "bfloat16", "train"),
+             ("nat_base", "dense", "bfloat16", "train")]
+    assert calls == order[0::3] + order[1::3] + order[2::3]
+    calls.clear()
+    merged = mt.main(grid + ["--merge"] + [x for p in [first] + parts for x in ("--resume", str(p))])
+    assert calls == []  # merging measures nothing
+    rows = {(r["variant"], r["backend"], r["mode"]): r for r in merged["rows"]}
+    assert len(rows) == 8 and merged["status"]["done"] == merged["status"]["planned"] == 8
+    assert rows[("nat_mini", "fused", "infer")]["resumed_from"] == str(first)
+    assert "error" in rows[("nat_base", "dense", "infer")]  # shard 1's failure is a result too
+    assert rows[("nat_mini", "dense", "train")]["images_per_s"] == 100.0
+    # a measured row wins over a failed one, whatever the order of the files
+    retry = tmp_path / "retry.json"
+    mt.main(grid + ["--only", "nat_base:infer:dense", "--out", str(retry)])
+    merged = mt.main(grid + ["--merge", "--resume", str(parts[1]), "--resume", str(retry)])
+    rows = {(r["variant"], r["backend"], r["mode"]): r for r in merged["rows"]}
+    assert rows[("nat_base", "dense", "infer")]["images_per_s"] == 200.0
+    assert rows[("nat_base", "fused", "infer")]["skipped"] == "not measured in the merged runs"
+    for bad in (["--shard", "3/3"], ["--shard", "x"], ["--merge"]):
+        with pytest.raises(SystemExit):
+            mt.parse_args(bad)
+
+
+def test_gpu_lock_is_held_for_the_device_calls_only(tmp_path):
+    """With a lock file, compilation happens before the lock is taken and every device call
+    inside it (another open file description cannot take it meanwhile)."""
+    import fcntl
+
+    import jax
+    import jax.numpy as jnp
+
+    lock = tmp_path / "gpu.lock"
+    seen = []
+
+    def held():
+        with open(lock, "a") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            return False
+
+    x = jnp.arange(64.0).reshape(8, 8)
+    fn = jax.jit(lambda a: a @ a)
+
+    def args(peek=False):
+        seen.append(("peek" if peek else "call", held()))
+        return (x,)
+
+    call = mt.Compiled(fn, args)
+    t = mt.time_calls(call, reps=3, warmup=2, budget_s=10.0, gpu_lock=str(lock))
+    assert seen[0] == ("peek", False)  # lowering: outside the lock
+    assert seen[1:] == [("call", True)] * 5  # 2 warm-up + 3 timed calls, all inside it
+    assert t["reps"] == 3 and t["compile_s"] > 0 and not held()
+    assert t["temp_bytes"] >= 0 and t["output_bytes"] == x.nbytes
+    assert call.exe is not None
+    # without a lock: the same numbers of calls, no lock file needed
+    seen.clear()
+    t = mt.time_calls(mt.Compiled(fn, args), reps=2, warmup=1, budget_s=10.0)
+    assert [k for k, _ in seen] == ["peek", "call", "call", "call"] and t["reps"] == 2
+
+
 # ------------------------------------------------------------------------------ real models
 def test_quick_cli_end_to_end(tmp_path):
     """nat_mini (one layer per level, 64x64, batch 2) on CPU: reference and dense (XLA) timed
