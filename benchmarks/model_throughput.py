@@ -375,13 +375,14 @@ def markdown(report: dict) -> str:
                       "| model | params (M) | GMACs | " + " | ".join(head)
                       + " | fused vs reference | fused vs dense |",
                       "|---|---|---|" + "---|" * len(backends) + "---|---|"]
-            notes = []
+            notes = {}  # reason -> the cells it applies to
             for variant in report["variants"]:
                 by = {r["backend"]: r for r in sel if r["variant"] == variant}
                 if not by:
                     continue
                 rate = {b: r.get("images_per_s") for b, r in by.items()}
-                params = next((r["params"] for r in by.values() if r.get("params")), None)
+                params = next((r["params"] for r in report["rows"]
+                               if r["variant"] == variant and r.get("params")), None)
                 cells = [f"{params / 1e6:.1f}" if params else "-",
                          f"{next(iter(by.values()))['gmacs']:.2f}"]
                 for b in backends:
@@ -391,17 +392,24 @@ def markdown(report: dict) -> str:
                     cells.append("-")
                     why = (by.get(b) or {}).get("error") or (by.get(b) or {}).get("skipped")
                     if why and not why.startswith(UNAVAILABLE):  # listed once, above
-                        notes.append(f"{variant} {b}: {why[:160]}")
+                        notes.setdefault(why[:160], []).append(f"{variant} {b}")
                 cells += [_speedup(rate.get("fused"), rate.get("reference")),
                           _speedup(rate.get("fused"), rate.get("dense"))]
                 lines.append(f"| {variant} | " + " | ".join(cells) + " |")
             lines.append("")
             if notes:
-                lines += ["Not measured: " + "; ".join(n.replace("|", "/").replace("\n", " ")
-                                                       for n in notes), ""]
+                lines += ["Not measured: " + "; ".join(
+                    f"{', '.join(cells)}: {why}".replace("|", "/").replace("\n", " ")
+                    for why, cells in notes.items()), ""]
     st = report["status"]
-    lines.append(f"{st['done']} of {st['planned']} measurements in {st.get('elapsed_s', 0)} s"
-                 + (f"; stopped: {st['stopped']}" if st.get("stopped") else "") + ".")
+    if report.get("merged"):
+        n = sum("ms" in r for r in report["rows"])
+        lines.append(f"{n} of {st['planned']} cells measured, merged from "
+                     f"{len(report['merged']['files'])} runs.")
+    else:
+        lines.append(f"{st['done']} of {st['planned']} measurements in "
+                     f"{st.get('elapsed_s', 0)} s"
+                     + (f"; stopped: {st['stopped']}" if st.get("stopped") else "") + ".")
     return "\n".join(lines) + "\n"
 
 

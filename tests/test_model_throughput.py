@@ -206,6 +206,9 @@ def test_shards_split_the_rows_left_and_merge_puts_them_together(fake, tmp_path)
     rows = {(r["variant"], r["backend"], r["mode"]): r for r in merged["rows"]}
     assert rows[("nat_base", "dense", "infer")]["images_per_s"] == 200.0
     assert rows[("nat_base", "fused", "infer")]["skipped"] == "not measured in the merged runs"
+    text = mt.markdown(merged)  # cells without a number: grouped by reason
+    assert "nat_base fused, nat_base dense: not measured in the merged runs" in text
+    assert "3 of 8 cells measured, merged from 2 runs." in text
     for bad in (["--shard", "3/3"], ["--shard", "x"], ["--merge"]):
         with pytest.raises(SystemExit):
             mt.parse_args(bad)
