@@ -415,19 +415,17 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
   cp_async_commit();
 
-  auto qbox = [&](int t, int& h, int* o) {
-    h = hkv * group_heads + t / boxes;
-    int j = t % boxes;
-#pragma unroll
-    for (int a = 2; a >= 0; --a) {
-      o[a] = ilo[a] + (j % nq[a]) * (1 << p.q_tile_log2[a]);
-      j /= nq[a];
-    }
-  };
+  // The next (head, Q box) to load: boxes in row-major order per head of the group, advanced
+  // like an odometer (no division per step).
+  int qh = hkv * group_heads, qo[3] = {ilo[0], ilo[1], ilo[2]};
   // Q and dO rows by cp.async; each query row's window, lse (base 2) and delta by plain loads.
-  auto load_q = [&](int t, int stage) {
-    int h, o[3];
-    qbox(t, h, o);
+  auto load_q = [&](int stage) {
+    const int h = qh, o[3] = {qo[0], qo[1], qo[2]};
+    next_box(qo, ilo, nq, p.q_tile_log2);
+    if (qo[0] >= ilo[0] + (nq[0] << p.q_tile_log2[0])) {  // past the last box: next head
+      qo[0] = ilo[0];
+      ++qh;
+    }
     const int64_t qoff = b * p.q_batch_stride + goff_q + h * p.q_head_stride;
     T* const dst[2] = {sQ + stage * kTileKV * kPitch, sdO + stage * kTileKV * kPitch};
     const T* const src[2] = {static_cast<const T*>(p.q) + qoff,
@@ -471,12 +469,12 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int e = 0; e < 4; ++e) acc_dk[i][e] = acc_dv[i][e] = 0.f;
 
   if (total > 0) {
-    load_q(0, 0);
+    load_q(0);
     cp_async_commit();
   }
   for (int t = 0; t < total; ++t) {
     const int stage = t & 1;
-    pipeline_step(t, total, load_q);
+    pipeline_step(t, total, [&](int, int st) { load_q(st); });
     const T* q_s = sQ + stage * kTileKV * kPitch;
     const T* do_s = sdO + stage * kTileKV * kPitch;
     const int* win = sWin + stage * kTileKV * 6;
