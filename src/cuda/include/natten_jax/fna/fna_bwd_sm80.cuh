@@ -201,21 +201,15 @@ __global__ void __launch_bounds__(kThreads, 2)
     load_tiles<T, D, 2>(dst, src, p.q_token_stride, gi.dil, q0, gi.glen, p.q_tile_log2, tid);
   }
   cp_async_commit();
-  auto box_origin = [&](int j, int* o) {
-#pragma unroll
-    for (int a = 2; a >= 0; --a) {
-      o[a] = lo[a] + (j % nbox[a]) * (1 << p.kv_tile_log2[a]);
-      j /= nbox[a];
-    }
-  };
-  auto load_kv = [&](int j, int stage) {
-    int o[3];
-    box_origin(j, o);
+  // Box origins: o_load the next box to load, o_cur the one computed on (odometer order).
+  int o_load[3] = {lo[0], lo[1], lo[2]}, o_cur[3] = {lo[0], lo[1], lo[2]};
+  auto load_kv = [&](int stage) {
     T* const dst[2] = {sK + stage * kTileKV * kPitch, sV + stage * kTileKV * kPitch};
     const T* const src[2] = {kbase, vbase};
-    load_tiles<T, D, 2>(dst, src, p.kv_token_stride, gi.dil, o, hi, p.kv_tile_log2, tid);
+    load_tiles<T, D, 2>(dst, src, p.kv_token_stride, gi.dil, o_load, hi, p.kv_tile_log2, tid);
+    next_box(o_load, lo, nbox, p.kv_tile_log2);
   };
-  load_kv(0, 0);
+  load_kv(0);
   cp_async_commit();
 
   float acc[kDTiles][4];
@@ -224,12 +218,12 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   for (int j = 0; j < total_boxes; ++j) {
     const int stage = j & 1;
-    pipeline_step(j, total_boxes, load_kv);
+    pipeline_step(j, total_boxes, [&](int, int st) { load_kv(st); });
     const T* k_s = sK + stage * kTileKV * kPitch;
     const T* v_s = sV + stage * kTileKV * kPitch;
 
-    int o[3];
-    box_origin(j, o);
+    const int o[3] = {o_cur[0], o_cur[1], o_cur[2]};
+    next_box(o_cur, lo, nbox, p.kv_tile_log2);
     bool touch, full;
     box_vs_warp(o, p.kv_tile_log2, wlo, whi, wilo, wihi, warp_active, touch, full);
     if (touch) {
@@ -255,22 +249,41 @@ __global__ void __launch_bounds__(kThreads, 2)
           Mma::mma(dp[2 * np + 1], da, vb[2], vb[3]);
         }
       }
-      // P and dS = P * (dP - delta), masked outside the windows.
+      // P and dS = P * (dP - delta), masked outside the windows: one loop, instantiated for
+      // three masks (the choice is uniform per box, so no branch inside the loop).
+      auto p_ds = [&](auto in_window) {
 #pragma unroll
-      for (int n = 0; n < kNTiles; ++n) {
+        for (int n = 0; n < kNTiles; ++n)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
+          for (int r = 0; r < 2; ++r)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              // exp first, then a select: a predicated MUFU, not a branch around it
+              const float ev = fast_exp2(fmaf(s[n][2 * r + e], p.scale_log2, -lse2[r]));
+              const float pv = in_window(n, r, e) ? ev : 0.f;
+              dp[n][2 * r + e] = pv * (dp[n][2 * r + e] - delta[r]);
+            }
+      };
+      auto in_axis = [&](int a, int r, int c) {
+        return static_cast<unsigned>(o[a] + c - ws[r][a]) < static_cast<unsigned>(wl[r][a]);
+      };
+      if (full) {
+        p_ds([](int, int, int) { return true; });
+      } else if (p.kv_tile_log2[2] >= 3) {
+        // A lane holds keys n * 8 + 2 * (lane % 4) + e; with 8 or more keys along the box's
+        // innermost axis, their axes 0 and 1 depend on n alone (see the forward kernel).
+        p_ds([&](int n, int r, int e) {
+          int c[3];
+          tile_coord(n * 8, p.kv_tile_log2, c);
+          return in_axis(0, r, c[0]) & in_axis(1, r, c[1]) &
+                 in_axis(2, r, c[2] + 2 * (lane % 4) + e);  // & (not &&): no branches
+        });
+      } else {
+        p_ds([&](int n, int r, int e) {
           int c[3];
           tile_coord(n * 8 + 2 * (lane % 4) + e, p.kv_tile_log2, c);
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            bool in = full || (static_cast<unsigned>(o[0] + c[0] - ws[r][0]) < wl[r][0] &&
-                               static_cast<unsigned>(o[1] + c[1] - ws[r][1]) < wl[r][1] &&
-                               static_cast<unsigned>(o[2] + c[2] - ws[r][2]) < wl[r][2]);
-            float pv = in ? exp2f(fmaf(s[n][2 * r + e], p.scale_log2, -lse2[r])) : 0.f;
-            dp[n][2 * r + e] = pv * (dp[n][2 * r + e] - delta[r]);
-          }
-        }
+          return in_axis(0, r, c[0]) & in_axis(1, r, c[1]) & in_axis(2, r, c[2]);
+        });
       }
       // dQ += dS K.
 #pragma unroll
@@ -402,19 +415,17 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
   cp_async_commit();
 
-  auto qbox = [&](int t, int& h, int* o) {
-    h = hkv * group_heads + t / boxes;
-    int j = t % boxes;
-#pragma unroll
-    for (int a = 2; a >= 0; --a) {
-      o[a] = ilo[a] + (j % nq[a]) * (1 << p.q_tile_log2[a]);
-      j /= nq[a];
-    }
-  };
+  // The next (head, Q box) to load: boxes in row-major order per head of the group, advanced
+  // like an odometer (no division per step).
+  int qh = hkv * group_heads, qo[3] = {ilo[0], ilo[1], ilo[2]};
   // Q and dO rows by cp.async; each query row's window, lse (base 2) and delta by plain loads.
-  auto load_q = [&](int t, int stage) {
-    int h, o[3];
-    qbox(t, h, o);
+  auto load_q = [&](int stage) {
+    const int h = qh, o[3] = {qo[0], qo[1], qo[2]};
+    next_box(qo, ilo, nq, p.q_tile_log2);
+    if (qo[0] >= ilo[0] + (nq[0] << p.q_tile_log2[0])) {  // past the last box: next head
+      qo[0] = ilo[0];
+      ++qh;
+    }
     const int64_t qoff = b * p.q_batch_stride + goff_q + h * p.q_head_stride;
     T* const dst[2] = {sQ + stage * kTileKV * kPitch, sdO + stage * kTileKV * kPitch};
     const T* const src[2] = {static_cast<const T*>(p.q) + qoff,
@@ -458,12 +469,12 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int e = 0; e < 4; ++e) acc_dk[i][e] = acc_dv[i][e] = 0.f;
 
   if (total > 0) {
-    load_q(0, 0);
+    load_q(0);
     cp_async_commit();
   }
   for (int t = 0; t < total; ++t) {
     const int stage = t & 1;
-    pipeline_step(t, total, load_q);
+    pipeline_step(t, total, [&](int, int st) { load_q(st); });
     const T* q_s = sQ + stage * kTileKV * kPitch;
     const T* do_s = sdO + stage * kTileKV * kPitch;
     const int* win = sWin + stage * kTileKV * 6;
@@ -504,10 +515,13 @@ __global__ void __launch_bounds__(kThreads, 2)
           const float l2 = lse_s[col], dl = dl_s[col];
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
-            bool in = static_cast<unsigned>(kc[r][0] - w[0]) < static_cast<unsigned>(w[1]) &&
-                      static_cast<unsigned>(kc[r][1] - w[2]) < static_cast<unsigned>(w[3]) &&
-                      static_cast<unsigned>(kc[r][2] - w[4]) < static_cast<unsigned>(w[5]);
-            float pv = in ? exp2f(fmaf(s[n][2 * r + e], p.scale_log2, -l2)) : 0.f;
+            // & (not &&) and exp before the select: predicated code, no branch per element
+            const bool in =
+                (static_cast<unsigned>(kc[r][0] - w[0]) < static_cast<unsigned>(w[1])) &
+                (static_cast<unsigned>(kc[r][1] - w[2]) < static_cast<unsigned>(w[3])) &
+                (static_cast<unsigned>(kc[r][2] - w[4]) < static_cast<unsigned>(w[5]));
+            const float ev = fast_exp2(fmaf(s[n][2 * r + e], p.scale_log2, -l2));
+            const float pv = in ? ev : 0.f;
             s[n][2 * r + e] = pv;
             dp[n][2 * r + e] = pv * (dp[n][2 * r + e] - dl);
           }

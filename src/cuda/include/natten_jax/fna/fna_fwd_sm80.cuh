@@ -179,21 +179,16 @@ __global__ void __launch_bounds__(kThreads, MinCtas)
   }
   cp_async_commit();
 
-  auto box_origin = [&](int j, int* o) {
-#pragma unroll
-    for (int a = 2; a >= 0; --a) {
-      o[a] = lo[a] + (j % nbox[a]) * (1 << p.kv_tile_log2[a]);
-      j /= nbox[a];
-    }
-  };
-  auto load_kv = [&](int j, int stage) {
-    int o[3];
-    box_origin(j, o);
+  // Box origins in row-major box order, advanced like an odometer (no division per box):
+  // o_load is the next box to load, o_cur the one computed on.
+  int o_load[3] = {lo[0], lo[1], lo[2]}, o_cur[3] = {lo[0], lo[1], lo[2]};
+  auto load_kv = [&](int stage) {  // the box at o_load, then o_load moves on
     T* const dst[2] = {sK + stage * kTileKV * kPitch, sV + stage * kTileKV * kPitch};
     const T* const src[2] = {kbase, vbase};
-    load_tiles<T, D, 2>(dst, src, p.kv_token_stride, dil, o, hi, p.kv_tile_log2, tid);
+    load_tiles<T, D, 2>(dst, src, p.kv_token_stride, dil, o_load, hi, p.kv_tile_log2, tid);
+    next_box(o_load, lo, nbox, p.kv_tile_log2);
   };
-  load_kv(0, 0);
+  load_kv(0);
   cp_async_commit();
   cp_async_wait<1>();
   __syncthreads();
@@ -227,13 +222,13 @@ __global__ void __launch_bounds__(kThreads, MinCtas)
 
   for (int j = 0; j < total_boxes; ++j) {
     const int stage = j & 1;
-    pipeline_step(j, total_boxes, load_kv);
+    pipeline_step(j, total_boxes, [&](int, int st) { load_kv(st); });
 
     const T* k_s = sK + stage * kTileKV * kPitch;
     const T* v_s = sV + stage * kTileKV * kPitch;
 
-    int o[3];
-    box_origin(j, o);
+    const int o[3] = {o_cur[0], o_cur[1], o_cur[2]};
+    next_box(o_cur, lo, nbox, p.kv_tile_log2);
     bool touch, full;
     box_vs_warp(o, p.kv_tile_log2, wlo, whi, wilo, wihi, warp_active, touch, full);
     if (touch) {
@@ -268,8 +263,33 @@ __global__ void __launch_bounds__(kThreads, MinCtas)
       }
 
       // Fine-grained mask where the box is not inside every window of the warp's queries:
-      // key c is a neighbor of row r iff (unsigned)(o + c - ws) < len on every axis.
-      if (!full) {
+      // key c is a neighbor of row r iff (unsigned)(o + c - ws) < len on every axis. A lane
+      // holds keys n * 8 + 2 * (lane % 4) + e; when the box's innermost axis spans 8 keys or
+      // more, axes 0 and 1 of those 8 keys depend on n alone: tested once per n.
+      if (!full && p.kv_tile_log2[2] >= 3) {
+        const int j0 = 2 * (lane % 4);
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int* w = sWin + (warp * kWarpRows + m * 16 + lane / 4 + r * 8) * 6;
+            int rel0 = o[0] - w[0], rel1 = o[1] - w[2], rel2 = o[2] - w[4] + j0;
+            unsigned len0 = w[1], len1 = w[3], len2 = w[5];
+#pragma unroll
+            for (int n = 0; n < kNTiles; ++n) {
+              int c[3];
+              tile_coord(n0 + n * 8, p.kv_tile_log2, c);
+              bool in01 = static_cast<unsigned>(rel0 + c[0]) < len0 &&
+                          static_cast<unsigned>(rel1 + c[1]) < len1;
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                bool in = in01 && static_cast<unsigned>(rel2 + c[2] + e) < len2;
+                if (!in) s[m][n][r * 2 + e] = -INFINITY;
+              }
+            }
+          }
+        }
+      } else if (!full) {
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
 #pragma unroll
@@ -306,13 +326,13 @@ __global__ void __launch_bounds__(kThreads, MinCtas)
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
           float m_new = fmaxf(row_max[m][r], mx * p.scale_log2);
           float m_use = (m_new == -INFINITY) ? 0.f : m_new;
-          float alpha = exp2f(row_max[m][r] - m_use);
+          float alpha = fast_exp2(row_max[m][r] - m_use);
           row_max[m][r] = m_new;
           float sum = 0.f;
 #pragma unroll
           for (int n = 0; n < kNTiles; ++n) {
-            s[m][n][2 * r] = exp2f(fmaf(s[m][n][2 * r], p.scale_log2, -m_use));
-            s[m][n][2 * r + 1] = exp2f(fmaf(s[m][n][2 * r + 1], p.scale_log2, -m_use));
+            s[m][n][2 * r] = fast_exp2(fmaf(s[m][n][2 * r], p.scale_log2, -m_use));
+            s[m][n][2 * r + 1] = fast_exp2(fmaf(s[m][n][2 * r + 1], p.scale_log2, -m_use));
             sum += s[m][n][2 * r] + s[m][n][2 * r + 1];
           }
           row_sum[m][r] = row_sum[m][r] * alpha + sum;

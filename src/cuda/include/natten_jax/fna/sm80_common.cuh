@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include "natten_jax/common/fast_exp2.cuh"
 #include "natten_jax/common/warp_mma.cuh"
 #include "natten_jax/fna/tile_coord.cuh"
 
@@ -43,6 +44,17 @@ __device__ __forceinline__ void pipeline_step(int j, int n, Load&& load) {
     cp_async_wait<0>();
   }
   __syncthreads();
+}
+
+// Moves box origin `o` to the next of the nbox[0] x nbox[1] x nbox[2] boxes (extents 2^l) that
+// tile a region from corner `lo`, in row-major order, like an odometer: no division per box.
+__device__ __forceinline__ void next_box(int* o, const int* lo, const int* nbox, const int* l) {
+#pragma unroll
+  for (int a = 2; a >= 0; --a) {
+    o[a] += 1 << l[a];
+    if (a == 0 || o[a] < lo[a] + (nbox[a] << l[a])) break;
+    o[a] = lo[a];
+  }
 }
 
 // How a KV box at origin `o` (extents 2^l per axis) meets one warp's windows: `touch` if it

@@ -19,6 +19,8 @@
 
 #include <cstdint>
 
+#include "natten_jax/common/fast_exp2.cuh"
+
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define NJ_SM90A 1
 #else
@@ -315,13 +317,6 @@ __device__ __forceinline__ float2 ld_shared_v2f(uint32_t addr) {
   float2 v;
   asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(addr) : "memory");
   return v;
-}
-
-// 2^x with one MUFU.EX2 (flushes subnormal results to zero; 2^-inf = 0).
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
 }
 
 template <typename T>
