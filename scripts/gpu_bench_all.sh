@@ -20,7 +20,10 @@
 #             `--resume <earlier model_throughput.json>` keeps rows measured before, e.g. the
 #             docs/model-throughput-s4-*.json files); MODELS_WORKERS=n runs n processes side
 #             by side (--shard i/n, each 0.92/n of GPU memory; they compile in parallel and
-#             take turns on the GPU: --gpu-lock) and merges their tables
+#             take turns on the GPU: --gpu-lock) and merges their tables;
+#             MODELS_PLAN="FRAC@ROWS;FRAC@ROWS;..." instead gives each worker its own share of GPU
+#             memory and its own rows (ROWS as --only takes them), e.g. one large worker for the
+#             training steps of the large variants beside small ones for inference rows
 # Each *_LIMIT_S is the step's time limit (the tools start no new work after it, or, for the
 # autotune demo, when its second process would not fit), cut to what TOTAL_LIMIT_S (default 450)
 # leaves; a step still running HARD_MARGIN_S (default 45) seconds after its limit is killed
@@ -124,13 +127,19 @@ if has_step sweep; then
     --time-limit-s "$lim" --out "$OUT/sweep.json" --md "$WORK/sweep.md" --plots "$OUT"
 fi
 # shellcheck disable=SC2086
-models_sharded() {  # MODELS_WORKERS processes (each a share of GPU memory), then their merge
-  local lim=$1 n=$MODELS_WORKERS pids=() parts=() rc=0 i
+models_sharded() {  # worker processes (each a share of GPU memory), then their merge
+  local lim=$1 n=$MODELS_WORKERS pids=() parts=() rc=0 i plan=() frac rows
+  [ -n "${MODELS_PLAN:-}" ] && { IFS=';' read -ra plan <<< "$MODELS_PLAN"; n=${#plan[@]}; }
   mkdir -p "$OUT/models_parts"
   for ((i = 0; i < n; i++)); do
-    XLA_PYTHON_CLIENT_MEM_FRACTION=$(awk -v n="$n" 'BEGIN { printf "%.2f", 0.92 / n }') \
+    if [ ${#plan[@]} -gt 0 ]; then  # FRAC@ROWS: this worker's memory share and rows
+      frac=${plan[$i]%%@*} rows=(--only "${plan[$i]#*@}")
+    else  # every n-th row, 0.92 / n of the memory each
+      frac=$(awk -v n="$n" 'BEGIN { printf "%.2f", 0.92 / n }') rows=(--shard "$i/$n")
+    fi
+    XLA_PYTHON_CLIENT_MEM_FRACTION=$frac \
       "$PY" -m benchmarks.model_throughput $MODELS_ARGS --time-limit-s "$lim" \
-      --shard "$i/$n" --gpu-lock "$WORK/gpu.lock" --out "$OUT/models_parts/$i.json" \
+      "${rows[@]}" --gpu-lock "$WORK/gpu.lock" --out "$OUT/models_parts/$i.json" \
       > "$OUT/models_parts/$i.log" 2>&1 &
     pids+=($!)
     parts+=(--resume "$OUT/models_parts/$i.json")
@@ -146,9 +155,9 @@ models_sharded() {  # MODELS_WORKERS processes (each a share of GPU memory), the
 }
 if has_step models; then
   lim=$(step_limit "$MODELS_LIMIT_S")
-  if [ "${MODELS_WORKERS:-1}" -gt 1 ] && [ "$lim" != 0 ]; then
+  if { [ "${MODELS_WORKERS:-1}" -gt 1 ] || [ -n "${MODELS_PLAN:-}" ]; } && [ "$lim" != 0 ]; then
     export -f models_sharded
-    export MODELS_WORKERS MODELS_ARGS PY WORK OUT
+    export MODELS_WORKERS=${MODELS_WORKERS:-1} MODELS_PLAN=${MODELS_PLAN:-} MODELS_ARGS PY WORK OUT
     run_step models "$lim" bash -c 'models_sharded "$0"' "$lim"
   else
     run_step models "$lim" "$PY" -m benchmarks.model_throughput $MODELS_ARGS \
