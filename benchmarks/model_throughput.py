@@ -170,15 +170,19 @@ def time_calls(call: Callable[[], object], reps: int, warmup: int, budget_s: flo
     ``block_until_ready`` until ``budget_s`` seconds of them; median and spread.
 
     ``call`` may have a ``compile()`` method (ahead-of-time compilation: :class:`Compiled`);
-    then the compilation is timed on its own and is the only part outside ``gpu_lock``, a file
-    whose exclusive lock (flock) is held from the first device call to the last, so that several
-    processes can compile side by side while only one at a time runs on the GPU. Without
-    ``compile()`` the first call compiles (and runs) and counts as the first warm-up call."""
+    then the compilation is timed on its own under a shared lock of ``gpu_lock`` (a file), and
+    the device calls, from the first to the last, under its exclusive lock: several processes
+    compile side by side, and while one of them times, nothing else compiles (XLA's autotuner
+    runs candidate kernels on the GPU, and a compilation's threads take the CPU that launches
+    the timed process's kernels). Without ``compile()`` the first call compiles (and runs) and
+    counts as the first warm-up call."""
     t0 = time.perf_counter()
     info = {}
     if hasattr(call, "compile"):
-        info = call.compile() or {}
-        compile_s = time.perf_counter() - t0
+        with _file_lock(gpu_lock, shared=True):
+            t0 = time.perf_counter()
+            info = call.compile() or {}
+            compile_s = time.perf_counter() - t0
         untimed = max(1, warmup)
     with _file_lock(gpu_lock):
         if not hasattr(call, "compile"):
@@ -201,15 +205,22 @@ def time_calls(call: Callable[[], object], reps: int, warmup: int, budget_s: flo
 
 
 @contextlib.contextmanager
-def _file_lock(path: Optional[str]):
-    """Exclusive flock on ``path`` (created if missing) for the duration; no-op for None."""
+def _file_lock(path: Optional[str], shared: bool = False):
+    """flock on ``path`` (created if missing) for the duration, exclusive or shared; no-op for
+    None. A process waiting for the exclusive lock has priority over later shared ones: every
+    taker first passes the turnstile ``path + ".turn"``, which a waiting exclusive taker holds
+    until it has the lock (otherwise overlapping compilations could keep a timer waiting)."""
     if not path:
         yield
         return
     import fcntl
 
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    with open(path + ".turn", "a") as turn, open(path, "a") as fh:
+        fcntl.flock(turn, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        finally:
+            fcntl.flock(turn, fcntl.LOCK_UN)
         try:
             yield
         finally:

@@ -127,28 +127,43 @@ if has_step sweep; then
     --time-limit-s "$lim" --out "$OUT/sweep.json" --md "$WORK/sweep.md" --plots "$OUT"
 fi
 # shellcheck disable=SC2086
+models_rows() {  # worker i, memory share, rows, limit: one process per row, in turn
+  # (a fresh memory pool each: a pool that held a smaller row's buffers can be too fragmented
+  # for a larger row's temporaries); no row starts after the limit
+  local i=$1 frac=$2 lim=$4 k=0 row start=$SECONDS list
+  IFS=, read -ra list <<< "$3"
+  for row in "${list[@]}"; do
+    if (( SECONDS - start > lim )); then echo "not started (time limit): $row"; continue; fi
+    XLA_PYTHON_CLIENT_MEM_FRACTION=$frac "$PY" -m benchmarks.model_throughput $MODELS_ARGS \
+      --only "$row" --time-limit-s "$lim" --gpu-lock "$WORK/gpu.lock" \
+      --out "$OUT/models_parts/$i.$k.json" 2>&1 | grep -v "^|"
+    k=$((k + 1))
+  done
+}
 models_sharded() {  # worker processes (each a share of GPU memory), then their merge
-  local lim=$1 n=$MODELS_WORKERS pids=() parts=() rc=0 i plan=() frac rows
+  local lim=$1 n=$MODELS_WORKERS pids=() rc=0 i plan=() frac
   [ -n "${MODELS_PLAN:-}" ] && { IFS=';' read -ra plan <<< "$MODELS_PLAN"; n=${#plan[@]}; }
   mkdir -p "$OUT/models_parts"
   for ((i = 0; i < n; i++)); do
     if [ ${#plan[@]} -gt 0 ]; then  # FRAC@ROWS: this worker's memory share and rows
-      frac=${plan[$i]%%@*} rows=(--only "${plan[$i]#*@}")
+      models_rows "$i" "${plan[$i]%%@*}" "${plan[$i]#*@}" "$lim" > "$OUT/models_parts/$i.log" 2>&1 &
     else  # every n-th row, 0.92 / n of the memory each
-      frac=$(awk -v n="$n" 'BEGIN { printf "%.2f", 0.92 / n }') rows=(--shard "$i/$n")
+      frac=$(awk -v n="$n" 'BEGIN { printf "%.2f", 0.92 / n }')
+      XLA_PYTHON_CLIENT_MEM_FRACTION=$frac \
+        "$PY" -m benchmarks.model_throughput $MODELS_ARGS --time-limit-s "$lim" \
+        --shard "$i/$n" --gpu-lock "$WORK/gpu.lock" --out "$OUT/models_parts/$i.json" \
+        > "$OUT/models_parts/$i.log" 2>&1 &
     fi
-    XLA_PYTHON_CLIENT_MEM_FRACTION=$frac \
-      "$PY" -m benchmarks.model_throughput $MODELS_ARGS --time-limit-s "$lim" \
-      "${rows[@]}" --gpu-lock "$WORK/gpu.lock" --out "$OUT/models_parts/$i.json" \
-      > "$OUT/models_parts/$i.log" 2>&1 &
     pids+=($!)
-    parts+=(--resume "$OUT/models_parts/$i.json")
   done
   for ((i = 0; i < n; i++)); do
     wait "${pids[$i]}" || rc=$?
-    echo "-- shard $i/$n (exit ${rc})"
+    echo "-- worker $i/$n (exit ${rc})"
     cat "$OUT/models_parts/$i.log"
   done
+  local parts=()
+  for f in "$OUT"/models_parts/*.json; do [ -f "$f" ] && parts+=(--resume "$f"); done
+  [ ${#parts[@]} -gt 0 ] || { echo "no model rows measured"; return 1; }
   "$PY" -m benchmarks.model_throughput $MODELS_ARGS --merge "${parts[@]}" \
     --out "$OUT/model_throughput.json" --md "$WORK/model_throughput.md" || rc=$?
   return $rc
@@ -156,7 +171,7 @@ models_sharded() {  # worker processes (each a share of GPU memory), then their 
 if has_step models; then
   lim=$(step_limit "$MODELS_LIMIT_S")
   if { [ "${MODELS_WORKERS:-1}" -gt 1 ] || [ -n "${MODELS_PLAN:-}" ]; } && [ "$lim" != 0 ]; then
-    export -f models_sharded
+    export -f models_sharded models_rows
     export MODELS_WORKERS=${MODELS_WORKERS:-1} MODELS_PLAN=${MODELS_PLAN:-} MODELS_ARGS PY WORK OUT
     run_step models "$lim" bash -c 'models_sharded "$0"' "$lim"
   else

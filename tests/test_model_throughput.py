@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -214,9 +215,9 @@ def test_shards_split_the_rows_left_and_merge_puts_them_together(fake, tmp_path)
             mt.parse_args(bad)
 
 
-def test_gpu_lock_is_held_for_the_device_calls_only(tmp_path):
-    """With a lock file, compilation happens before the lock is taken and every device call
-    inside it (another open file description cannot take it meanwhile)."""
+def test_gpu_lock_is_shared_while_compiling_and_exclusive_for_device_calls(tmp_path):
+    """With a lock file, compilation holds it shared (another compiler could take it, a timer
+    could not) and every device call holds it exclusively (nobody else can take it)."""
     import fcntl
 
     import jax
@@ -225,14 +226,19 @@ def test_gpu_lock_is_held_for_the_device_calls_only(tmp_path):
     lock = tmp_path / "gpu.lock"
     seen = []
 
-    def held():
+    def can_take(mode):
         with open(lock, "a") as fh:
             try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fh, mode | fcntl.LOCK_NB)
             except BlockingIOError:
-                return True
+                return False
             fcntl.flock(fh, fcntl.LOCK_UN)
+            return True
+
+    def held():  # "shared", "exclusive" or False, as another open file description sees it
+        if can_take(fcntl.LOCK_EX):
             return False
+        return "shared" if can_take(fcntl.LOCK_SH) else "exclusive"
 
     x = jnp.arange(64.0).reshape(8, 8)
     fn = jax.jit(lambda a: a @ a)
@@ -243,8 +249,8 @@ def test_gpu_lock_is_held_for_the_device_calls_only(tmp_path):
 
     call = mt.Compiled(fn, args)
     t = mt.time_calls(call, reps=3, warmup=2, budget_s=10.0, gpu_lock=str(lock))
-    assert seen[0] == ("peek", False)  # lowering: outside the lock
-    assert seen[1:] == [("call", True)] * 5  # 2 warm-up + 3 timed calls, all inside it
+    assert seen[0] == ("peek", "shared")  # lowering and compiling: shared
+    assert seen[1:] == [("call", "exclusive")] * 5  # 2 warm-up + 3 timed calls
     assert t["reps"] == 3 and t["compile_s"] > 0 and not held()
     assert t["temp_bytes"] >= 0 and t["output_bytes"] == x.nbytes
     assert call.exe is not None
@@ -252,6 +258,41 @@ def test_gpu_lock_is_held_for_the_device_calls_only(tmp_path):
     seen.clear()
     t = mt.time_calls(mt.Compiled(fn, args), reps=2, warmup=1, budget_s=10.0)
     assert [k for k, _ in seen] == ["peek", "call", "call", "call"] and t["reps"] == 2
+
+
+def test_gpu_lock_waiting_timer_goes_before_later_compilers(tmp_path):
+    """A compiler holds the lock shared; a timer asks for it exclusively and waits; a second
+    compiler that asks after the timer must not get in before the timer has had its turn."""
+    import threading
+
+    lock, order = str(tmp_path / "gpu.lock"), []
+    first_in, release_first = threading.Event(), threading.Event()
+
+    def compiler(name, hold_until=None):
+        with mt._file_lock(lock, shared=True):
+            order.append(name)
+            if hold_until is not None:
+                first_in.set()
+                hold_until.wait(10)
+
+    def timer():
+        with mt._file_lock(lock):
+            order.append("timer")
+
+    a = threading.Thread(target=compiler, args=("compile 1", release_first))
+    a.start()
+    assert first_in.wait(10)
+    t = threading.Thread(target=timer)
+    t.start()
+    time.sleep(0.3)  # the timer is waiting (holding the turnstile)
+    b = threading.Thread(target=compiler, args=("compile 2",))
+    b.start()
+    time.sleep(0.3)
+    assert order == ["compile 1"]  # neither the timer nor the later compiler got in
+    release_first.set()
+    for th in (a, t, b):
+        th.join(10)
+    assert order == ["compile 1", "timer", "compile 2"]
 
 
 # ------------------------------------------------------------------------------ real models
