@@ -172,7 +172,6 @@ def env_info() -> dict:
     d = jax.devices()[0]
     info["device"] = getattr(d, "device_kind", str(d))
     info["platform"] = d.platform
-    info.update(kernel_provenance())
     info["torch"] = None
     if importlib.util.find_spec("torch") is not None:
         try:
@@ -182,24 +181,6 @@ def env_info() -> dict:
         except Exception:  # noqa: BLE001
             info["torch"] = "unknown"
     return info
-
-
-def kernel_provenance() -> dict:
-    """``kernel_sources``: the hash of src/cuda the loaded module was built from (None without
-    a module); ``kernel_sources_tree``: the same hash of this checkout's src/cuda (None outside a
-    checkout). They differ when the module is stale: said on stderr, kept in the record."""
-    from natten_jax import _ffi, provenance
-
-    built = _ffi.kernel_sources() or None
-    root = os.path.dirname(os.path.dirname(os.path.abspath(_ffi.__file__)))
-    try:
-        tree = provenance.kernel_sources_hash(root)
-    except OSError:
-        tree = None
-    if built and tree and built != tree:
-        print(f"warning: natten_jax._C was built from kernel sources {built}, this checkout's "
-              f"are {tree}: rebuild before timing", file=sys.stderr)
-    return {"kernel_sources": built, "kernel_sources_tree": tree}
 
 
 # ---------------------------------------------------------------------------------- reporting

@@ -54,12 +54,6 @@ def cuda_compiled_archs() -> Tuple[str, ...]:
     return tuple(a for a in _C.cuda_compiled_archs().split(",") if a)
 
 
-def kernel_sources() -> str:
-    """The hash of ``src/cuda`` the module was built from (:mod:`natten_jax.provenance`); ''
-    without the module."""
-    return getattr(_C, "kernel_sources", "") if _C is not None else ""
-
-
 def _arch_runs_on(arch: str, major: int, minor: int) -> bool:
     """Whether code built for CMake architecture ``arch`` runs on compute capability major.minor.
 
