@@ -72,7 +72,7 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
   done
   [ -f "$OUT/build_steps.txt" ] && { echo "slowest build steps:"; head -5 "$OUT/build_steps.txt"; }
 fi
-"$PY" -c "from natten_jax import _ffi; print('module:', _ffi.module_available(), sorted(_ffi.registrations()), _ffi.cuda_compiled_archs(), 'kernel sources', _ffi.kernel_sources()); print('kernels available:', _ffi.cuda_kernels_available(), _ffi.unavailable_reason())" \
+"$PY" -c "from natten_jax import _ffi; print('module:', _ffi.module_available(), sorted(_ffi.registrations()), _ffi.cuda_compiled_archs()); print('kernels available:', _ffi.cuda_kernels_available(), _ffi.unavailable_reason())" \
   2>&1 | tee "$OUT/module.log"
 
 # ---- (3) tests: PYTEST_SHARDS=n runs n pytest processes side by side (tests/conftest.py takes
