@@ -39,6 +39,7 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse  # noqa: E402
+import collections  # noqa: E402
 import contextlib  # noqa: E402
 import functools  # noqa: E402
 import gc  # noqa: E402
@@ -66,6 +67,7 @@ MODE_TITLES = {"infer": "Inference (jitted forward)",
 NUM_CLASSES = 1000
 LABEL_SMOOTHING = 0.1
 UNAVAILABLE = "backend unavailable"
+DEVICE_MARKS = ("†", "‡", "§", "¶")  # cells of a merged table's other devices
 
 
 def log(msg: str) -> None:
@@ -350,13 +352,25 @@ def _speedup(a, b) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
 
 
+def _device_marks(report: dict):
+    """(the device of most measured rows, {other device: its mark}): a merged table may hold
+    rows of several GPUs; each row names the device it ran on (older rows: their file's)."""
+    counts = collections.Counter(r.get("device", report["env"]["device"])
+                                 for r in report["rows"] if "ms" in r)
+    main_dev = counts.most_common(1)[0][0] if counts else report["env"]["device"]
+    others = sorted(d for d in counts if d != main_dev)
+    return main_dev, dict(zip(others, DEVICE_MARKS))
+
+
 def markdown(report: dict) -> str:
     """One table per (mode, dtype): the paper's layout (model, params, FLOPs, images/s per
-    backend, speedups of fused over reference and over dense), notes below it."""
+    backend, speedups of fused over reference and over dense), notes below it. Cells measured
+    on another device than most are marked (a speedup needs both cells from one device)."""
     cfg, env = report["config"], report["env"]
     backends = [b for b in BACKENDS if b in report["backends"]]
+    main_dev, marks = _device_marks(report)
     lines = [
-        f"# NAT / DiNAT throughput ({env['device']}, batch {cfg['batch']}, "
+        f"# NAT / DiNAT throughput ({main_dev}, batch {cfg['batch']}, "
         f"{cfg['image_size']}x{cfg['image_size']}, {env['date']})",
         "",
         f"jax {env['jax']}. Images/s = batch / median time of a jitted call (block_until_ready; "
@@ -392,26 +406,30 @@ def markdown(report: dict) -> str:
                 if not by:
                     continue
                 rate = {b: r.get("images_per_s") for b, r in by.items()}
+                dev = {b: r.get("device", env["device"]) for b, r in by.items()}
                 params = next((r["params"] for r in report["rows"]
                                if r["variant"] == variant and r.get("params")), None)
                 cells = [f"{params / 1e6:.1f}" if params else "-",
                          f"{next(iter(by.values()))['gmacs']:.2f}"]
                 for b in backends:
                     if rate.get(b):
-                        cells.append(_fmt_rate(rate[b]))
+                        cells.append(_fmt_rate(rate[b]) + marks.get(dev[b], ""))
                         continue
                     cells.append("-")
                     why = (by.get(b) or {}).get("error") or (by.get(b) or {}).get("skipped")
                     if why and not why.startswith(UNAVAILABLE):  # listed once, above
                         notes.setdefault(why[:160], []).append(f"{variant} {b}")
-                cells += [_speedup(rate.get("fused"), rate.get("reference")),
-                          _speedup(rate.get("fused"), rate.get("dense"))]
+                cells += [_speedup(rate.get("fused"), rate.get(b)) if dev.get("fused") == dev.get(b)
+                          else "-" for b in ("reference", "dense")]
                 lines.append(f"| {variant} | " + " | ".join(cells) + " |")
             lines.append("")
             if notes:
                 lines += ["Not measured: " + "; ".join(
                     f"{', '.join(cells)}: {why}".replace("|", "/").replace("\n", " ")
                     for why, cells in notes.items()), ""]
+    if marks:
+        lines += ["Measured on another device: " + "; ".join(
+            f"{m} {d}" for d, m in marks.items()) + f" (unmarked: {main_dev}).", ""]
     st = report["status"]
     if report.get("merged"):
         n = sum("ms" in r for r in report["rows"])
@@ -602,6 +620,7 @@ def main(argv=None) -> dict:
                               f"{args.reference_max_params_m:g}M parameters")
             continue
         t0 = time.perf_counter()
+        row["device"] = env["device"]
         try:
             if batches_key != dtype:
                 batches, batches_key = None, None
@@ -635,15 +654,17 @@ def main(argv=None) -> dict:
 
 def resume_rows(path: str, args, with_errors: bool = False) -> dict:
     """(variant, backend, dtype, mode) -> row of every measured row (``with_errors``: and every
-    failed one) of an earlier run's JSON, marked with where it came from; refuses another batch
-    or image size."""
+    failed one) of an earlier run's JSON, marked with where it came from and the device it ran
+    on (rows written before rows named theirs: the file's); refuses another batch or image
+    size."""
     with open(path) as f:
         old = json.load(f)
     for key, mine in (("batch", args.batch), ("image_size", args.image_size)):
         if old["config"].get(key) != mine:
             raise SystemExit(f"--resume {path}: {key} {old['config'].get(key)}, this run's {mine}")
     return {(r["variant"], r["backend"], r["dtype"], r["mode"]):
-            dict(r, resumed_from=r.get("resumed_from", path))
+            dict(r, resumed_from=r.get("resumed_from", path),
+                 device=r.get("device", old["env"]["device"]))
             for r in old["rows"] if "ms" in r or (with_errors and "error" in r)}
 
 

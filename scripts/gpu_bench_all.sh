@@ -129,14 +129,17 @@ fi
 # shellcheck disable=SC2086
 models_rows() {  # worker i, memory share, rows, limit: one process per row, in turn
   # (a fresh memory pool each: a pool that held a smaller row's buffers can be too fragmented
-  # for a larger row's temporaries); no row starts after the limit
+  # for a larger row's temporaries), its whole share taken at the start as one region
+  # (PREALLOCATE: a pool grown region by region could not place dinat_large's 51 GiB gemm fp32
+  # temporary at an 86 or 97 GiB share, and held it at 76 GiB preallocated; H200, session 7);
+  # no row starts after the limit
   local i=$1 frac=$2 lim=$4 k=0 row start=$SECONDS list
   IFS=, read -ra list <<< "$3"
   for row in "${list[@]}"; do
     if (( SECONDS - start > lim )); then echo "not started (time limit): $row"; continue; fi
-    XLA_PYTHON_CLIENT_MEM_FRACTION=$frac "$PY" -m benchmarks.model_throughput $MODELS_ARGS \
-      --only "$row" --time-limit-s "$lim" --gpu-lock "$WORK/gpu.lock" \
-      --out "$OUT/models_parts/$i.$k.json" 2>&1 | grep -v "^|"
+    XLA_PYTHON_CLIENT_PREALLOCATE=true XLA_PYTHON_CLIENT_MEM_FRACTION=$frac \
+      "$PY" -m benchmarks.model_throughput $MODELS_ARGS --only "$row" --time-limit-s "$lim" \
+      --gpu-lock "$WORK/gpu.lock" --out "$OUT/models_parts/$i.$k.json" 2>&1 | grep -v "^|"
     k=$((k + 1))
   done
 }
@@ -149,7 +152,7 @@ models_sharded() {  # worker processes (each a share of GPU memory), then their 
       models_rows "$i" "${plan[$i]%%@*}" "${plan[$i]#*@}" "$lim" > "$OUT/models_parts/$i.log" 2>&1 &
     else  # every n-th row, 0.92 / n of the memory each
       frac=$(awk -v n="$n" 'BEGIN { printf "%.2f", 0.92 / n }')
-      XLA_PYTHON_CLIENT_MEM_FRACTION=$frac \
+      XLA_PYTHON_CLIENT_PREALLOCATE=true XLA_PYTHON_CLIENT_MEM_FRACTION=$frac \
         "$PY" -m benchmarks.model_throughput $MODELS_ARGS --time-limit-s "$lim" \
         --shard "$i/$n" --gpu-lock "$WORK/gpu.lock" --out "$OUT/models_parts/$i.json" \
         > "$OUT/models_parts/$i.log" 2>&1 &

@@ -353,3 +353,35 @@ def test_dense_cudnn_falls_back_to_xla_on_the_levels_cudnn_rejects(monkeypatch):
     assert args.dense_impl == "cudnn"  # the caller's arguments are untouched
     with pytest.raises(NotImplementedError):  # other backends: the error stands
         mt.measure_dense_fallback("nat_mini", "fused", "bfloat16", "train", None, args, {})
+
+
+def test_merged_rows_keep_their_device_and_cells_of_another_are_marked(fake, tmp_path):
+    """Rows name the GPU they ran on (rows of older files: the file's); a merged table marks
+    the cells of a device other than most rows' and gives no speedup across two devices."""
+    grid = ["--variants", "nat_mini,nat_base", "--backends", "fused,dense", "--dtypes", "bf16",
+            "--modes", "infer", "--time-limit-s", "0"]
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    mt.main(grid + ["--out", str(old)])
+    data = json.loads(old.read_text())
+    assert {r["device"] for r in data["rows"]} == {data["env"]["device"]}
+    for r in data["rows"]:  # a file written before rows named their device
+        del r["device"]
+    data["env"]["device"] = "GPU A"
+    old.write_text(json.dumps(data))
+    mt.main(grid + ["--only", "nat_base:infer:fused", "--out", str(new)])
+    data = json.loads(new.read_text())
+    data["env"]["device"] = data["rows"][0]["device"] = "GPU B"
+    new.write_text(json.dumps(data))
+    # the older file first: its rows win; the new one fills no gap here, so nothing is marked
+    merged = mt.main(grid + ["--merge", "--resume", str(old), "--resume", str(new)])
+    assert {r["device"] for r in merged["rows"]} == {"GPU A"}
+    assert "Measured on another device" not in mt.markdown(merged)
+    # the new file first: nat_base fused from GPU B, beside GPU A's dense
+    merged = mt.main(grid + ["--merge", "--resume", str(new), "--resume", str(old)])
+    rows = {(r["variant"], r["backend"]): r["device"] for r in merged["rows"]}
+    assert rows[("nat_base", "fused")] == "GPU B" and rows[("nat_base", "dense")] == "GPU A"
+    text = mt.markdown(merged)
+    assert "# NAT / DiNAT throughput (GPU A," in text
+    assert "| nat_mini | 5.0 | " in text and "| 400 | 200 | - | 2.00x |" in text
+    assert "| 400\u2020 | 200 | - | - |" in text  # nat_base: no speedup across devices
+    assert "Measured on another device: \u2020 GPU B (unmarked: GPU A)." in text
