@@ -4,7 +4,9 @@ Runs on any device, differentiable by autodiff, and is the oracle for every GPU 
 grows with tokens x window, never tokens^2: each query's window is gathered per axis (the
 window of a multi-dimensional query is the product of its per-axis windows, see
 :func:`natten_jax.window.window_offsets`), and queries are processed in blocks of rows of the
-first spatial axis so that one block's gathered keys stay under a fixed budget.
+first spatial axis so that one block's gathered keys stay under a fixed budget. Under autodiff
+a block's gathered windows, logits and probabilities are recomputed in the backward pass, not
+kept, so training memory is bounded the same way.
 
 Inputs of float16/bfloat16/float32 are computed in float32 (float64 stays float64); the output
 takes the query's dtype and the logsumexp is float32 (float64).
@@ -107,6 +109,11 @@ def na_reference(p: NAProblem, query, key, value, additional_keys=None, addition
             out = out + jnp.einsum("b...hgn,bnhe->b...hge", pr[..., W:], extra[1])
         return out, lse
 
+    # Under autodiff a block keeps none of its gathered windows, logits or probabilities for the
+    # backward pass: they are recomputed from q, k, v (remat), so training memory grows with the
+    # tokens, not tokens x window x head dim (nat_mini's training step at batch 128 asked for a
+    # 74 GiB temporary without this).
+    block = jax.checkpoint(block)
     if nblocks == 1:
         out, lse = block(0)
     else:
