@@ -68,6 +68,7 @@ NUM_CLASSES = 1000
 LABEL_SMOOTHING = 0.1
 UNAVAILABLE = "backend unavailable"
 DEVICE_MARKS = ("†", "‡", "§", "¶")  # cells of a merged table's other devices
+SPREAD_MARK_PCT = 20.0  # cells whose timed calls spread more (max - min over the median): "~"
 
 
 def log(msg: str) -> None:
@@ -365,7 +366,8 @@ def _device_marks(report: dict):
 def markdown(report: dict) -> str:
     """One table per (mode, dtype): the paper's layout (model, params, FLOPs, images/s per
     backend, speedups of fused over reference and over dense), notes below it. Cells measured
-    on another device than most are marked (a speedup needs both cells from one device)."""
+    on another device than most are marked (a speedup needs both cells from one device),
+    and cells whose timed calls spread more than SPREAD_MARK_PCT get a "~"."""
     cfg, env = report["config"], report["env"]
     backends = [b for b in BACKENDS if b in report["backends"]]
     main_dev, marks = _device_marks(report)
@@ -389,6 +391,7 @@ def markdown(report: dict) -> str:
         lines += ["Backends not run: " + "; ".join(f"{k}: {v[:120]}" for k, v in skipped.items()),
                   ""]
     rows = report["rows"]
+    any_wide = False
     for mode in MODES:
         for dtype in DTYPES:
             sel = [r for r in rows if r["mode"] == mode and r["dtype"] == dtype]
@@ -413,7 +416,11 @@ def markdown(report: dict) -> str:
                          f"{next(iter(by.values()))['gmacs']:.2f}"]
                 for b in backends:
                     if rate.get(b):
-                        cells.append(_fmt_rate(rate[b]) + marks.get(dev[b], ""))
+                        spread = by[b].get("timing", {}).get("spread_pct", 0.0)
+                        wide = spread > SPREAD_MARK_PCT
+                        any_wide = any_wide or wide
+                        cells.append(_fmt_rate(rate[b]) + ("~" if wide else "")
+                                     + marks.get(dev[b], ""))
                         continue
                     cells.append("-")
                     why = (by.get(b) or {}).get("error") or (by.get(b) or {}).get("skipped")
@@ -427,6 +434,9 @@ def markdown(report: dict) -> str:
                 lines += ["Not measured: " + "; ".join(
                     f"{', '.join(cells)}: {why}".replace("|", "/").replace("\n", " ")
                     for why, cells in notes.items()), ""]
+    if any_wide:
+        lines += [f"~ = the timed calls spread more than {SPREAD_MARK_PCT:g}% (max - min over "
+                  "the median, which is reported).", ""]
     if marks:
         lines += ["Measured on another device: " + "; ".join(
             f"{m} {d}" for d, m in marks.items()) + f" (unmarked: {main_dev}).", ""]

@@ -57,7 +57,7 @@ def fake(monkeypatch):
     """measure() without JAX work: fixed rates per backend; some backends fail."""
     calls = []
     rates = {"fused": 400.0, "dense": 200.0, "reference": 100.0}
-    state = {"sleep": 0.0, "fail": {}}
+    state = {"sleep": 0.0, "fail": {}, "spread": {}}
 
     def measure(variant, backend, dtype, mode, batches, args):
         calls.append((variant, backend, dtype, mode))
@@ -68,7 +68,7 @@ def fake(monkeypatch):
             raise RuntimeError(state["fail"][backend])
         rate = rates[backend] / (2 if mode == "train" else 1)
         return {"params": 5_000_000, "ms": 1e3 * args.batch / rate, "images_per_s": rate,
-                "timing": {"compile_s": 0.1}}
+                "timing": {"compile_s": 0.1, "spread_pct": state["spread"].get(backend, 1.0)}}
 
     monkeypatch.setattr(mt, "measure", measure)
     monkeypatch.setattr(mt, "make_batches", lambda *a, **k: [])
@@ -111,6 +111,18 @@ def test_run_order_errors_and_tables(fake, tmp_path):
     assert "nat_mini reference: RuntimeError: RESOURCE_EXHAUSTED" in text
     assert "Backends not run: gemm (bf16): this natten_jax has no gemm" in text
     assert "10 of 16 measurements" in text
+
+
+def test_cells_whose_calls_spread_widely_are_marked(fake, tmp_path):
+    calls, state = fake
+    args = ["--variants", "nat_mini", "--backends", "fused,dense", "--dtypes", "bf16",
+            "--modes", "infer", "--time-limit-s", "0"]
+    text = mt.markdown(mt.main(args))
+    assert "| 400 | 200 | - | 2.00x |" in text and "~ = " not in text
+    state["spread"] = {"dense": mt.SPREAD_MARK_PCT + 1}
+    text = mt.markdown(mt.main(args))
+    assert "| 400 | 200~ | - | 2.00x |" in text
+    assert f"~ = the timed calls spread more than {mt.SPREAD_MARK_PCT:g}%" in text
 
 
 def test_time_limit_and_fatal_errors(fake, tmp_path):
