@@ -2,7 +2,8 @@
 
 Everything here is NATTEN's definition (``csrc/include/natten/cuda/reference/mask.hpp`` in
 SHI-Labs/NATTEN), written once for Python. The only other copy is the CUDA header
-``src/cuda/include/natten_jax/window.cuh``; tests compare the two.
+``src/cuda/include/natten_jax/window.cuh`` (with ``neighborhood.cuh`` on top of it); tests
+compare the two.
 
 Per spatial axis of extent ``L`` with kernel size ``k``, stride ``s``, dilation ``d`` and a
 causal flag:
@@ -31,6 +32,12 @@ Examples (``L = 10``, ``k = 3``)::
     [0, 0, 2, 2, 4, 4, 6, 6, 7, 7]
     >>> [window_start(i, 3, 1, 10, True) for i in range(5)]     # causal: i-2 .. i
     [0, 0, 0, 1, 2]
+
+* **Runs of queries and keys** (what a tiled kernel asks): :func:`tile_union` and
+  :func:`tile_intersection` bound the keys some / every query of a run ``[first, last]`` sees;
+  :func:`inverse_window` gives the queries whose windows meet a run of keys (the inverse
+  neighborhood). The device policy ``src/cuda/include/natten_jax/neighborhood.cuh`` answers the
+  same questions; tests compare the two through the ``natten_jax_window_bounds`` test target.
 
 The functions take Python ints or integer arrays (NumPy or JAX) alike.
 """
@@ -107,6 +114,87 @@ def window_bounds(x, kernel_size: int, stride: int, dilation: int, extent: int, 
     glen = group_extent(extent, dilation, g)
     start = window_start(i, kernel_size, stride, glen, is_causal)
     return start, window_end(i, start, kernel_size, is_causal)
+
+
+def tile_union(first, last, kernel_size: int, stride: int, group_len, is_causal: bool):
+    """Union of the windows of in-group queries ``[first, last]`` (``first <= last``).
+
+    Returns ``(lo, hi)``: the keys ``[lo, hi)`` that some query of the run sees (the keys a query
+    tile, or a warp's rows, must visit). Window starts and ends are non-decreasing in the query
+    and consecutive windows leave no gap, so the first and the last query bound it::
+
+        >>> tile_union(0, 3, 3, 1, 10, False)      # windows [0, 3), [0, 3), [1, 4), [2, 5)
+        (0, 5)
+        >>> tile_union(4, 7, 3, 1, 10, True)       # causal: [2, 5) ... [5, 8)
+        (2, 8)
+    """
+    start_last = window_start(last, kernel_size, stride, group_len, is_causal)
+    return (window_start(first, kernel_size, stride, group_len, is_causal),
+            window_end(last, start_last, kernel_size, is_causal))
+
+
+def tile_intersection(first, last, kernel_size: int, stride: int, group_len, is_causal: bool):
+    """Intersection of the windows of in-group queries ``[first, last]`` (``first <= last``).
+
+    Returns ``(lo, hi)``: the keys ``[lo, hi)`` that every query of the run sees (a key box
+    inside it needs no mask); empty when ``hi <= lo`` (the values are then returned as computed,
+    not normalised, exactly as the device policy returns them)::
+
+        >>> tile_intersection(0, 3, 3, 1, 10, False)   # windows [0, 3), [0, 3), [1, 4), [2, 5)
+        (2, 3)
+        >>> tile_intersection(4, 7, 3, 1, 10, True)    # causal: [2, 5) ... [5, 8): empty
+        (5, 5)
+    """
+    start_first = window_start(first, kernel_size, stride, group_len, is_causal)
+    return (window_start(last, kernel_size, stride, group_len, is_causal),
+            window_end(first, start_first, kernel_size, is_causal))
+
+
+def _first_start_at_least(t, kernel_size: int, stride: int, group_len, is_causal: bool):
+    """Smallest in-group query ``i`` with ``window_start(i) >= t`` (``group_len`` if none).
+
+    ``window_start`` is a step function of the stride group ``i // s``: not causal it is
+    ``clamp(leader - left, 0, Lg - k)`` with ``leader = min(base + s // 2, Lg - 1)``, causal
+    ``max(min(base + s - 1, Lg - 1) - (k - 1), 0)`` (``base = (i // s) * s``). For ``t`` above
+    the largest start (``Lg - k`` in both cases) no query qualifies; for ``t <= 0`` query 0
+    does; otherwise the clamps are inactive and the condition is ``base >= t + shift`` with
+    ``shift = left - s // 2`` (causal ``k - s``): the first such query is that threshold rounded
+    up to a multiple of ``s``.
+    """
+    shift = (kernel_size - stride) if is_causal else (window_left(kernel_size) - stride // 2)
+    first = -((-(t + shift)) // stride) * stride  # ceil((t + shift) / s) * s
+    first = _min(_max(first, 0), group_len)
+    none = t > group_len - kernel_size
+    if isinstance(none, (bool, np.bool_)):
+        return group_len if none else (0 if t <= 0 else first)
+    xp = np if _is_np(t, group_len) else _jnp()
+    return xp.where(none, group_len, xp.where(t <= 0, 0, first))
+
+
+def inverse_window(y0, y1, kernel_size: int, stride: int, group_len, is_causal: bool):
+    """The in-group queries whose windows meet the in-group keys ``[y0, y1]``: ``(lo, hi)``.
+
+    The queries ``i`` with ``window_end(i) > y0`` and ``window_start(i) <= y1`` (``0 <= y0 <= y1
+    < group_len``) form the interval ``[lo, hi)``, since both bounds are non-decreasing in ``i``;
+    it is never empty (query ``y0``'s window holds ``y0``). For one key (``y0 == y1``) these are
+    the queries that attend to it: what a key-stationary kernel (dK / dV, the unfused IN product)
+    visits. Example (``k = 3``, group of 10)::
+
+        >>> inverse_window(0, 0, 3, 1, 10, False)   # key 0 is in the windows of queries 0, 1
+        (0, 2)
+        >>> inverse_window(5, 5, 3, 1, 10, False)   # key 5: queries 4, 5, 6
+        (4, 7)
+        >>> inverse_window(5, 5, 3, 1, 10, True)    # causal: queries 5, 6, 7
+        (5, 8)
+        >>> inverse_window(2, 6, 3, 2, 10, False)   # stride 2, keys 2..6: queries 0..7
+        (0, 8)
+    """
+    if is_causal:  # window_end(i) = i + 1 > y0
+        lo = _min(_max(y0, 0), group_len)
+    else:  # window_end(i) = window_start(i) + k > y0
+        lo = _first_start_at_least(y0 - kernel_size + 1, kernel_size, stride, group_len, False)
+    hi = _first_start_at_least(y1 + 1, kernel_size, stride, group_len, is_causal)
+    return lo, hi
 
 
 def is_neighbor_1d(x, y, kernel_size, stride, dilation, extent, is_causal):

@@ -229,3 +229,101 @@ def test_window_offsets_nd_product_is_mask(shape, k, s, d, c):
 def test_prod():
     assert W.prod((2, 3, 4)) == 24
     assert W.prod(()) == 1
+
+
+# ------------------------------------------------------------------------------------------
+# Runs of queries and keys: tile_union, tile_intersection, inverse_window vs brute force.
+# ------------------------------------------------------------------------------------------
+
+def _group_windows(Lg, k, s, c):
+    """start, end of every in-group query of a group of Lg tokens (window.py's own rule)."""
+    i = np.arange(Lg)
+    start = np.asarray(W.window_start(i, k, s, Lg, c))
+    return start, np.asarray(W.window_end(i, start, k, c))
+
+
+def _check_runs(Lg, k, s, c):
+    """All runs [first, last] of one group: the three functions vs sets built query by query."""
+    start, end = _group_windows(Lg, k, s, c)
+    i = np.arange(Lg)
+    first, last = np.triu_indices(Lg)  # every run first <= last
+    # member[r, i]: query i is in the run / key i is in the run
+    member = (i >= first[:, None]) & (i <= last[:, None])
+    sees = (i[None, :] >= start[:, None]) & (i[None, :] < end[:, None])  # sees[query, key]
+    union = (member[:, :, None] & sees[None]).any(1)
+    inter = (~member[:, :, None] | sees[None]).all(1)
+    meets = ((end[None, :] > first[:, None]) & (start[None, :] <= last[:, None]))  # [run, query]
+
+    def as_range(lo, hi):
+        return (i >= np.asarray(lo)[:, None]) & (i < np.asarray(hi)[:, None])
+
+    where = (Lg, k, s, c)
+    lo, hi = W.tile_union(first, last, k, s, Lg, c)
+    np.testing.assert_array_equal(as_range(lo, hi), union, err_msg=str(where))
+    lo, hi = W.tile_intersection(first, last, k, s, Lg, c)
+    np.testing.assert_array_equal(as_range(lo, hi), inter, err_msg=str(where))
+    assert ((np.asarray(hi) > np.asarray(lo)) == inter.any(1)).all(), where
+    lo, hi = W.inverse_window(first, last, k, s, Lg, c)  # keys [first, last]
+    np.testing.assert_array_equal(as_range(lo, hi), meets, err_msg=str(where))
+    assert (np.asarray(lo) <= first).all() and (first < np.asarray(hi)).all(), where  # never empty
+    # ints give the same answers as arrays
+    for r in range(0, len(first), max(1, len(first) // 7)):
+        f, l_ = int(first[r]), int(last[r])
+        assert W.inverse_window(f, l_, k, s, Lg, c) == (lo[r], hi[r]), (where, f, l_)
+        assert W.tile_union(f, l_, k, s, Lg, c) == tuple(
+            int(v[r]) for v in W.tile_union(first, last, k, s, Lg, c)), (where, f, l_)
+
+
+def test_runs_exhaustive_small_groups():
+    """Every valid (Lg, k, s, causal) with Lg <= 14 (every dilation group is such a group)."""
+    n = 0
+    for Lg in range(1, 15):
+        for k in range(1, Lg + 1):
+            for s in range(1, k + 1):
+                for c in (False, True):
+                    _check_runs(Lg, k, s, c)
+                    n += 1
+    assert n > 1000
+
+
+def test_runs_random_dilated_axes():
+    """Random axes (extent up to 150, even and odd kernels, strides, dilations whose groups differ
+    in length, causal or not): every group of the axis against brute force."""
+    rng = np.random.default_rng(7)
+    seen = dict(even=False, stride=False, causal=False, uneven=False)
+    for _ in range(60):
+        L = int(rng.integers(2, 151))
+        d = int(rng.integers(1, min(5, L) + 1))
+        k = int(rng.integers(1, L // d + 1))
+        s = int(rng.integers(1, k + 1))
+        c = bool(rng.integers(0, 2))
+        lens = [W.group_extent(L, d, g) for g in range(d)]
+        seen["even"] |= k % 2 == 0
+        seen["stride"] |= s > 1
+        seen["causal"] |= c
+        seen["uneven"] |= len(set(lens)) > 1
+        for Lg in lens:
+            _check_runs(Lg, k, s, c)
+    assert all(seen.values()), seen
+
+
+def test_runs_accept_jax_arrays_and_group_length_arrays():
+    first = np.array([0, 2, 5, 9])
+    last = np.array([3, 2, 8, 9])
+    Lg = np.array([10, 10, 11, 12])  # per-entry group lengths (dilation groups differ)
+    for k, s, c in [(3, 1, False), (4, 3, True), (5, 2, False)]:
+        for fn in (W.tile_union, W.tile_intersection, W.inverse_window):
+            want = fn(first, last, k, s, Lg, c)
+            got = fn(jnp.asarray(first), jnp.asarray(last), k, s, jnp.asarray(Lg), c)
+            for w, g in zip(want, got):
+                np.testing.assert_array_equal(np.asarray(g), w)
+            for r in range(len(first)):
+                assert fn(int(first[r]), int(last[r]), k, s, int(Lg[r]), c) == \
+                    (want[0][r], want[1][r]), (fn.__name__, k, s, c, r)
+
+
+def test_module_doctests():
+    import doctest
+
+    res = doctest.testmod(W)
+    assert res.failed == 0 and res.attempted >= 11

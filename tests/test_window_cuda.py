@@ -1,8 +1,12 @@
-"""The device copy of the window math (src/cuda/include/natten_jax/window.cuh) vs window.py.
+"""The device window math and neighborhood policy (src/cuda/include/natten_jax/window.cuh and
+neighborhood.cuh) vs window.py.
 
-GPU tests run the ``natten_jax_window_bounds`` FFI target; CPU tests check the compiled module's
-registrations (when it is built) and compile window.cuh with the host C++ compiler (when one is
-installed), so that the header is checked against window.py on machines without a GPU too.
+Per token and axis the device answers eight fields (natten_jax/kernels/window_bounds.h): the
+token's window, the inverse neighborhood of the token as a key, and the union and intersection
+of the windows of the query tile that holds it. GPU tests run the ``natten_jax_window_bounds``
+FFI target; CPU tests check the compiled module's registrations (when it is built) and compile
+both headers with the host C++ compiler (when one is installed), so that they are checked
+against window.py on machines without a GPU too.
 """
 
 import os
@@ -14,22 +18,34 @@ import numpy as np
 import pytest
 
 from natten_jax import _ffi
-from natten_jax.window import window_bounds
+from natten_jax import window as W
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INCLUDE = os.path.join(REPO, "src", "cuda", "include")
 
 
-def expected_bounds(shape, kernel_size, stride, dilation, is_causal):
-    """int32 [*shape, rank, 2] from window.py."""
+def expected_axis(x, L, k, s, d, c, tile_log2):
+    """int [len(x), 8] from window.py: the fields of the tokens at coordinates x of one axis."""
+    x = np.asarray(x)
+    i = x // d
+    Lg = W.group_extent(L, d, x % d)
+    first = (i >> tile_log2) << tile_log2  # the query tile holding i, clipped to the group
+    last = np.minimum(first + (1 << tile_log2), Lg) - 1
+    fields = (W.window_bounds(x, k, s, d, L, c) + W.inverse_window(i, i, k, s, Lg, c)
+              + W.tile_union(first, last, k, s, Lg, c)
+              + W.tile_intersection(first, last, k, s, Lg, c))
+    return np.stack([np.broadcast_to(f, x.shape) for f in fields], -1)
+
+
+def expected_fields(shape, kernel_size, stride, dilation, is_causal, tile_log2=0):
+    """int32 [*shape, rank, 8] from window.py."""
     rank = len(shape)
+    tile_log2 = (tile_log2,) * rank if np.ndim(tile_log2) == 0 else tuple(tile_log2)
     coords = np.indices(shape)
-    out = np.empty(tuple(shape) + (rank, 2), np.int32)
+    out = np.empty(tuple(shape) + (rank, 8), np.int32)
     for a in range(rank):
-        start, end = window_bounds(coords[a], kernel_size[a], stride[a], dilation[a], shape[a],
-                                   bool(is_causal[a]))
-        out[..., a, 0] = start
-        out[..., a, 1] = end
+        out[..., a, :] = expected_axis(coords[a], shape[a], kernel_size[a], stride[a],
+                                       dilation[a], bool(is_causal[a]), tile_log2[a])
     return out
 
 
@@ -109,13 +125,27 @@ def test_arch_runs_on(arch, cc, ok):
 
 _HOST_PROGRAM = r"""
 #include <cstdio>
-#include "natten_jax/window.cuh"
+#include "natten_jax/neighborhood.cuh"
+// Reads axes "L k s d causal tile_log2"; prints the 8 fields of every token of a 1-D problem
+// (leading axes padded as the kernels pad them), as the device test target computes them.
 int main() {
-  int L, k, s, d, c;
-  while (std::scanf("%d %d %d %d %d", &L, &k, &s, &d, &c) == 5) {
+  int L, k, s, d, c, l;
+  while (std::scanf("%d %d %d %d %d %d", &L, &k, &s, &d, &c, &l) == 6) {
+    const int extent[3] = {1, 1, L}, kernel[3] = {1, 1, k}, stride[3] = {1, 1, s};
+    const int dilation[3] = {1, 1, d}, causal[3] = {0, 0, c};
     for (int x = 0; x < L; ++x) {
-      natten_jax::WindowBounds w = natten_jax::window_bounds(x, k, s, d, L, c != 0);
-      std::printf("%d %d\n", w.start, w.end);
+      const int xs[3] = {0, 0, x};
+      int i[3];
+      const natten_jax::Neighborhood n =
+          natten_jax::Neighborhood::of_token(extent, kernel, stride, dilation, causal, xs, i);
+      const natten_jax::WindowBounds w = natten_jax::window_bounds(x, k, s, d, L, c != 0);
+      const int first = (i[2] >> l) << l, last = n.tile_last(2, first, l);
+      const natten_jax::Interval f[3] = {n.inverse(2, i[2], i[2]), n.window_union(2, first, last),
+                                         n.window_intersection(2, first, last)};
+      if (n.start(2, i[2]) != w.start || n.end(2, i[2]) != w.end || n.coord(2, i[2]) != x)
+        std::printf("policy and window.cuh disagree\n");
+      std::printf("%d %d %d %d %d %d %d %d\n", w.start, w.end, f[0].lo, f[0].hi, f[1].lo,
+                  f[1].hi, f[2].lo, f[2].hi);
     }
   }
   return 0;
@@ -123,33 +153,42 @@ int main() {
 """
 
 
-def test_window_cuh_on_host_matches_window_py(tmp_path):
-    """window.cuh is host-includable: compile it with the C++ compiler and compare on the CPU."""
+def _host_axes():
+    """(L, k, s, d, causal, tile_log2) axes: the fixed and random cases' axes and every valid
+    small axis (L <= 12) with tiles of 1, 2 and 4 tokens."""
+    axes = []
+    for n, (shape, ks, st, dil, causal) in enumerate(FIXED_CASES + RANDOM_CASES):
+        axes += [ax + (n % 5,) for ax in zip(shape, ks, st, dil, causal)]
+    for L in range(1, 13):
+        for d in range(1, L + 1):
+            for k in range(1, L // d + 1):
+                for s in range(1, k + 1):
+                    for c in (False, True):
+                        axes += [(L, k, s, d, c, l) for l in (0, 1, 2)]
+    return axes
+
+
+def test_policy_on_host_matches_window_py(tmp_path):
+    """window.cuh and neighborhood.cuh are host-includable: compile them with the C++ compiler
+    and compare every field with window.py on the CPU."""
     cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
     if cxx is None:
         pytest.skip("no host C++ compiler")
     src = tmp_path / "w.cc"
     src.write_text(_HOST_PROGRAM)
     exe = tmp_path / "w"
-    subprocess.run([cxx, "-std=c++17", "-O1", "-I", INCLUDE, str(src), "-o", str(exe)],
-                   check=True, capture_output=True)
-    axes = []
-    for shape, ks, st, dil, causal in FIXED_CASES + RANDOM_CASES:
-        axes += list(zip(shape, ks, st, dil, causal))
-    # Exhaustive small axes too: every valid (L, k, s, d, causal) with L <= 12.
-    for L in range(1, 13):
-        for d in range(1, L + 1):
-            for k in range(1, L // d + 1):
-                for s in range(1, k + 1):
-                    axes += [(L, k, s, d, False), (L, k, s, d, True)]
-    stdin = "".join(f"{L} {k} {s} {d} {int(c)}\n" for L, k, s, d, c in axes)
+    subprocess.run([cxx, "-std=c++17", "-O1", "-Wall", "-Wno-unknown-pragmas", "-Werror", "-I", INCLUDE, str(src), "-o",
+                    str(exe)], check=True, capture_output=True)
+    axes = _host_axes()
+    stdin = "".join(f"{L} {k} {s} {d} {int(c)} {l}\n" for L, k, s, d, c, l in axes)
     res = subprocess.run([str(exe)], input=stdin, capture_output=True, text=True, check=True)
-    got = np.array(res.stdout.split(), np.int64).reshape(-1, 2)
-    want = []
-    for L, k, s, d, c in axes:
-        start, end = window_bounds(np.arange(L), k, s, d, L, c)
-        want.append(np.stack([start, end], -1))
-    np.testing.assert_array_equal(got, np.concatenate(want))
+    assert "disagree" not in res.stdout
+    got = np.array(res.stdout.split(), np.int64).reshape(-1, 8)
+    want = np.concatenate([expected_axis(np.arange(L), L, k, s, d, c, l)
+                           for L, k, s, d, c, l in axes])
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+    assert any(l > 0 and L > 1 << l for L, k, s, d, c, l in axes)  # tiles of several tokens
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,32 +200,45 @@ def _require_kernels():
         pytest.fail(f"CUDA kernels unavailable on a GPU machine: {_ffi.unavailable_reason()}")
 
 
+def _tiles(case_index, rank):
+    """Query tile log2 extents of a case: a mix of 0 (single tokens) to 4 (16 tokens)."""
+    return tuple((case_index + 2 * a) % 5 for a in range(rank))
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", FIXED_CASES + RANDOM_CASES,
-                         ids=[str(i) for i in range(len(FIXED_CASES + RANDOM_CASES))])
-def test_window_bounds_cuda_matches_window_py(case):
+@pytest.mark.parametrize("n", range(len(FIXED_CASES + RANDOM_CASES)))
+def test_window_bounds_cuda_matches_window_py(n):
     _require_kernels()
-    shape, ks, st, dil, causal = case
-    got = np.asarray(_ffi.window_bounds_cuda(shape, ks, st, dil, causal))
-    assert got.dtype == np.int32 and got.shape == tuple(shape) + (len(shape), 2)
-    np.testing.assert_array_equal(got, expected_bounds(shape, ks, st, dil, causal))
+    shape, ks, st, dil, causal = (FIXED_CASES + RANDOM_CASES)[n]
+    tiles = _tiles(n, len(shape))
+    got = np.asarray(_ffi.window_bounds_cuda(shape, ks, st, dil, causal, tile_log2=tiles))
+    assert got.dtype == np.int32 and got.shape == tuple(shape) + (len(shape), 8)
+    np.testing.assert_array_equal(got, expected_fields(shape, ks, st, dil, causal, tiles))
 
 
 @pytest.mark.gpu
 def test_window_bounds_cuda_under_jit():
     _require_kernels()
-    for shape, ks, st, dil, causal in FIXED_CASES[7:] + RANDOM_CASES[:9]:
-        f = jax.jit(lambda: _ffi.window_bounds_cuda(shape, ks, st, dil, causal))
+    for n, (shape, ks, st, dil, causal) in enumerate(FIXED_CASES[7:] + RANDOM_CASES[:9]):
+        tiles = _tiles(n, len(shape))
+        f = jax.jit(lambda: _ffi.window_bounds_cuda(shape, ks, st, dil, causal, tiles))
         np.testing.assert_array_equal(np.asarray(f()),
-                                      expected_bounds(shape, ks, st, dil, causal))
+                                      expected_fields(shape, ks, st, dil, causal, tiles))
 
 
 @pytest.mark.gpu
 def test_window_bounds_cuda_scalar_arguments():
+    """The positional signature of before (no tile_log2: single-token tiles) and scalars."""
     _require_kernels()
     got = np.asarray(_ffi.window_bounds_cuda((12, 9), 3, 2, 2, True))
-    np.testing.assert_array_equal(got, expected_bounds((12, 9), (3, 3), (2, 2), (2, 2),
-                                                       (True, True)))
+    want = expected_fields((12, 9), (3, 3), (2, 2), (2, 2), (True, True), 0)
+    np.testing.assert_array_equal(got, want)
+    # single-token tiles: union and intersection are the token's own window
+    np.testing.assert_array_equal(got[..., 4:6], got[..., 0:2])
+    np.testing.assert_array_equal(got[..., 6:8], got[..., 0:2])
+    got = np.asarray(_ffi.window_bounds_cuda((12, 9), 3, 2, 2, True, tile_log2=3))
+    np.testing.assert_array_equal(got, expected_fields((12, 9), (3, 3), (2, 2), (2, 2),
+                                                       (True, True), 3))
 
 
 @pytest.mark.gpu
@@ -194,8 +246,9 @@ def test_window_bounds_cuda_large():
     _require_kernels()
     shape, ks, st, dil, causal = (3, 700, 500), (3, 31, 16), (1, 7, 16), (1, 3, 2), (True, False,
                                                                                       False)
-    got = np.asarray(_ffi.window_bounds_cuda(shape, ks, st, dil, causal))
-    np.testing.assert_array_equal(got, expected_bounds(shape, ks, st, dil, causal))
+    tiles = (1, 6, 4)
+    got = np.asarray(_ffi.window_bounds_cuda(shape, ks, st, dil, causal, tile_log2=tiles))
+    np.testing.assert_array_equal(got, expected_fields(shape, ks, st, dil, causal, tiles))
 
 
 @pytest.mark.gpu
@@ -212,4 +265,11 @@ def test_window_bounds_cuda_invalid_arguments_raise(bad):
         np.asarray(_ffi.window_bounds_cuda((10,), **bad))
     # and the device is still usable afterwards
     np.testing.assert_array_equal(np.asarray(_ffi.window_bounds_cuda((10,), 3)),
-                                  expected_bounds((10,), (3,), (1,), (1,), (False,)))
+                                  expected_fields((10,), (3,), (1,), (1,), (False,)))
+
+
+def test_window_bounds_cuda_rejects_bad_tiles_before_any_call():
+    with pytest.raises(ValueError, match="tile_log2"):
+        _ffi.window_bounds_cuda((10,), 3, tile_log2=17)
+    with pytest.raises(ValueError, match="tile_log2"):
+        _ffi.window_bounds_cuda((10, 4), 3, tile_log2=(1, 2, 3))

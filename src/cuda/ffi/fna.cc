@@ -2,19 +2,24 @@
 //
 // Attributes (names equal the Python kwargs): kernel_size, stride, dilation, is_causal (int64,
 // one per spatial axis), q_tile, kv_tile (int64 log2 tile extents per axis), scale (f32),
-// poison (int64; nonzero fills the outputs with NaN before the kernel runs, for tests); the
-// forward and the backward also take impl (int64: 0 the sm80 kernels, 1 the sm90 wgmma kernels).
-#include <cmath>
+// poison (int64; nonzero fills the outputs with NaN before the kernel runs, for tests), impl
+// (int64: 0 the sm80 kernels, 1 the sm90 wgmma kernels); the forward also takes sm80_occupancy
+// (int64: 0 the default, else a variant of kernel_table.h).
+//
+// Every call is checked here against the shapes, the window rules and kernel_table.h before
+// anything is launched: an unsupported combination is an InvalidArgument that names it.
+#include <climits>
 #include <cstdint>
 #include <string>
+#include <utility>
 
 #include <cuda_runtime.h>
 
+#include "natten_jax/common/ffi_attrs.h"
 #include "natten_jax/common/ffi_check.h"
-#include "natten_jax/fna/fna_bwd_params.h"
-#include "natten_jax/fna/fna_bwd_sm90.h"
-#include "natten_jax/fna/fna_fwd_params.h"
-#include "natten_jax/fna/fna_fwd_sm90.h"
+#include "natten_jax/fna/fna_dispatch.h"
+#include "natten_jax/fna/kernel_table.h"
+#include "natten_jax/neighborhood.cuh"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -22,13 +27,11 @@ namespace ffi = xla::ffi;
 namespace natten_jax {
 namespace {
 
-// Fills `dst[3]` with `src` right-aligned (leading axes get `fill`).
-ffi::Error pad3(const char* name, ffi::Span<const int64_t> src, int rank, int fill, int* dst) {
-  if (static_cast<int>(src.size()) != rank)
-    return ffi::Error::InvalidArgument(std::string("natten_jax fna: attribute ") + name +
-                                       " must have one entry per spatial axis");
-  for (int a = 0; a < 3 - rank; ++a) dst[a] = fill;
-  for (int a = 0; a < rank; ++a) dst[3 - rank + a] = static_cast<int>(src[a]);
+// A dimension of an operand as an int (the kernels index with 32-bit coordinates).
+ffi::Error dim_as_int(int64_t d, const char* what, int& out) {
+  NJ_FFI_CHECK(d >= 1 && d <= INT_MAX,
+               std::string("fna: ") + what + " must be in [1, 2^31), got " + std::to_string(d));
+  out = static_cast<int>(d);
   return ffi::Error::Success();
 }
 
@@ -56,40 +59,32 @@ ffi::Error fill_params(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const f
   }
 
   p = fna::FnaFwdParams{};
-  p.batch = static_cast<int>(qd[0]);
-  p.heads = static_cast<int>(qd[nd - 2]);
-  p.heads_kv = static_cast<int>(kd[nd - 2]);
-  p.head_dim = static_cast<int>(qd[nd - 1]);
+  NJ_RETURN_IF_ERROR(dim_as_int(qd[0], "batch", p.batch));
+  NJ_RETURN_IF_ERROR(dim_as_int(qd[nd - 2], "heads", p.heads));
+  NJ_RETURN_IF_ERROR(dim_as_int(kd[nd - 2], "key/value heads", p.heads_kv));
+  NJ_RETURN_IF_ERROR(dim_as_int(qd[nd - 1], "head_dim", p.head_dim));
+  NJ_FFI_CHECK(kd[0] == qd[0] && vd[0] == qd[0], "q, k, v batch sizes differ");
   NJ_FFI_CHECK(kd[nd - 1] == p.head_dim && vd[nd - 1] == p.head_dim,
                "k and v head_dim must equal q head_dim");
-  NJ_FFI_CHECK(vd[nd - 2] == p.heads_kv && p.heads_kv > 0 && p.heads % p.heads_kv == 0,
+  NJ_FFI_CHECK(vd[nd - 2] == p.heads_kv && p.heads % p.heads_kv == 0,
                "key/value heads must divide query heads");
-  NJ_FFI_CHECK(fna::fna_forward_supports_head_dim(p.head_dim), "head_dim must be 32, 64 or 128");
-  for (int a = 0; a < 3 - rank; ++a) p.extent[a] = 1;
-  for (int a = 0; a < rank; ++a) {
+  for (int a = 0; a < rank; ++a)
     NJ_FFI_CHECK(kd[1 + a] == qd[1 + a] && vd[1 + a] == qd[1 + a], "q, k, v spatial shapes differ");
-    p.extent[3 - rank + a] = static_cast<int>(qd[1 + a]);
-  }
-  NJ_RETURN_IF_ERROR(pad3("kernel_size", kernel_size, rank, 1, p.kernel));
-  NJ_RETURN_IF_ERROR(pad3("stride", stride, rank, 1, p.stride));
-  NJ_RETURN_IF_ERROR(pad3("dilation", dilation, rank, 1, p.dilation));
-  NJ_RETURN_IF_ERROR(pad3("is_causal", is_causal, rank, 0, p.causal));
-  NJ_RETURN_IF_ERROR(pad3("q_tile", q_tile, rank, 0, p.q_tile_log2));
-  NJ_RETURN_IF_ERROR(pad3("kv_tile", kv_tile, rank, 0, p.kv_tile_log2));
-  int qsum = 0, kvsum = 0;
+  NJ_RETURN_IF_ERROR(spatial_extents("fna", qd, 1, rank, p.extent));
+  NJ_RETURN_IF_ERROR(window_attrs("fna", rank, p.extent, kernel_size, &stride, dilation,
+                                  is_causal, p.kernel, p.stride, p.dilation, p.causal));
+  NJ_RETURN_IF_ERROR(axis_attr("fna", "q_tile", q_tile, rank, 0, 0, 7, p.q_tile_log2));
+  NJ_RETURN_IF_ERROR(axis_attr("fna", "kv_tile", kv_tile, rank, 0, 0, 6, p.kv_tile_log2));
+  int64_t groups = 1;
   for (int a = 0; a < 3; ++a) {
-    qsum += p.q_tile_log2[a];
-    kvsum += p.kv_tile_log2[a];
-    NJ_FFI_CHECK(p.kernel[a] >= 1 && p.kernel[a] * p.dilation[a] <= p.extent[a] &&
-                     p.stride[a] >= 1 && p.stride[a] <= p.kernel[a],
-                 "invalid kernel_size / stride / dilation for the input extent");
-    NJ_FFI_CHECK(p.q_tile_log2[a] >= 0 && p.kv_tile_log2[a] >= 0, "tile extents must be >= 1");
-    int group0 = (p.extent[a] + p.dilation[a] - 1) / p.dilation[a];
-    int tq = 1 << p.q_tile_log2[a];
-    p.num_q_tiles[a] = (group0 + tq - 1) / tq;
+    // Tiles per axis for the longest dilation group (group 0), the grid's extent.
+    p.num_q_tiles[a] = tiles_covering(group_extent(p.extent[a], p.dilation[a], 0),
+                                      p.q_tile_log2[a]);
+    groups *= p.dilation[a];
   }
-  NJ_FFI_CHECK((qsum == 6 || qsum == 7) && kvsum == 6,
-               "q_tile must hold 64 or 128 tokens and kv_tile 64");
+  NJ_FFI_CHECK(static_cast<int64_t>(p.num_q_tiles[0]) * p.num_q_tiles[1] * p.num_q_tiles[2] <=
+                   INT_MAX,
+               "too many query tiles for one launch");
 
   // Contiguous heads-last strides (in elements).
   const int64_t H = p.heads, Hkv = p.heads_kv, D = p.head_dim;
@@ -107,9 +102,7 @@ ffi::Error fill_params(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const f
   p.lse_batch_stride = tl;
   p.q_head_stride = D;
   p.kv_head_stride = D;
-  NJ_FFI_CHECK(p.batch <= 65535 && static_cast<int64_t>(p.heads) * p.dilation[0] *
-                                           p.dilation[1] * p.dilation[2] <=
-                                       65535,
+  NJ_FFI_CHECK(p.batch <= 65535 && static_cast<int64_t>(p.heads) * groups <= 65535,
                "batch and heads x dilation groups must each be <= 65535");
   NJ_FFI_CHECK(scale > 0.f, "scale must be > 0");
   p.q = q.untyped_data();
@@ -119,35 +112,56 @@ ffi::Error fill_params(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const f
   return ffi::Error::Success();
 }
 
+// The implementation a call names (attribute `impl`), checked against kernel_table.h and, for
+// the sm90 kernels, against the device.
+ffi::Error check_kernel(bool backward, int64_t impl, const fna::FnaFwdParams& p, fna::DType dtype,
+                        int64_t occupancy, fna::Impl& out) {
+  NJ_FFI_CHECK(impl == 0 || impl == 1, "fna: impl must be 0 (sm80 kernels) or 1 (sm90 kernels)");
+  NJ_FFI_CHECK(occupancy >= 0 && occupancy <= 64, "fna: sm80_occupancy out of range");
+  out = static_cast<fna::Impl>(impl);
+  const int q_tokens = 1 << (p.q_tile_log2[0] + p.q_tile_log2[1] + p.q_tile_log2[2]);
+  const int kv_tokens = 1 << (p.kv_tile_log2[0] + p.kv_tile_log2[1] + p.kv_tile_log2[2]);
+  std::string why = fna::fna_kernel_unsupported(backward, out, p.head_dim, q_tokens, kv_tokens,
+                                                static_cast<int>(occupancy));
+  if (why.empty() && out == fna::Impl::kSm90)
+    why = backward ? fna::fna_backward_sm90_unavailable_reason(p.head_dim, dtype)
+                   : fna::fna_forward_sm90_unavailable_reason(p.head_dim, dtype);
+  if (!why.empty()) return ffi::Error::InvalidArgument("natten_jax fna: " + why);
+  return ffi::Error::Success();
+}
+
+// Tests: fills an output with NaN (all bits set) so that an element a kernel fails to write shows.
+ffi::Error poison_output(void* data, size_t bytes, cudaStream_t stream) {
+  NJ_CUDA_CHECK(cudaMemsetAsync(data, 0xFF, bytes, stream));
+  return ffi::Error::Success();
+}
+
 ffi::Error FnaForwardImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
                           ffi::AnyBuffer v, ffi::Result<ffi::AnyBuffer> o,
                           ffi::Result<ffi::Buffer<ffi::F32>> lse,
                           ffi::Span<const int64_t> kernel_size, ffi::Span<const int64_t> stride,
                           ffi::Span<const int64_t> dilation, ffi::Span<const int64_t> is_causal,
                           ffi::Span<const int64_t> q_tile, ffi::Span<const int64_t> kv_tile,
-                          float scale, int64_t poison, int64_t impl) {
+                          float scale, int64_t poison, int64_t impl, int64_t sm80_occupancy) {
   fna::FnaFwdParams p;
   fna::DType dtype;
+  fna::Impl kernel;
   NJ_RETURN_IF_ERROR(fill_params(q, k, v, kernel_size, stride, dilation, is_causal, q_tile,
                                  kv_tile, scale, p, dtype));
-  NJ_FFI_CHECK(o->element_type() == q.element_type(), "output dtype must equal q dtype");
-  // ---- impl (sm90 hook): which forward kernel; the sm90 one refuses other devices clearly.
-  NJ_FFI_CHECK(impl == 0 || impl == 1, "impl must be 0 (sm80 kernel) or 1 (sm90 kernel)");
-  if (impl == 1) {
-    const std::string why = fna::fna_forward_sm90_unavailable_reason(p.head_dim, dtype);
-    if (!why.empty()) return ffi::Error::InvalidArgument("natten_jax fna (impl sm90): " + why);
-  }
+  NJ_FFI_CHECK(o->element_type() == q.element_type() && o->element_count() == q.element_count(),
+               "output must match q");
+  NJ_FFI_CHECK(lse->element_count() == q.element_count() / p.head_dim,
+               "lse must be [batch, *spatial, heads]");
+  NJ_RETURN_IF_ERROR(check_kernel(false, impl, p, dtype, sm80_occupancy, kernel));
   p.o = o->untyped_data();
   p.lse = lse->typed_data();
-  if (poison != 0) {  // tests: fill outputs with NaN so that an unwritten element shows
-    NJ_CUDA_CHECK(cudaMemsetAsync(p.o, 0xFF, o->size_bytes(), stream));
-    NJ_CUDA_CHECK(cudaMemsetAsync(p.lse, 0xFF, lse->size_bytes(), stream));
+  if (poison != 0) {
+    NJ_RETURN_IF_ERROR(poison_output(p.o, o->size_bytes(), stream));
+    NJ_RETURN_IF_ERROR(poison_output(p.lse, lse->size_bytes(), stream));
   }
-  if (impl == 1) {
-    NJ_CUDA_CHECK(fna::fna_forward_sm90(p, dtype, stream));
-    return ffi::Error::Success();
-  }
-  NJ_CUDA_CHECK(fna::fna_forward(p, dtype, stream));
+  NJ_CUDA_CHECK(kernel == fna::Impl::kSm90
+                    ? fna::fna_forward_sm90(p, dtype, stream)
+                    : fna::fna_forward(p, dtype, static_cast<int>(sm80_occupancy), stream));
   return ffi::Error::Success();
 }
 
@@ -161,10 +175,9 @@ ffi::Error FnaBackwardImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer
                            float scale, int64_t poison, int64_t impl) {
   fna::FnaBwdParams bp{};
   fna::DType dtype;
+  fna::Impl kernel;
   NJ_RETURN_IF_ERROR(fill_params(q, k, v, kernel_size, stride, dilation, is_causal, q_tile,
                                  kv_tile, scale, bp.f, dtype));
-  NJ_FFI_CHECK(bp.f.q_tile_log2[0] + bp.f.q_tile_log2[1] + bp.f.q_tile_log2[2] == 6,
-               "the backward's q_tile must hold 64 tokens");
   NJ_FFI_CHECK(dout.element_type() == q.element_type() && dq->element_type() == q.element_type() &&
                    dk->element_type() == q.element_type() &&
                    dv->element_type() == q.element_type(),
@@ -173,18 +186,10 @@ ffi::Error FnaBackwardImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer
                    lse.element_count() == q.element_count() / bp.f.head_dim &&
                    delta.element_count() == lse.element_count(),
                "dout must match q, and lse / delta must be [batch, *spatial, heads]");
-  for (int a = 0; a < 3; ++a) {
-    int group0 = (bp.f.extent[a] + bp.f.dilation[a] - 1) / bp.f.dilation[a];
-    int tk = 1 << bp.f.kv_tile_log2[a];
-    bp.num_kv_tiles[a] = (group0 + tk - 1) / tk;
-  }
-  // ---- impl (sm90 hook): which backward kernels; the sm90 ones refuse other devices clearly.
-  NJ_FFI_CHECK(impl == 0 || impl == 1, "impl must be 0 (sm80 kernels) or 1 (sm90 kernels)");
-  if (impl == 1) {
-    const std::string why = fna::fna_backward_sm90_unavailable_reason(bp.f.head_dim, dtype);
-    if (!why.empty())
-      return ffi::Error::InvalidArgument("natten_jax fna backward (impl sm90): " + why);
-  }
+  NJ_RETURN_IF_ERROR(check_kernel(true, impl, bp.f, dtype, 0, kernel));
+  for (int a = 0; a < 3; ++a)
+    bp.num_kv_tiles[a] = tiles_covering(group_extent(bp.f.extent[a], bp.f.dilation[a], 0),
+                                        bp.f.kv_tile_log2[a]);
   bp.f.lse = const_cast<float*>(lse.typed_data());  // read only in the backward
   bp.dout = dout.untyped_data();
   bp.delta = delta.typed_data();
@@ -192,59 +197,50 @@ ffi::Error FnaBackwardImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer
   bp.dk = dk->untyped_data();
   bp.dv = dv->untyped_data();
   if (poison != 0) {
-    NJ_CUDA_CHECK(cudaMemsetAsync(bp.dq, 0xFF, dq->size_bytes(), stream));
-    NJ_CUDA_CHECK(cudaMemsetAsync(bp.dk, 0xFF, dk->size_bytes(), stream));
-    NJ_CUDA_CHECK(cudaMemsetAsync(bp.dv, 0xFF, dv->size_bytes(), stream));
+    NJ_RETURN_IF_ERROR(poison_output(bp.dq, dq->size_bytes(), stream));
+    NJ_RETURN_IF_ERROR(poison_output(bp.dk, dk->size_bytes(), stream));
+    NJ_RETURN_IF_ERROR(poison_output(bp.dv, dv->size_bytes(), stream));
   }
-  if (impl == 1) {
-    NJ_CUDA_CHECK(fna::fna_backward_sm90(bp, dtype, stream));
-    return ffi::Error::Success();
-  }
-  NJ_CUDA_CHECK(fna::fna_backward(bp, dtype, stream));
+  NJ_CUDA_CHECK(kernel == fna::Impl::kSm90 ? fna::fna_backward_sm90(bp, dtype, stream)
+                                           : fna::fna_backward(bp, dtype, stream));
   return ffi::Error::Success();
+}
+
+// The context and the q, k, v operands both handlers start with.
+inline auto bind_qkv() {
+  return bind_stream()
+      .Arg<ffi::AnyBuffer>()   // query
+      .Arg<ffi::AnyBuffer>()   // key
+      .Arg<ffi::AnyBuffer>();  // value
+}
+
+// The attributes both handlers share, after their own buffers.
+template <typename Binding>
+auto fna_attrs(Binding b) {
+  return bind_window_attrs<true>(std::move(b))
+      .template Attr<AxisAttr>("q_tile")
+      .template Attr<AxisAttr>("kv_tile")
+      .template Attr<float>("scale")
+      .template Attr<int64_t>("poison")
+      .template Attr<int64_t>("impl");
 }
 
 }  // namespace
 }  // namespace natten_jax
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenJaxFnaForward, natten_jax::FnaForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()         // query
-                                  .Arg<ffi::AnyBuffer>()         // key
-                                  .Arg<ffi::AnyBuffer>()         // value
-                                  .Ret<ffi::AnyBuffer>()         // output
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // logsumexp
-                                  .Attr<ffi::Span<const int64_t>>("kernel_size")
-                                  .Attr<ffi::Span<const int64_t>>("stride")
-                                  .Attr<ffi::Span<const int64_t>>("dilation")
-                                  .Attr<ffi::Span<const int64_t>>("is_causal")
-                                  .Attr<ffi::Span<const int64_t>>("q_tile")
-                                  .Attr<ffi::Span<const int64_t>>("kv_tile")
-                                  .Attr<float>("scale")
-                                  .Attr<int64_t>("poison")
-                                  .Attr<int64_t>("impl"),
+                              natten_jax::fna_attrs(natten_jax::bind_qkv()
+                                                        .Ret<ffi::AnyBuffer>()           // output
+                                                        .Ret<ffi::Buffer<ffi::F32>>())   // lse
+                                  .Attr<int64_t>("sm80_occupancy"),
                               NJ_FFI_HANDLER_TRAITS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenJaxFnaBackward, natten_jax::FnaBackwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()         // query
-                                  .Arg<ffi::AnyBuffer>()         // key
-                                  .Arg<ffi::AnyBuffer>()         // value
-                                  .Arg<ffi::AnyBuffer>()         // d(output)
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // logsumexp (forward)
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // delta
-                                  .Ret<ffi::AnyBuffer>()         // d(query)
-                                  .Ret<ffi::AnyBuffer>()         // d(key)
-                                  .Ret<ffi::AnyBuffer>()         // d(value)
-                                  .Attr<ffi::Span<const int64_t>>("kernel_size")
-                                  .Attr<ffi::Span<const int64_t>>("stride")
-                                  .Attr<ffi::Span<const int64_t>>("dilation")
-                                  .Attr<ffi::Span<const int64_t>>("is_causal")
-                                  .Attr<ffi::Span<const int64_t>>("q_tile")
-                                  .Attr<ffi::Span<const int64_t>>("kv_tile")
-                                  .Attr<float>("scale")
-                                  .Attr<int64_t>("poison")
-                                  .Attr<int64_t>("impl"),
+                              natten_jax::fna_attrs(natten_jax::bind_qkv()
+                                                        .Arg<ffi::AnyBuffer>()          // d(out)
+                                                        .Arg<ffi::Buffer<ffi::F32>>()   // lse
+                                                        .Arg<ffi::Buffer<ffi::F32>>()   // delta
+                                                        .Ret<ffi::AnyBuffer>()          // dq
+                                                        .Ret<ffi::AnyBuffer>()          // dk
+                                                        .Ret<ffi::AnyBuffer>()),        // dv
                               NJ_FFI_HANDLER_TRAITS);

@@ -11,6 +11,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 
+#include "natten_jax/fna/kernel_table.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace nb = nanobind;
@@ -58,6 +59,27 @@ nb::list missing_targets() {
   return l;
 }
 
+// The fused kernels of this build (natten_jax/fna/kernel_table.h).
+nb::dict fused_kernels() {
+  nb::list sm80, sm90, occupancies;
+#define NJ_ADD80(D) sm80.append(D);
+#define NJ_ADD90(D) sm90.append(D);
+#define NJ_ADD_OCC(N) occupancies.append(N);
+  NJ_FNA_SM80_HEAD_DIMS(NJ_ADD80)
+  NJ_FNA_SM90_HEAD_DIMS(NJ_ADD90)
+  occupancies.append(natten_jax::fna::kDefaultSm80Occupancy);
+  NJ_FNA_SM80_OCCUPANCY_VARIANTS(NJ_ADD_OCC)
+#undef NJ_ADD80
+#undef NJ_ADD90
+#undef NJ_ADD_OCC
+  nb::dict d;
+  d["sm80_head_dims"] = sm80;
+  d["sm90_head_dims"] = sm90;
+  d["sm80_occupancies"] = occupancies;
+  d["kv_tile_tokens"] = natten_jax::fna::kKvTileTokens;
+  return d;
+}
+
 }  // namespace
 
 NB_MODULE(_C, m) {
@@ -69,4 +91,7 @@ NB_MODULE(_C, m) {
   m.def("cuda_compiled_archs", []() { return std::string(NATTEN_JAX_CUDA_ARCHS_STR); },
         "The CUDA architectures this module was compiled for, comma-separated, e.g. '80,90a'.");
   m.attr("cuda_version") = NATTEN_JAX_CUDA_VERSION_STR;
+  m.def("fused_kernels", &fused_kernels,
+        "dict: the fused kernels of this build (head dims per implementation, sm80 forward "
+        "occupancies, KV tile tokens), from kernel_table.h.");
 }

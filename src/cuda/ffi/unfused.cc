@@ -15,9 +15,9 @@
 
 #include <cuda_runtime.h>
 
+#include "natten_jax/common/ffi_attrs.h"
 #include "natten_jax/common/ffi_check.h"
 #include "natten_jax/unfused/unfused_params.h"
-#include "natten_jax/window.cuh"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -41,43 +41,27 @@ ffi::Error dtype_of(ffi::DataType t, DType* d) {
 
 // Spatial shape, window attributes, batch and heads of `ref` ([B, *S, H, X]) into `p`, padded
 // to rank 3 with leading axes of extent 1.
-ffi::Error fill_geometry(const ffi::AnyBuffer& ref, ffi::Span<const int64_t> kernel_size,
-                         ffi::Span<const int64_t> dilation, ffi::Span<const int64_t> is_causal,
-                         UnfusedParams& p) {
+ffi::Error fill_geometry(const char* op, const ffi::AnyBuffer& ref, AxisAttr kernel_size,
+                         AxisAttr dilation, AxisAttr is_causal, UnfusedParams& p) {
   const auto d = ref.dimensions();
   const int nd = static_cast<int>(d.size());
   const int rank = nd - 3;
   NJ_FFI_CHECK(rank >= 1 && rank <= 3,
-               "unfused: operands must be [batch, *spatial (1-3 axes), heads, features]");
-  NJ_FFI_CHECK(static_cast<int>(kernel_size.size()) == rank &&
-                   static_cast<int>(dilation.size()) == rank &&
-                   static_cast<int>(is_causal.size()) == rank,
-               "unfused: kernel_size, dilation, is_causal need one entry per spatial axis");
+               std::string(op) + ": operands must be [batch, *spatial (1-3 axes), heads, "
+                                 "features]");
   p = UnfusedParams{};
-  NJ_FFI_CHECK(d[0] >= 1 && d[0] <= INT32_MAX, "unfused: bad batch size");
+  NJ_FFI_CHECK(d[0] >= 1 && d[0] <= INT32_MAX, std::string(op) + ": bad batch size");
   p.batch = static_cast<int>(d[0]);
-  int64_t tokens = 1;
-  for (int a = 0; a < 3; ++a) {
-    p.extent[a] = p.kernel[a] = p.dilation[a] = 1;
-    p.causal[a] = 0;
-  }
-  for (int a = 0; a < rank; ++a) {
-    const int t = 3 - rank + a;
-    NJ_FFI_CHECK(d[1 + a] >= 1 && d[1 + a] <= INT32_MAX, "unfused: bad spatial extent");
-    NJ_FFI_CHECK(kernel_size[a] >= 1 && dilation[a] >= 1 &&
-                     kernel_size[a] * dilation[a] <= d[1 + a],
-                 "unfused: need kernel_size >= 1, dilation >= 1 and kernel_size * dilation <= "
-                 "extent on every axis");
-    p.extent[t] = static_cast<int>(d[1 + a]);
-    p.kernel[t] = static_cast<int>(kernel_size[a]);
-    p.dilation[t] = static_cast<int>(dilation[a]);
-    p.causal[t] = is_causal[a] != 0;
-    tokens *= d[1 + a];
-  }
+  NJ_RETURN_IF_ERROR(spatial_extents(op, d, 1, rank, p.extent));
+  int stride[3];  // the unfused operators have stride 1
+  NJ_RETURN_IF_ERROR(window_attrs(op, rank, p.extent, kernel_size, nullptr, dilation, is_causal,
+                                  p.kernel, stride, p.dilation, p.causal));
+  const int64_t tokens = int64_t(p.extent[0]) * p.extent[1] * p.extent[2];
   p.window = p.kernel[0] * p.kernel[1] * p.kernel[2];
-  NJ_FFI_CHECK(d[nd - 2] >= 1 && d[nd - 1] >= 1, "unfused: empty heads or features");
+  NJ_FFI_CHECK(d[nd - 2] >= 1 && d[nd - 1] >= 1, std::string(op) + ": empty heads or features");
   NJ_FFI_CHECK(tokens * d[nd - 2] * (d[nd - 1] > p.window ? d[nd - 1] : p.window) < INT32_MAX,
-               "unfused: tokens x heads x features must stay below 2^31 per batch entry");
+               std::string(op) + ": tokens x heads x features must stay below 2^31 per batch "
+                                 "entry");
   p.heads = static_cast<int>(d[nd - 2]);
   p.scale = 1.f;
   return ffi::Error::Success();
@@ -125,11 +109,10 @@ ffi::Error run(int64_t impl, Launcher gemm, Launcher naive, const UnfusedParams&
 
 ffi::Error PnImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer bm,
                   ffi::Buffer<ffi::F32> rpb, ffi::Result<ffi::AnyBuffer> out,
-                  ffi::Span<const int64_t> kernel_size, ffi::Span<const int64_t> dilation,
-                  ffi::Span<const int64_t> is_causal, int64_t impl, int64_t has_rpb, float scale,
-                  float fill, int64_t poison) {
+                  AxisAttr kernel_size, AxisAttr dilation, AxisAttr is_causal, int64_t impl,
+                  int64_t has_rpb, float scale, float fill, int64_t poison) {
   UnfusedParams p;
-  NJ_RETURN_IF_ERROR(fill_geometry(a, kernel_size, dilation, is_causal, p));
+  NJ_RETURN_IF_ERROR(fill_geometry("unfused pn", a, kernel_size, dilation, is_causal, p));
   DType dtype;
   NJ_RETURN_IF_ERROR(dtype_of(a.element_type(), &dtype));
   NJ_FFI_CHECK(bm.element_type() == a.element_type() && out->element_type() == a.element_type(),
@@ -163,15 +146,16 @@ ffi::Error PnImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer bm,
   return run(impl, unfused::gemm_pn, unfused::naive_pn, p, dtype, stream);
 }
 
-// NN (inverse = false) and IN (inverse = true) share their checks.
-ffi::Error WeightedSum(bool inverse, cudaStream_t stream, const ffi::AnyBuffer& w,
-                       const ffi::AnyBuffer& m, ffi::Result<ffi::AnyBuffer>& out,
-                       ffi::Span<const int64_t> kernel_size, ffi::Span<const int64_t> dilation,
-                       ffi::Span<const int64_t> is_causal, int64_t impl, float scale,
-                       int64_t poison) {
+// The NN (inverse = false) and IN (inverse = true) handlers: weights w, dense operand m (NN:
+// values; IN: query-side features) -> output.
+template <bool inverse>
+ffi::Error WeightedSumImpl(cudaStream_t stream, ffi::AnyBuffer w, ffi::AnyBuffer m,
+                           ffi::Result<ffi::AnyBuffer> out, AxisAttr kernel_size,
+                           AxisAttr dilation, AxisAttr is_causal, int64_t impl, float scale,
+                           int64_t poison) {
   const char* op = inverse ? "unfused in" : "unfused nn";
   UnfusedParams p;
-  NJ_RETURN_IF_ERROR(fill_geometry(w, kernel_size, dilation, is_causal, p));
+  NJ_RETURN_IF_ERROR(fill_geometry(op, w, kernel_size, dilation, is_causal, p));
   DType dtype;
   NJ_RETURN_IF_ERROR(dtype_of(w.element_type(), &dtype));
   NJ_FFI_CHECK(m.element_type() == w.element_type() && out->element_type() == w.element_type(),
@@ -199,28 +183,20 @@ ffi::Error WeightedSum(bool inverse, cudaStream_t stream, const ffi::AnyBuffer& 
   return run(impl, unfused::gemm_nn, unfused::naive_nn, p, dtype, stream);
 }
 
-ffi::Error NnImpl(cudaStream_t stream, ffi::AnyBuffer w, ffi::AnyBuffer v,
-                  ffi::Result<ffi::AnyBuffer> out, ffi::Span<const int64_t> kernel_size,
-                  ffi::Span<const int64_t> dilation, ffi::Span<const int64_t> is_causal,
-                  int64_t impl, float scale, int64_t poison) {
-  return WeightedSum(false, stream, w, v, out, kernel_size, dilation, is_causal, impl, scale,
-                     poison);
-}
-
-ffi::Error InImpl(cudaStream_t stream, ffi::AnyBuffer w, ffi::AnyBuffer x,
-                  ffi::Result<ffi::AnyBuffer> out, ffi::Span<const int64_t> kernel_size,
-                  ffi::Span<const int64_t> dilation, ffi::Span<const int64_t> is_causal,
-                  int64_t impl, float scale, int64_t poison) {
-  return WeightedSum(true, stream, w, x, out, kernel_size, dilation, is_causal, impl, scale,
-                     poison);
+// Their binding.
+auto weighted_sum_binding() {
+  return bind_window_attrs<false>(
+             bind_stream().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>())
+      .Attr<int64_t>("impl")
+      .Attr<float>("scale")
+      .Attr<int64_t>("poison");
 }
 
 ffi::Error RpbGradImpl(cudaStream_t stream, ffi::AnyBuffer w,
-                       ffi::Result<ffi::Buffer<ffi::F32>> partial,
-                       ffi::Span<const int64_t> kernel_size, ffi::Span<const int64_t> dilation,
-                       ffi::Span<const int64_t> is_causal, int64_t poison) {
+                       ffi::Result<ffi::Buffer<ffi::F32>> partial, AxisAttr kernel_size,
+                       AxisAttr dilation, AxisAttr is_causal, int64_t poison) {
   UnfusedParams p;
-  NJ_RETURN_IF_ERROR(fill_geometry(w, kernel_size, dilation, is_causal, p));
+  NJ_RETURN_IF_ERROR(fill_geometry("unfused rpb_grad", w, kernel_size, dilation, is_causal, p));
   DType dtype;
   NJ_RETURN_IF_ERROR(dtype_of(w.element_type(), &dtype));
   const int nd = static_cast<int>(w.dimensions().size());
@@ -247,55 +223,30 @@ ffi::Error RpbGradImpl(cudaStream_t stream, ffi::AnyBuffer w,
 }  // namespace
 }  // namespace natten_jax
 
-#define NJ_UNFUSED_WINDOW_ATTRS                         \
-  .Attr<ffi::Span<const int64_t>>("kernel_size")        \
-      .Attr<ffi::Span<const int64_t>>("dilation")       \
-      .Attr<ffi::Span<const int64_t>>("is_causal")
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    NattenJaxUnfusedPn, natten_jax::PnImpl,
+    natten_jax::bind_window_attrs<false>(natten_jax::bind_stream()
+                                             .Arg<ffi::AnyBuffer>()         // a: query side
+                                             .Arg<ffi::AnyBuffer>()         // bm: key side
+                                             .Arg<ffi::Buffer<ffi::F32>>()  // rpb (if has_rpb)
+                                             .Ret<ffi::AnyBuffer>())        // logits
+        .Attr<int64_t>("impl")
+        .Attr<int64_t>("has_rpb")
+        .Attr<float>("scale")
+        .Attr<float>("fill")
+        .Attr<int64_t>("poison"),
+    NJ_FFI_HANDLER_TRAITS);
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenJaxUnfusedPn, natten_jax::PnImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()         // a: query-side features
-                                  .Arg<ffi::AnyBuffer>()         // bm: key-side features
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // rpb (read if has_rpb)
-                                  .Ret<ffi::AnyBuffer>()         // logits
-                                      NJ_UNFUSED_WINDOW_ATTRS
-                                  .Attr<int64_t>("impl")
-                                  .Attr<int64_t>("has_rpb")
-                                  .Attr<float>("scale")
-                                  .Attr<float>("fill")
-                                  .Attr<int64_t>("poison"),
-                              NJ_FFI_HANDLER_TRAITS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenJaxUnfusedNn, natten_jax::WeightedSumImpl<false>,
+                              natten_jax::weighted_sum_binding(), NJ_FFI_HANDLER_TRAITS);
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenJaxUnfusedNn, natten_jax::NnImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // weights
-                                  .Arg<ffi::AnyBuffer>()  // values
-                                  .Ret<ffi::AnyBuffer>()  // output
-                                      NJ_UNFUSED_WINDOW_ATTRS
-                                  .Attr<int64_t>("impl")
-                                  .Attr<float>("scale")
-                                  .Attr<int64_t>("poison"),
-                              NJ_FFI_HANDLER_TRAITS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenJaxUnfusedIn, natten_jax::WeightedSumImpl<true>,
+                              natten_jax::weighted_sum_binding(), NJ_FFI_HANDLER_TRAITS);
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenJaxUnfusedIn, natten_jax::InImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // weights
-                                  .Arg<ffi::AnyBuffer>()  // query-side features
-                                  .Ret<ffi::AnyBuffer>()  // key-side output
-                                      NJ_UNFUSED_WINDOW_ATTRS
-                                  .Attr<int64_t>("impl")
-                                  .Attr<float>("scale")
-                                  .Attr<int64_t>("poison"),
-                              NJ_FFI_HANDLER_TRAITS);
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenJaxUnfusedRpbGrad, natten_jax::RpbGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()         // d(logits)
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // partial sums
-                                      NJ_UNFUSED_WINDOW_ATTRS
-                                  .Attr<int64_t>("poison"),
-                              NJ_FFI_HANDLER_TRAITS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    NattenJaxUnfusedRpbGrad, natten_jax::RpbGradImpl,
+    natten_jax::bind_window_attrs<false>(natten_jax::bind_stream()
+                                             .Arg<ffi::AnyBuffer>()          // d(logits)
+                                             .Ret<ffi::Buffer<ffi::F32>>())  // partial sums
+        .Attr<int64_t>("poison"),
+    NJ_FFI_HANDLER_TRAITS);

@@ -1,16 +1,8 @@
 // GEMM-based IN (inverse neighborhood: weights^T x queries-side features, per key tile):
-// instantiations of gemm_weighted_sum.cuh.
+// gemm_weighted_sum.cuh with rows = keys.
 #include "natten_jax/unfused/gemm_weighted_sum.cuh"
-#include "natten_jax/unfused/launch_utils.cuh"
 
-namespace natten_jax {
-namespace unfused {
-
-cudaError_t gemm_in(const UnfusedParams& p, DType dtype, cudaStream_t stream) {
-  return dispatch_dtype(dtype, [&](auto t) {
-    return gemm::launch_weighted_sum<decltype(t), true>(p, stream);
-  });
+cudaError_t natten_jax::unfused::gemm_in(const UnfusedParams& p, DType dtype,
+                                         cudaStream_t stream) {
+  return gemm::weighted_sum<true>(p, dtype, stream);
 }
-
-}  // namespace unfused
-}  // namespace natten_jax

@@ -1,15 +1,7 @@
-// GEMM-based NN (attention weights x values): instantiations of gemm_weighted_sum.cuh.
+// GEMM-based NN (attention weights x values): gemm_weighted_sum.cuh with rows = queries.
 #include "natten_jax/unfused/gemm_weighted_sum.cuh"
-#include "natten_jax/unfused/launch_utils.cuh"
 
-namespace natten_jax {
-namespace unfused {
-
-cudaError_t gemm_nn(const UnfusedParams& p, DType dtype, cudaStream_t stream) {
-  return dispatch_dtype(dtype, [&](auto t) {
-    return gemm::launch_weighted_sum<decltype(t), false>(p, stream);
-  });
+cudaError_t natten_jax::unfused::gemm_nn(const UnfusedParams& p, DType dtype,
+                                         cudaStream_t stream) {
+  return gemm::weighted_sum<false>(p, dtype, stream);
 }
-
-}  // namespace unfused
-}  // namespace natten_jax

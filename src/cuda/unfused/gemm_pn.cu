@@ -34,7 +34,7 @@ __global__ void __launch_bounds__(kThreads) gemm_pn_kernel(const __grid_constant
   Cta c;
   if (!decode_cta(gp, true, c)) return;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int T_ = p.extent[0] * p.extent[1] * p.extent[2];
+  const int T_ = num_tokens(p);
   const int H = p.heads, Hkv = p.heads_kv, C = p.dim, W = p.window;
   const int h = c.head;
   const bool vec_ok = C % (16 / sizeof(T)) == 0;
@@ -126,10 +126,11 @@ __global__ void __launch_bounds__(kThreads) gemm_pn_kernel(const __grid_constant
       if (q.len[0] == p.kernel[0] && q.len[1] == p.kernel[1] && q.len[2] == p.kernel[2]) continue;
       T* orow = out + (int64_t(q.tok) * H + h) * W;
       for (int j = lane; j < W; j += 32) {
-        const int j2 = j % p.kernel[2];
-        const int j1 = (j / p.kernel[2]) % p.kernel[1];
-        const int j0 = j / (p.kernel[2] * p.kernel[1]);
-        if (j0 >= q.len[0] || j1 >= q.len[1] || j2 >= q.len[2]) orow[j] = from_float<T>(p.fill);
+        int ja[3];
+        window_entry(p, j, ja);
+        if (!(offset_in_window(ja[0], q.len[0]) && offset_in_window(ja[1], q.len[1]) &&
+              offset_in_window(ja[2], q.len[2])))
+          orow[j] = from_float<T>(p.fill);
       }
     }
   }

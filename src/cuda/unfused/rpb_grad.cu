@@ -13,9 +13,10 @@ namespace {
 constexpr int kRpbThreads = 128;
 
 template <typename T>
-__global__ void __launch_bounds__(kRpbThreads) rpb_grad_kernel(const __grid_constant__ UnfusedParams p) {
+__global__ void __launch_bounds__(kRpbThreads)
+    rpb_grad_kernel(const __grid_constant__ UnfusedParams p) {
   __shared__ int s_i[kRpbChunkTokens][3], s_start[kRpbChunkTokens][3], s_len[kRpbChunkTokens][3];
-  const int T_ = p.extent[0] * p.extent[1] * p.extent[2];
+  const int T_ = num_tokens(p);
   const int H = p.heads, W = p.window, R = rpb_size(p);
   const int chunk = blockIdx.x, h = blockIdx.y;
   const int x0 = chunk * kRpbChunkTokens;
@@ -45,7 +46,7 @@ __global__ void __launch_bounds__(kRpbThreads) rpb_grad_kernel(const __grid_cons
 #pragma unroll
       for (int a = 0; a < 3; ++a) {
         const int ja = s_i[t][a] + off[a] - s_start[t][a];
-        valid = valid && ja >= 0 && ja < s_len[t][a];
+        valid = valid && offset_in_window(ja, s_len[t][a]);
         j = j * p.kernel[a] + ja;
       }
       if (!valid) continue;
@@ -61,8 +62,7 @@ __global__ void __launch_bounds__(kRpbThreads) rpb_grad_kernel(const __grid_cons
 cudaError_t rpb_grad_partials(const UnfusedParams& p, DType dtype, cudaStream_t stream) {
   const dim3 grid(p.rpb_chunks, p.heads);
   return dispatch_dtype(dtype, [&](auto t) {
-    using T = decltype(t);
-    rpb_grad_kernel<T><<<grid, kRpbThreads, 0, stream>>>(p);
+    rpb_grad_kernel<decltype(t)><<<grid, kRpbThreads, 0, stream>>>(p);
     return cudaGetLastError();
   });
 }

@@ -21,8 +21,5 @@ struct FnaBwdParams {
   int num_kv_tiles[3];  // KV tiles per axis for dilation group 0 (grid of the dK/dV kernel)
 };
 
-// Launches the dQ kernel and the dK/dV kernel on `stream` (deterministic: no atomics).
-cudaError_t fna_backward(const FnaBwdParams& params, DType dtype, cudaStream_t stream);
-
 }  // namespace fna
 }  // namespace natten_jax

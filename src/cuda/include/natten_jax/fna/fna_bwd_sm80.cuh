@@ -17,24 +17,16 @@
 #include <cstdint>
 
 #include "natten_jax/fna/fna_bwd_params.h"
-#include "natten_jax/fna/group_info.cuh"
+#include "natten_jax/fna/launch.cuh"
+#include "natten_jax/fna/q_tile.cuh"
 #include "natten_jax/fna/sm80_common.cuh"
-#include "natten_jax/window.cuh"
+#include "natten_jax/neighborhood.cuh"
 
 namespace natten_jax {
 namespace fna {
 namespace sm80 {
 
 constexpr float kLog2e = 1.4426950408889634f;
-
-// Decodes a flat tile index into per-axis tile origins (last axis fastest).
-__device__ __forceinline__ void tile_origin(int t, const int* count, const int* l2, int* o) {
-#pragma unroll
-  for (int a = 2; a >= 0; --a) {
-    o[a] = (t % count[a]) << l2[a];
-    t /= count[a];
-  }
-}
 
 // Element offset of a token's row (in-group coordinates x) from the group's base pointer.
 __device__ __forceinline__ int64_t token_offset(const int* x, const int* dil,
@@ -108,47 +100,20 @@ __global__ void __launch_bounds__(kThreads, 2)
   T* sV = sK + 2 * kTileKV * kPitch;  // 2 stages
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int b = blockIdx.z;
-  const int h = blockIdx.y % p.heads;
-  const GroupInfo gi(p, blockIdx.y / p.heads);
-  int q0[3], qlast[3];
-  tile_origin(blockIdx.x, p.num_q_tiles, p.q_tile_log2, q0);
-#pragma unroll
-  for (int a = 0; a < 3; ++a) {
-    if (q0[a] >= gi.glen[a]) return;
-    qlast[a] = min(q0[a] + (1 << p.q_tile_log2[a]), gi.glen[a]) - 1;
-  }
-
-  int lo[3], hi[3], nbox[3];
-  int total_boxes = 1;
-#pragma unroll
-  for (int a = 0; a < 3; ++a) {
-    lo[a] = gi.start(a, q0[a]);
-    hi[a] = gi.end(a, qlast[a]);
-    int box = 1 << p.kv_tile_log2[a];
-    nbox[a] = (hi[a] - lo[a] + box - 1) / box;
-    total_boxes *= nbox[a];
-  }
+  QTileWork tile;
+  if (!tile.init(p)) return;
+  const int b = tile.b, h = tile.h;
+  const Neighborhood& gi = tile.nb;
+  const int(&q0)[3] = tile.q0;
+  const int(&lo)[3] = tile.lo;
+  const int(&hi)[3] = tile.hi;
+  const int(&nbox)[3] = tile.nbox;
+  const int total_boxes = tile.total;
 
   // Per warp: union and intersection of its 16 queries' windows (see the forward kernel).
   int wlo[3], whi[3], wilo[3], wihi[3];
-  bool warp_active = true;
-  {
-    int cf[3], cl[3];
-    tile_coord(warp * 16, p.q_tile_log2, cf);
-    tile_coord(warp * 16 + 15, p.q_tile_log2, cl);
-#pragma unroll
-    for (int a = 0; a < 3; ++a) {
-      int first = q0[a] + cf[a];
-      int last = min(q0[a] + cl[a], gi.glen[a] - 1);
-      warp_active = warp_active && first < gi.glen[a];
-      first = min(first, gi.glen[a] - 1);
-      wlo[a] = gi.start(a, first);
-      whi[a] = gi.end(a, last);
-      wilo[a] = gi.start(a, last);
-      wihi[a] = gi.end(a, first);
-    }
-  }
+  const bool warp_active =
+      rows_windows(gi, q0, p.q_tile_log2, warp * 16, 16, wlo, whi, wilo, wihi);
 
   // This thread's two query rows: window (start, length), lse (base 2) and delta.
   int ws[2][3];
@@ -166,9 +131,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
 #pragma unroll
     for (int a = 0; a < 3; ++a) {
-      int xi = min(x[a], gi.glen[a] - 1);
-      ws[r][a] = gi.start(a, xi);
-      wl[r][a] = valid ? static_cast<unsigned>(gi.end(a, xi) - ws[r][a]) : 0u;
+      const Interval w = gi.window(a, min(x[a], gi.glen[a] - 1));
+      ws[r][a] = w.lo;
+      wl[r][a] = valid ? static_cast<unsigned>(w.hi - w.lo) : 0u;  // empty: row masked
     }
     lse2[r] = 0.f;
     delta[r] = 0.f;
@@ -182,7 +147,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
 
-  const int hkv = h / (p.heads / p.heads_kv);
+  const int hkv = tile.hkv;
   int64_t goff_q = 0, goff_kv = 0;
 #pragma unroll
   for (int a = 0; a < 3; ++a) {
@@ -224,8 +189,9 @@ __global__ void __launch_bounds__(kThreads, 2)
 
     const int o[3] = {o_cur[0], o_cur[1], o_cur[2]};
     next_box(o_cur, lo, nbox, p.kv_tile_log2);
-    bool touch, full;
-    box_vs_warp(o, p.kv_tile_log2, wlo, whi, wilo, wihi, warp_active, touch, full);
+    bool touch, full_ax[3];
+    classify_box(o, p.kv_tile_log2, wlo, whi, wilo, wihi, warp_active, touch, full_ax);
+    const bool full = full_ax[0] && full_ax[1] && full_ax[2];
     if (touch) {
       // S = Q K^T and dP = dO V^T (16 x 64 per warp).
       float s[kNTiles][4], dp[kNTiles][4];
@@ -264,9 +230,7 @@ __global__ void __launch_bounds__(kThreads, 2)
               dp[n][2 * r + e] = pv * (dp[n][2 * r + e] - delta[r]);
             }
       };
-      auto in_axis = [&](int a, int r, int c) {
-        return static_cast<unsigned>(o[a] + c - ws[r][a]) < static_cast<unsigned>(wl[r][a]);
-      };
+      auto in_axis = [&](int a, int r, int c) { return in_window(o[a] + c, ws[r][a], wl[r][a]); };
       if (full) {
         p_ds([](int, int, int) { return true; });
       } else if (p.kv_tile_log2[2] >= 3) {
@@ -323,20 +287,6 @@ __global__ void __launch_bounds__(kThreads, 2)
 // ------------------------------------------------------------------------------------------
 // dK / dV kernel.
 
-// Smallest i in [0, n) with pred(i) (pred false then true), n if none.
-template <typename Pred>
-__device__ __forceinline__ int lower_bound(int n, Pred pred) {
-  int lo = 0, hi = n;
-  while (lo < hi) {
-    int mid = (lo + hi) / 2;
-    if (pred(mid))
-      hi = mid;
-    else
-      lo = mid + 1;
-  }
-  return lo;
-}
-
 template <int D>
 __host__ __device__ constexpr int dkdv_step_q() {
   return D > 64 ? 32 : 64;  // queries per step: S^T, dP^T and both accumulators in registers
@@ -365,27 +315,26 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int b = blockIdx.z;
   const int hkv = blockIdx.y % p.heads_kv;
-  const GroupInfo gi(p, blockIdx.y / p.heads_kv);
+  const Neighborhood gi(p.extent, p.kernel, p.stride, p.dilation, p.causal,
+                        blockIdx.y / p.heads_kv);
   const int group_heads = p.heads / p.heads_kv;
   int k0[3], k1[3];
   tile_origin(blockIdx.x, bp.num_kv_tiles, p.kv_tile_log2, k0);
 #pragma unroll
   for (int a = 0; a < 3; ++a) {
     if (k0[a] >= gi.glen[a]) return;
-    k1[a] = min(k0[a] + (1 << p.kv_tile_log2[a]), gi.glen[a]);
+    k1[a] = gi.tile_last(a, k0[a], p.kv_tile_log2[a]) + 1;
   }
 
-  // Inverse neighborhood per axis: queries i with end(i) > k0 and start(i) < k1 (both monotone
-  // in i), covered by Q boxes from i_lo.
+  // Inverse neighborhood per axis (the queries whose windows meet keys [k0, k1)), covered by Q
+  // boxes from ilo.
   int ilo[3], nq[3];
   int boxes = 1;
 #pragma unroll
   for (int a = 0; a < 3; ++a) {
-    const int n = gi.glen[a];
-    ilo[a] = lower_bound(n, [&](int i) { return gi.end(a, i) > k0[a]; });
-    int ihi = lower_bound(n, [&](int i) { return gi.start(a, i) >= k1[a]; });
-    int box = 1 << p.q_tile_log2[a];
-    nq[a] = ihi > ilo[a] ? (ihi - ilo[a] + box - 1) / box : 0;
+    const Interval inv = gi.inverse(a, k0[a], k1[a] - 1);
+    ilo[a] = inv.lo;
+    nq[a] = inv.hi > inv.lo ? tiles_covering(inv.hi - inv.lo, p.q_tile_log2[a]) : 0;
     boxes *= nq[a];
   }
   const int total = boxes * group_heads;
@@ -446,9 +395,9 @@ __global__ void __launch_bounds__(kThreads, 2)
         int64_t off = b * p.lse_batch_stride + h;
 #pragma unroll
         for (int a = 0; a < 3; ++a) {
-          int s0 = gi.start(a, x[a]);
-          w[2 * a] = s0;
-          w[2 * a + 1] = gi.end(a, x[a]) - s0;
+          const Interval win = gi.window(a, x[a]);
+          w[2 * a] = win.lo;
+          w[2 * a + 1] = win.hi - win.lo;
           off += static_cast<int64_t>(gi.g[a] + x[a] * gi.dil[a]) * p.lse_token_stride[a];
         }
         l2 = p.lse[off] * kLog2e;
@@ -516,10 +465,8 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
             // & (not &&) and exp before the select: predicated code, no branch per element
-            const bool in =
-                (static_cast<unsigned>(kc[r][0] - w[0]) < static_cast<unsigned>(w[1])) &
-                (static_cast<unsigned>(kc[r][1] - w[2]) < static_cast<unsigned>(w[3])) &
-                (static_cast<unsigned>(kc[r][2] - w[4]) < static_cast<unsigned>(w[5]));
+            const bool in = in_window(kc[r][0], w[0], w[1]) & in_window(kc[r][1], w[2], w[3]) &
+                            in_window(kc[r][2], w[4], w[5]);
             const float ev = fast_exp2(fmaf(s[n][2 * r + e], p.scale_log2, -l2));
             const float pv = in ? ev : 0.f;
             s[n][2 * r + e] = pv;
@@ -579,31 +526,15 @@ __global__ void __launch_bounds__(kThreads, 2)
 template <typename T, int D>
 cudaError_t launch_backward(const FnaBwdParams& bp, cudaStream_t stream) {
   const FnaFwdParams& p = bp.f;
-  const int groups = p.dilation[0] * p.dilation[1] * p.dilation[2];
   constexpr int kPitchBytes = (D + 8) * static_cast<int>(sizeof(T));
-  {
-    constexpr int bytes = 6 * kTileKV * kPitchBytes;
-    auto kernel = fna_bwd_dq_kernel<T, D>;
-    cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    if (err != cudaSuccess) return err;
-    dim3 grid(p.num_q_tiles[0] * p.num_q_tiles[1] * p.num_q_tiles[2], p.heads * groups,
-              p.batch);
-    kernel<<<grid, kThreads, bytes, stream>>>(bp);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  }
-  {
-    constexpr int bytes = 6 * kTileKV * kPitchBytes +
-                          2 * kTileKV * (6 * static_cast<int>(sizeof(int)) + 2 * 4);
-    auto kernel = fna_bwd_dkdv_kernel<T, D>;
-    cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    if (err != cudaSuccess) return err;
-    dim3 grid(bp.num_kv_tiles[0] * bp.num_kv_tiles[1] * bp.num_kv_tiles[2],
-              p.heads_kv * groups, p.batch);
-    kernel<<<grid, kThreads, bytes, stream>>>(bp);
-    return cudaGetLastError();
-  }
+  constexpr int kDqBytes = 6 * kTileKV * kPitchBytes;
+  constexpr int kDkvBytes = kDqBytes + 2 * kTileKV * (6 * static_cast<int>(sizeof(int)) + 2 * 4);
+  cudaError_t err = launch_kernel(fna_bwd_dq_kernel<T, D>, q_tile_grid(p), kThreads, kDqBytes,
+                                  false, bp, stream);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(bp.num_kv_tiles[0] * bp.num_kv_tiles[1] * bp.num_kv_tiles[2],
+                  p.heads_kv * p.dilation[0] * p.dilation[1] * p.dilation[2], p.batch);
+  return launch_kernel(fna_bwd_dkdv_kernel<T, D>, grid, kThreads, kDkvBytes, false, bp, stream);
 }
 
 }  // namespace sm80

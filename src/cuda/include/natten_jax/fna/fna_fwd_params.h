@@ -35,11 +35,5 @@ struct FnaFwdParams {
   float scale_log2;  // scale * log2(e)
 };
 
-// Head dims the forward kernel is built for (query, key and value head dim equal).
-bool fna_forward_supports_head_dim(int head_dim);
-
-// Launches the forward kernel on `stream`; returns the first CUDA error (attribute or launch).
-cudaError_t fna_forward(const FnaFwdParams& params, DType dtype, cudaStream_t stream);
-
 }  // namespace fna
 }  // namespace natten_jax

@@ -18,8 +18,10 @@
 #include <cstdint>
 
 #include "natten_jax/fna/fna_fwd_params.h"
+#include "natten_jax/fna/launch.cuh"
+#include "natten_jax/fna/q_tile.cuh"
 #include "natten_jax/fna/sm80_common.cuh"
-#include "natten_jax/window.cuh"
+#include "natten_jax/neighborhood.cuh"
 
 namespace natten_jax {
 namespace fna {
@@ -61,95 +63,41 @@ __global__ void __launch_bounds__(kThreads, MinCtas)
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 
-  // ---- Which (batch, head, dilation group, Q tile) this CTA owns.
-  const int b = blockIdx.z;
-  const int h = blockIdx.y % p.heads;
-  int grp = blockIdx.y / p.heads;
-  int g[3], glen[3], dil[3], ks[3], st[3];
-  bool causal[3];
-#pragma unroll
-  for (int a = 2; a >= 0; --a) {
-    dil[a] = p.dilation[a];
-    g[a] = grp % dil[a];
-    grp /= dil[a];
-  }
-  int q0[3], qlast[3];
-  {
-    int t = blockIdx.x;
-#pragma unroll
-    for (int a = 2; a >= 0; --a) {
-      int tq = t % p.num_q_tiles[a];
-      t /= p.num_q_tiles[a];
-      q0[a] = tq << p.q_tile_log2[a];
-    }
-  }
-#pragma unroll
-  for (int a = 0; a < 3; ++a) {
-    ks[a] = p.kernel[a];
-    st[a] = p.stride[a];
-    causal[a] = p.causal[a] != 0;
-    glen[a] = group_extent(p.extent[a], dil[a], g[a]);
-    if (q0[a] >= glen[a]) return;  // this group is shorter than group 0 on this axis
-    qlast[a] = min(q0[a] + (1 << p.q_tile_log2[a]), glen[a]) - 1;
-  }
-
-  // ---- KV range of the CTA: the union [lo, hi) of its queries' windows (window starts and
-  // ends are monotone in the query index, so the first and last query bound it).
-  int lo[3], hi[3], nbox[3];
-  int total_boxes = 1;
-#pragma unroll
-  for (int a = 0; a < 3; ++a) {
-    lo[a] = window_start(q0[a], ks[a], st[a], glen[a], causal[a]);
-    int s_last = window_start(qlast[a], ks[a], st[a], glen[a], causal[a]);
-    hi[a] = window_end(qlast[a], s_last, ks[a], causal[a]);
-    int box = 1 << p.kv_tile_log2[a];
-    nbox[a] = (hi[a] - lo[a] + box - 1) / box;
-    total_boxes *= nbox[a];
-  }
+  // ---- Which (batch, head, dilation group, Q tile) this CTA owns; its KV range [lo, hi).
+  QTileWork tile;
+  if (!tile.init(p)) return;
+  const int b = tile.b, h = tile.h;
+  const Neighborhood& nb = tile.nb;
+  const int(&q0)[3] = tile.q0;
+  const int(&lo)[3] = tile.lo;
+  const int(&hi)[3] = tile.hi;
+  const int(&nbox)[3] = tile.nbox;
+  const int total_boxes = tile.total;
 
   // ---- Per warp: its rows form a sub-box of the Q tile (tile extents are powers of two).
   // A KV box outside the union [wlo, whi) of the warp's windows is skipped by the warp; one
-  // inside their intersection [wilo, wihi) needs no mask.
+  // inside their intersection [wilo, wihi) needs no mask. Rows past the group's extent take the
+  // window of the last valid row (computed, never stored).
   int wlo[3], whi[3], wilo[3], wihi[3];
-  bool warp_active = true;
-  {
-    int cf[3], cl[3];
-    tile_coord(warp * kWarpRows, p.q_tile_log2, cf);
-    tile_coord(warp * kWarpRows + kWarpRows - 1, p.q_tile_log2, cl);
-#pragma unroll
-    for (int a = 0; a < 3; ++a) {
-      int first = q0[a] + cf[a];
-      int last = min(q0[a] + cl[a], glen[a] - 1);
-      warp_active = warp_active && first < glen[a];
-      first = min(first, glen[a] - 1);
-      int sf = window_start(first, ks[a], st[a], glen[a], causal[a]);
-      int sl = window_start(last, ks[a], st[a], glen[a], causal[a]);
-      wlo[a] = sf;
-      whi[a] = window_end(last, sl, ks[a], causal[a]);
-      wilo[a] = sl;
-      wihi[a] = window_end(first, sf, ks[a], causal[a]);
-    }
-  }
+  const bool warp_active =
+      rows_windows(nb, q0, p.q_tile_log2, warp * kWarpRows, kWarpRows, wlo, whi, wilo, wihi);
 
   // ---- Every query row's window (start, length) per axis, in shared memory for the mask.
   for (int row = tid; row < kTileQ; row += kThreads) {
-    int c[3];
-    tile_coord(row, p.q_tile_log2, c);
 #pragma unroll
     for (int a = 0; a < 3; ++a) {
-      int x = min(q0[a] + c[a], glen[a] - 1);
-      int ws = window_start(x, ks[a], st[a], glen[a], causal[a]);
-      sWin[row * 6 + 2 * a] = ws;
-      sWin[row * 6 + 2 * a + 1] = window_end(x, ws, ks[a], causal[a]) - ws;
+      const Interval w = row_window(nb, q0, p.q_tile_log2, row, a);
+      sWin[row * 6 + 2 * a] = w.lo;
+      sWin[row * 6 + 2 * a + 1] = w.hi - w.lo;
     }
   }
 
-  const int hkv = h / (p.heads / p.heads_kv);
+  const int hkv = tile.hkv;
   int64_t goff_q = 0, goff_kv = 0;
 #pragma unroll
   for (int a = 0; a < 3; ++a) {
-    goff_q += static_cast<int64_t>(g[a]) * p.q_token_stride[a];
-    goff_kv += static_cast<int64_t>(g[a]) * p.kv_token_stride[a];
+    goff_q += static_cast<int64_t>(nb.g[a]) * p.q_token_stride[a];
+    goff_kv += static_cast<int64_t>(nb.g[a]) * p.kv_token_stride[a];
   }
   const T* qbase = static_cast<const T*>(p.q) + b * p.q_batch_stride + goff_q + h * p.q_head_stride;
   const T* kbase =
@@ -158,7 +106,7 @@ __global__ void __launch_bounds__(kThreads, MinCtas)
       static_cast<const T*>(p.v) + b * p.kv_batch_stride + goff_kv + hkv * p.kv_head_stride;
 
   // ---- Prologue: Q tile, first KV box.
-  int qlimit[3] = {glen[0], glen[1], glen[2]};
+  
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
     // Rows [64m, 64m + 64) of the Q tile: origin shifted by tile_coord(64m).
@@ -175,7 +123,7 @@ __global__ void __launch_bounds__(kThreads, MinCtas)
     for (int a = 0; a < 3; ++a) om[a] = q0[a] + cm[a];
     T* const dst[1] = {sQ + m * kTileKV * kPitch};
     const T* const src[1] = {qbase};
-    load_tiles<T, D, 1>(dst, src, p.q_token_stride, dil, om, qlimit, l2, tid);
+    load_tiles<T, D, 1>(dst, src, p.q_token_stride, nb.dil, om, nb.glen, l2, tid);
   }
   cp_async_commit();
 
@@ -185,7 +133,7 @@ __global__ void __launch_bounds__(kThreads, MinCtas)
   auto load_kv = [&](int stage) {  // the box at o_load, then o_load moves on
     T* const dst[2] = {sK + stage * kTileKV * kPitch, sV + stage * kTileKV * kPitch};
     const T* const src[2] = {kbase, vbase};
-    load_tiles<T, D, 2>(dst, src, p.kv_token_stride, dil, o_load, hi, p.kv_tile_log2, tid);
+    load_tiles<T, D, 2>(dst, src, p.kv_token_stride, nb.dil, o_load, hi, p.kv_tile_log2, tid);
     next_box(o_load, lo, nbox, p.kv_tile_log2);
   };
   load_kv(0);
@@ -229,8 +177,9 @@ __global__ void __launch_bounds__(kThreads, MinCtas)
 
     const int o[3] = {o_cur[0], o_cur[1], o_cur[2]};
     next_box(o_cur, lo, nbox, p.kv_tile_log2);
-    bool touch, full;
-    box_vs_warp(o, p.kv_tile_log2, wlo, whi, wilo, wihi, warp_active, touch, full);
+    bool touch, full_ax[3];
+    classify_box(o, p.kv_tile_log2, wlo, whi, wilo, wihi, warp_active, touch, full_ax);
+    const bool full = full_ax[0] && full_ax[1] && full_ax[2];
     if (touch) {
 #pragma unroll 1
      for (int n0 = 0; n0 < kTileKV; n0 += kStepN) {
@@ -279,11 +228,11 @@ __global__ void __launch_bounds__(kThreads, MinCtas)
             for (int n = 0; n < kNTiles; ++n) {
               int c[3];
               tile_coord(n0 + n * 8, p.kv_tile_log2, c);
-              bool in01 = static_cast<unsigned>(rel0 + c[0]) < len0 &&
-                          static_cast<unsigned>(rel1 + c[1]) < len1;
+              bool in01 = offset_in_window(rel0 + c[0], len0) &&
+                          offset_in_window(rel1 + c[1], len1);
 #pragma unroll
               for (int e = 0; e < 2; ++e) {
-                bool in = in01 && static_cast<unsigned>(rel2 + c[2] + e) < len2;
+                bool in = in01 && offset_in_window(rel2 + c[2] + e, len2);
                 if (!in) s[m][n][r * 2 + e] = -INFINITY;
               }
             }
@@ -303,9 +252,9 @@ __global__ void __launch_bounds__(kThreads, MinCtas)
               for (int e = 0; e < 2; ++e) {
                 int c[3];
                 tile_coord(n0 + n * 8 + 2 * (lane % 4) + e, p.kv_tile_log2, c);
-                bool in = static_cast<unsigned>(rel0 + c[0]) < len0 &&
-                          static_cast<unsigned>(rel1 + c[1]) < len1 &&
-                          static_cast<unsigned>(rel2 + c[2]) < len2;
+                bool in = offset_in_window(rel0 + c[0], len0) &&
+                          offset_in_window(rel1 + c[1], len1) &&
+                          offset_in_window(rel2 + c[2], len2);
                 if (!in) s[m][n][r * 2 + e] = -INFINITY;
               }
             }
@@ -397,8 +346,8 @@ __global__ void __launch_bounds__(kThreads, MinCtas)
 #pragma unroll
         for (int a = 0; a < 3; ++a) {
           int x = q0[a] + c[a];
-          valid = valid && x < glen[a];
-          off += static_cast<int64_t>(g[a] + x * dil[a]) * p.lse_token_stride[a];
+          valid = valid && x < nb.glen[a];
+          off += static_cast<int64_t>(nb.g[a] + x * nb.dil[a]) * p.lse_token_stride[a];
         }
         if (valid)
           p.lse[off] = l > 0.f ? (row_max[m][r] + log2f(l)) * 0.69314718055994530942f
@@ -420,8 +369,8 @@ __global__ void __launch_bounds__(kThreads, MinCtas)
 #pragma unroll
     for (int a = 0; a < 3; ++a) {
       int x = q0[a] + c[a];
-      valid = valid && x < glen[a];
-      off += static_cast<int64_t>(x) * dil[a] * p.q_token_stride[a];
+      valid = valid && x < nb.glen[a];
+      off += static_cast<int64_t>(x) * nb.dil[a] * p.q_token_stride[a];
     }
     if (valid)
       *reinterpret_cast<uint4*>(obase + off + chunk * 8) =
@@ -435,22 +384,11 @@ constexpr int smem_bytes() {
          64 * MT * 6 * static_cast<int>(sizeof(int));
 }
 
+// More CTAs per SM than the default (MinCtas variants) take all of the shared memory.
 template <typename T, int D, int MT, int MinCtas = min_ctas_per_sm<D, MT>()>
 cudaError_t launch(const FnaFwdParams& p, cudaStream_t stream) {
-  constexpr int bytes = smem_bytes<T, D, MT>();
-  auto kernel = fna_fwd_kernel<T, D, MT, MinCtas>;
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  if (err != cudaSuccess) return err;
-  if (MinCtas != min_ctas_per_sm<D, MT>()) {  // more CTAs than the default: all the shared memory
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                               cudaSharedmemCarveoutMaxShared);
-    if (err != cudaSuccess) return err;
-  }
-  int groups = p.dilation[0] * p.dilation[1] * p.dilation[2];
-  dim3 grid(p.num_q_tiles[0] * p.num_q_tiles[1] * p.num_q_tiles[2], p.heads * groups, p.batch);
-  kernel<<<grid, kThreads, bytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(fna_fwd_kernel<T, D, MT, MinCtas>, q_tile_grid(p), kThreads,
+                       smem_bytes<T, D, MT>(), MinCtas != min_ctas_per_sm<D, MT>(), p, stream);
 }
 
 }  // namespace sm80

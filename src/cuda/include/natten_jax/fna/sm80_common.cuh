@@ -11,7 +11,7 @@
 
 #include "natten_jax/common/fast_exp2.cuh"
 #include "natten_jax/common/warp_mma.cuh"
-#include "natten_jax/fna/tile_coord.cuh"
+#include "natten_jax/neighborhood.cuh"
 
 namespace natten_jax {
 namespace fna {
@@ -54,22 +54,6 @@ __device__ __forceinline__ void next_box(int* o, const int* lo, const int* nbox,
     o[a] += 1 << l[a];
     if (a == 0 || o[a] < lo[a] + (nbox[a] << l[a])) break;
     o[a] = lo[a];
-  }
-}
-
-// How a KV box at origin `o` (extents 2^l per axis) meets one warp's windows: `touch` if it
-// meets their union [wlo, whi) on every axis (and the warp has valid rows), `full` if it lies
-// inside their intersection [wilo, wihi) on every axis (no mask needed).
-__device__ __forceinline__ void box_vs_warp(const int* o, const int* l, const int* wlo,
-                                            const int* whi, const int* wilo, const int* wihi,
-                                            bool warp_active, bool& touch, bool& full) {
-  touch = warp_active;
-  full = true;
-#pragma unroll
-  for (int a = 0; a < 3; ++a) {
-    int box_hi = o[a] + (1 << l[a]);
-    touch = touch && o[a] < whi[a] && box_hi > wlo[a];
-    full = full && o[a] >= wilo[a] && box_hi <= wihi[a];
   }
 }
 

@@ -1,5 +1,5 @@
-// Whether the sm_90a (Hopper) fused kernels can run a call on the current device: one check for
-// the forward and the backward kernels (host code).
+// Whether the sm_90a (Hopper) fused kernels can run on the current device: one check for the
+// forward and the backward kernels (host code).
 #pragma once
 
 #include <string>
@@ -11,19 +11,31 @@
 namespace natten_jax {
 namespace fna {
 
-inline bool sm90_supports_head_dim(int head_dim) { return head_dim == 64 || head_dim == 128; }
+// Lowest code version (e.g. 90: the architecture of the code the runtime picked on this device)
+// of `kernels`, or -1 if one cannot be queried, or -2 if one has static shared memory: the
+// swizzled wgmma layouts need the dynamic shared memory to start at its declared 1024-byte
+// alignment, which static shared memory would shift (a build error, refused here on the host).
+template <typename... Kernel>
+int kernels_code_version(Kernel... kernels) {
+  int version = 1 << 30;
+  for (const void* k : {reinterpret_cast<const void*>(kernels)...}) {
+    cudaFuncAttributes attr{};
+    if (cudaFuncGetAttributes(&attr, k) != cudaSuccess) {
+      cudaGetLastError();  // clear the (non-sticky) error of the query
+      return -1;
+    }
+    if (attr.sharedSizeBytes != 0) return -2;
+    version = attr.binaryVersion < version ? attr.binaryVersion : version;
+  }
+  return version;
+}
 
-// Why `what` (e.g. "the sm90 forward kernel") cannot run head dim `head_dim` here ("" if it can):
-// the head dim, a compute capability 9.0 device, and sm_90a code in the module.
-// `binary_version(head_dim, dtype)` returns the architecture of the code the runtime picked for
-// that instantiation on this device (e.g. 90), or -1.
-template <typename BinaryVersion>
-std::string sm90_unavailable_reason(const char* what, int head_dim, DType dtype,
-                                    BinaryVersion binary_version) {
+// Why `what` (e.g. "the sm90 forward kernel") cannot run here ("" if it can): a compute
+// capability 9.0 device and sm_90a code in the module. `code_version()` is the kernels' code
+// version on this device (kernels_code_version).
+template <typename CodeVersion>
+std::string sm90_unavailable_reason(const char* what, CodeVersion code_version) {
   const std::string w(what);
-  if (!sm90_supports_head_dim(head_dim))
-    return w + ": head_dim must be 64 or 128, got " + std::to_string(head_dim) +
-           " (use impl sm80)";
   int dev = 0, major = 0, minor = 0;
   if (cudaGetDevice(&dev) != cudaSuccess ||
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
@@ -34,9 +46,10 @@ std::string sm90_unavailable_reason(const char* what, int head_dim, DType dtype,
   if (major != 9 || minor != 0)
     return w + " needs a compute capability 9.0 GPU (H100/H200), this device is " +
            std::to_string(major) + "." + std::to_string(minor) + " (use impl sm80)";
-  const int bin = binary_version(head_dim, dtype);
+  const int bin = code_version();
+  if (bin == -2) return w + ": a kernel has static shared memory (a natten_jax build error)";
   if (bin != 90)
-    return "natten_jax was built without sm_90a code for " + w + " (binary version " +
+    return "natten_jax was built without sm_90a code for " + w + " (code version " +
            std::to_string(bin) + "); rebuild with NATTEN_JAX_CUDA_ARCHS including 90a";
   return "";
 }

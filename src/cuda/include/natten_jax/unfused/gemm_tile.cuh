@@ -9,7 +9,9 @@
 // table of their coordinates and windows) go to shared memory, and each warp computes the
 // dense (16 rows x 64 columns) product block on tensor cores, skipping 8-column groups that lie
 // outside its own rows' column box. Attention weights move between the dense block and the
-// [tokens, kernel volume] layout through a per-element neighbor test (neighbor_j).
+// [tokens, kernel volume] layout through a per-element neighbor test (neighbor_j). Windows,
+// their unions and the inverse neighborhood come from the neighborhood policy
+// (natten_jax/neighborhood.cuh) of the CTA's dilation group.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -48,83 +50,63 @@ struct Entry {
 // Where a CTA works.
 struct Cta {
   int b, head, cb;  // batch, head of the row operand, output feature block
-  int g[3];         // dilation group
-  int glen[3];      // its extents
+  Neighborhood nb;  // the window rules of its dilation group (nb.glen: the group's extents)
   int r0[3];        // row tile origin (in-group)
   int blo[3];       // column box origin and extents (in-group)
   int bext[3];
   int nbox;
 };
 
-// Columns [lo, hi) on one axis that rows [first, last] pair with.
-__device__ __forceinline__ void column_range(const UnfusedParams& p, int a, int glen,
-                                             bool rows_are_queries, int first, int last, int* lo,
-                                             int* hi) {
-  const bool c = p.causal[a] != 0;
-  if (rows_are_queries) {
-    *lo = window_start(first, p.kernel[a], 1, glen, c);
-    const int s = window_start(last, p.kernel[a], 1, glen, c);
-    *hi = window_end(last, s, p.kernel[a], c);
-  } else {
-    inverse_range(first, last, p.kernel[a], glen, c, lo, hi);
-  }
+// Columns on axis a that rows [first, last] pair with: the union of the rows' windows (rows are
+// queries) or the queries whose windows meet the rows (rows are keys: the inverse neighborhood).
+__device__ __forceinline__ Interval column_range(const Neighborhood& nb, int a,
+                                                 bool rows_are_queries, int first, int last) {
+  return rows_are_queries ? nb.window_union(a, first, last) : nb.inverse(a, first, last);
 }
 
 // Decodes blockIdx (x: row tile, y: head * groups + group, z: batch * col_blocks + block).
 // Returns false when the tile lies outside this dilation group (groups may be one shorter).
 __device__ __forceinline__ bool decode_cta(const GemmParams& gp, bool rows_are_queries, Cta& c) {
-  const UnfusedParams& p = gp.p;
-  int t = blockIdx.x;
-#pragma unroll
-  for (int a = 2; a >= 0; --a) {
-    c.r0[a] = (t % gp.num_tiles[a]) << gp.tile_log2[a];
-    t /= gp.num_tiles[a];
-  }
-  int grp = blockIdx.y % gp.groups;
+  tile_origin(blockIdx.x, gp.num_tiles, gp.tile_log2, c.r0);
+  c.nb = group_neighborhood(gp.p, blockIdx.y % gp.groups);
   c.head = blockIdx.y / gp.groups;
-#pragma unroll
-  for (int a = 2; a >= 0; --a) {
-    c.g[a] = grp % p.dilation[a];
-    grp /= p.dilation[a];
-  }
   c.b = blockIdx.z / gp.col_blocks;
   c.cb = blockIdx.z % gp.col_blocks;
   c.nbox = 1;
 #pragma unroll
   for (int a = 0; a < 3; ++a) {
-    c.glen[a] = group_extent(p.extent[a], p.dilation[a], c.g[a]);
-    if (c.r0[a] >= c.glen[a]) return false;
-    const int last = min(c.r0[a] + (1 << gp.tile_log2[a]), c.glen[a]) - 1;
-    int lo, hi;
-    column_range(p, a, c.glen[a], rows_are_queries, c.r0[a], last, &lo, &hi);
-    c.blo[a] = lo;
-    c.bext[a] = hi - lo;
-    c.nbox *= hi - lo;
+    if (c.r0[a] >= c.nb.glen[a]) return false;
+    const Interval cols = column_range(c.nb, a, rows_are_queries, c.r0[a],
+                                       c.nb.tile_last(a, c.r0[a], gp.tile_log2[a]));
+    c.blo[a] = cols.lo;
+    c.bext[a] = cols.hi - cols.lo;
+    c.nbox *= cols.hi - cols.lo;
   }
   return true;
 }
 
 __device__ __forceinline__ void make_entry(const UnfusedParams& p, const Cta& c, const int* i,
                                            bool active, Entry& e) {
-  e.tok = active ? token_index(p, c.g, i) : -1;
+  e.tok = active ? token_index(p, c.nb, i) : -1;
 #pragma unroll
   for (int a = 0; a < 3; ++a) {
     e.i[a] = i[a];
-    const bool causal = p.causal[a] != 0;
-    const int s = active ? window_start(i[a], p.kernel[a], 1, c.glen[a], causal) : 0;
-    e.start[a] = s;
-    e.len[a] = active ? window_end(i[a], s, p.kernel[a], causal) - s : 0;
+    const Interval w = c.nb.window(a, i[a]);
+    e.start[a] = active ? w.lo : 0;
+    e.len[a] = active ? w.hi - w.lo : 0;
   }
 }
 
 // Entry of row r of the tile.
 __device__ __forceinline__ void row_entry(const GemmParams& gp, const Cta& c, int r, Entry& e) {
-  const int* l = gp.tile_log2;
   int i[3];
-  i[2] = c.r0[2] + (r & ((1 << l[2]) - 1));
-  i[1] = c.r0[1] + ((r >> l[2]) & ((1 << l[1]) - 1));
-  i[0] = c.r0[0] + (r >> (l[1] + l[2]));
-  const bool active = i[0] < c.glen[0] && i[1] < c.glen[1] && i[2] < c.glen[2];
+  tile_coord(r, gp.tile_log2, i);
+  bool active = true;
+#pragma unroll
+  for (int a = 0; a < 3; ++a) {
+    i[a] += c.r0[a];
+    active = active && i[a] < c.nb.glen[a];
+  }
   make_entry(gp.p, c, i, active, e);
 }
 
@@ -147,49 +129,45 @@ __device__ __forceinline__ int neighbor_j(const UnfusedParams& p, const int* qs,
 #pragma unroll
   for (int a = 0; a < 3; ++a) {
     const int ja = ki[a] - qs[a];
-    if (static_cast<unsigned>(ja) >= static_cast<unsigned>(ql[a])) return -1;
+    if (!offset_in_window(ja, ql[a])) return -1;
     j = j * p.kernel[a] + ja;
   }
   return j;
 }
 
-// The column box [lo, hi) of one warp's rows (16 consecutive rows form a sub-box of the tile);
-// active = false when all of its rows lie outside the group.
+// The column box [lo, lo + len) of one warp's rows (16 consecutive rows form a sub-box of the
+// tile); active = false when all of its rows lie outside the group.
 struct WarpCols {
   bool active;
-  int lo[3], hi[3];
+  int lo[3], len[3];
 };
 
 __device__ __forceinline__ WarpCols warp_columns(const GemmParams& gp, const Cta& c,
                                                  bool rows_are_queries, int warp) {
   WarpCols w;
   w.active = true;
-  const int* l = gp.tile_log2;
-  const int rf = warp * 16, rl = warp * 16 + 15;
   int cf[3], cl[3];
-  cf[2] = rf & ((1 << l[2]) - 1);
-  cf[1] = (rf >> l[2]) & ((1 << l[1]) - 1);
-  cf[0] = rf >> (l[1] + l[2]);
-  cl[2] = rl & ((1 << l[2]) - 1);
-  cl[1] = (rl >> l[2]) & ((1 << l[1]) - 1);
-  cl[0] = rl >> (l[1] + l[2]);
+  tile_coord(warp * 16, gp.tile_log2, cf);
+  tile_coord(warp * 16 + 15, gp.tile_log2, cl);
 #pragma unroll
   for (int a = 0; a < 3; ++a) {
     const int first = c.r0[a] + cf[a];
-    const int last = min(c.r0[a] + cl[a], c.glen[a] - 1);
+    const int last = min(c.r0[a] + cl[a], c.nb.glen[a] - 1);
     if (first > last) {
       w.active = false;
-      w.lo[a] = w.hi[a] = 0;
+      w.lo[a] = w.len[a] = 0;
       continue;
     }
-    column_range(gp.p, a, c.glen[a], rows_are_queries, first, last, &w.lo[a], &w.hi[a]);
+    const Interval cols = column_range(c.nb, a, rows_are_queries, first, last);
+    w.lo[a] = cols.lo;
+    w.len[a] = cols.hi - cols.lo;
   }
   return w;
 }
 
 __device__ __forceinline__ bool column_relevant(const WarpCols& w, const Entry& e) {
-  return e.tok >= 0 && e.i[0] >= w.lo[0] && e.i[0] < w.hi[0] && e.i[1] >= w.lo[1] &&
-         e.i[1] < w.hi[1] && e.i[2] >= w.lo[2] && e.i[2] < w.hi[2];
+  return e.tok >= 0 && in_window(e.i[0], w.lo[0], w.len[0]) &&
+         in_window(e.i[1], w.lo[1], w.len[1]) && in_window(e.i[2], w.lo[2], w.len[2]);
 }
 
 // Bit q (0..7) set: some column 8q..8q+7 of the chunk lies in the warp's column box.
@@ -234,8 +212,10 @@ __device__ __forceinline__ void load_rows(T* s, int pitch, const Entry* ents, in
   }
 }
 
-// Host: row tile shape (log2 extents, sum 6) minimising the columns walked over all tiles.
+// Host: row tile shape (log2 extents, sum 6) minimising the columns walked over all tiles (cost
+// model: a tile of t rows pairs with about t + k - 1 columns per axis).
 inline void choose_row_tile(const UnfusedParams& p, int* l2) {
+  const Neighborhood n0 = group_neighborhood(p, 0);  // group 0 is the longest
   long long best = -1;
   for (int l0 = 0; l0 <= 6; ++l0) {
     for (int l1 = 0; l0 + l1 <= 6; ++l1) {
@@ -243,10 +223,10 @@ inline void choose_row_tile(const UnfusedParams& p, int* l2) {
       long long tiles = 1, box = 1;
       bool skip = false;
       for (int a = 0; a < 3; ++a) {
-        const int glen = group_extent(p.extent[a], p.dilation[a], 0);
+        const int glen = n0.glen[a];
         if (glen == 1 && l[a] > 0) skip = true;  // a tile longer than its axis idles rows
         const int t = 1 << l[a];
-        tiles *= (glen + t - 1) / t;
+        tiles *= tiles_covering(glen, l[a]);
         const int b = t + p.kernel[a] - 1;
         box *= b < glen ? b : glen;
       }
@@ -270,12 +250,11 @@ inline void choose_row_tile(const UnfusedParams& p, int* l2) {
 inline dim3 tile_grid(GemmParams& gp, int row_heads) {
   const UnfusedParams& p = gp.p;
   choose_row_tile(p, gp.tile_log2);
+  const Neighborhood n0 = group_neighborhood(p, 0);  // group 0 is the longest
   long long tiles = 1;
   gp.groups = 1;
   for (int a = 0; a < 3; ++a) {
-    const int glen = group_extent(p.extent[a], p.dilation[a], 0);
-    const int t = 1 << gp.tile_log2[a];
-    gp.num_tiles[a] = (glen + t - 1) / t;
+    gp.num_tiles[a] = tiles_covering(n0.glen[a], gp.tile_log2[a]);
     tiles *= gp.num_tiles[a];
     gp.groups *= p.dilation[a];
   }

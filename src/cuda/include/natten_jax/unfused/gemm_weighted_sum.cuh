@@ -15,6 +15,7 @@
 #include <type_traits>
 
 #include "natten_jax/unfused/gemm_tile.cuh"
+#include "natten_jax/unfused/launch_utils.cuh"
 #include "natten_jax/unfused/warp_mma.cuh"
 
 namespace natten_jax {
@@ -72,7 +73,7 @@ __global__ void __launch_bounds__(kThreads)
   Cta c;
   if (!decode_cta(gp, !kInverse, c)) return;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int T_ = p.extent[0] * p.extent[1] * p.extent[2];
+  const int T_ = num_tokens(p);
   const int H = p.heads, Hkv = p.heads_kv, C = p.dim;
   const int G = H / Hkv;
   const int col0 = c.cb * kOutCols;
@@ -213,6 +214,14 @@ cudaError_t launch_weighted_sum(const UnfusedParams& p, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   gemm_weighted_sum_kernel<T, kInverse><<<grid, kThreads, smem, stream>>>(gp);
   return cudaGetLastError();
+}
+
+// The NN (kInverse = false) or IN (true) kernel for `dtype`.
+template <bool kInverse>
+cudaError_t weighted_sum(const UnfusedParams& p, DType dtype, cudaStream_t stream) {
+  return dispatch_dtype(dtype, [&](auto t) {
+    return launch_weighted_sum<decltype(t), kInverse>(p, stream);
+  });
 }
 
 }  // namespace gemm

@@ -1,0 +1,72 @@
+// The fused kernels this module is built with: ONE table, read by the dispatchers
+// (src/cuda/fna/*.cu: which template instantiations exist and how a call picks one), by the FFI
+// handlers' argument checks (ffi/fna.cc: a combination without a kernel is an InvalidArgument
+// that names it, before anything is launched) and by Python (natten_jax._C.fused_kernels(),
+// which tests compare with natten_jax.tiles).
+//
+// Every kernel takes 64-key KV boxes / tiles; the forward takes Q tiles of 64 or 128 queries,
+// the backward 64. dtypes: float16 and bfloat16 everywhere.
+#pragma once
+
+#include <string>
+
+// Head dims of each implementation (X(head_dim) per entry).
+#define NJ_FNA_SM80_HEAD_DIMS(X) X(32) X(64) X(128)
+#define NJ_FNA_SM90_HEAD_DIMS(X) X(64) X(128)
+// CTAs per SM the sm80 forward at head dim 32 with 64-query tiles can aim at, besides its
+// default of 4 (X(occupancy) per variant; FusedConfig.sm80_occupancy picks one).
+#define NJ_FNA_SM80_OCCUPANCY_VARIANTS(X) X(5) X(6)
+
+namespace natten_jax {
+namespace fna {
+
+enum class Impl : int { kSm80 = 0, kSm90 = 1 };  // the FFI attribute `impl`
+
+constexpr int kKvTileTokens = 64;
+constexpr int kDefaultSm80Occupancy = 4;
+
+inline bool head_dim_built(Impl impl, int head_dim) {
+#define NJ_IS(D) head_dim == D ||
+  return impl == Impl::kSm80 ? (NJ_FNA_SM80_HEAD_DIMS(NJ_IS) false)
+                             : (NJ_FNA_SM90_HEAD_DIMS(NJ_IS) false);
+#undef NJ_IS
+}
+
+inline std::string head_dims_built(Impl impl) {
+  std::string s;
+#define NJ_LIST(D) s += (s.empty() ? "" : ", ") + std::to_string(D);
+  if (impl == Impl::kSm80) {
+    NJ_FNA_SM80_HEAD_DIMS(NJ_LIST)
+  } else {
+    NJ_FNA_SM90_HEAD_DIMS(NJ_LIST)
+  }
+#undef NJ_LIST
+  return s;
+}
+
+// Why no kernel of this module runs the call ("" if one does): direction, implementation, head
+// dim, tokens per Q tile and per KV tile, and the requested sm80 forward occupancy (0: default;
+// it only selects a variant at head dim 32 with 64-query tiles and is ignored elsewhere).
+inline std::string fna_kernel_unsupported(bool backward, Impl impl, int head_dim, int q_tokens,
+                                          int kv_tokens, int occupancy) {
+  const char* name = impl == Impl::kSm80 ? "sm80" : "sm90";
+  const std::string dir = backward ? "backward" : "forward";
+  if (!head_dim_built(impl, head_dim))
+    return "no " + std::string(name) + " " + dir + " kernel for head_dim " +
+           std::to_string(head_dim) + " (built: " + head_dims_built(impl) + ")";
+  if (kv_tokens != kKvTileTokens)
+    return "kv_tile must hold 64 tokens, got " + std::to_string(kv_tokens);
+  if (backward ? q_tokens != 64 : (q_tokens != 64 && q_tokens != 128))
+    return "q_tile must hold " + std::string(backward ? "64" : "64 or 128") + " tokens, got " +
+           std::to_string(q_tokens);
+  bool occ_ok = occupancy == 0 || occupancy == kDefaultSm80Occupancy;
+#define NJ_OCC(N) occ_ok = occ_ok || occupancy == N;
+  NJ_FNA_SM80_OCCUPANCY_VARIANTS(NJ_OCC)
+#undef NJ_OCC
+  if (!occ_ok)
+    return "sm80_occupancy must be 0 (default), 4, 5 or 6, got " + std::to_string(occupancy);
+  return "";
+}
+
+}  // namespace fna
+}  // namespace natten_jax
