@@ -5,8 +5,8 @@ see :mod:`natten_jax.tiles`). By default the shape comes from the cost model of
 :func:`natten_jax.tiles.choose_tiles`. The auto-tuner times candidate shapes on the device
 instead and remembers the fastest one per problem.
 
-Modes, from the ``mode`` argument of :func:`select_tiles` or else the environment variable
-``NATTEN_JAX_AUTOTUNE`` (read at every call, i.e. whenever a function is traced):
+Modes, from the ``mode`` argument of :func:`select_tiles` or else the problem's configuration
+(``p.config.autotune``, :class:`natten_jax.config.FusedConfig`):
 
 * ``off`` (default): the cost model's choice, nothing is timed and no file is touched;
 * ``on``: time the :data:`TOP_K` best candidates by the cost model (the model's own choice
@@ -21,14 +21,18 @@ partitions the work: every shape computes the same attention, masked exactly, so
 changes results beyond floating-point reassociation (the order in which the online softmax
 accumulates KV boxes).
 
-Forward kernel implementation (``NATTEN_JAX_FNA_IMPL``, see :mod:`natten_jax.tiles`): tiles are
-tuned per implementation (the sm90 kernel's entries are keyed with ``impl=sm90``);
-:func:`select_config` also picks the implementation, timing both when the setting is ``auto``
-and tuning is on.
+This module times nothing itself: the caller passes a ``timer(p, tiles, backward, impl=...)
+-> seconds`` (the fused backend passes :func:`natten_jax.backends.fused.time_kernel`, built on
+:func:`random_operands` and :func:`measure` here), so it does not import the backend.
 
-Winners are stored in ``$NATTEN_JAX_CACHE_DIR/autotune-v1.json`` (default
-``~/.cache/natten_jax``), keyed by the device kind, dtype, shapes, window parameters, direction
-and the natten_jax version (:func:`problem_key`). The file is read once per process (then kept in
+Kernel implementations (``FusedConfig.forward_impl`` / ``backward_impl``): tiles are tuned per
+implementation (each entry is keyed with its ``impl``); :func:`select_config` also picks the
+forward implementation, timing both when the setting is ``auto`` and tuning is on.
+
+Winners are stored in ``<cache_dir>/autotune-v1.json`` (``FusedConfig.cache_dir``, default
+``~/.cache/natten_jax``), keyed by the device kind, dtype, shapes, window parameters, direction,
+the configuration fields that change which kernel runs (implementation, Q tile, occupancy) and
+the natten_jax version (:func:`problem_key`). The file is read once per process (then kept in
 memory) and written atomically (a temporary file in the same directory, then ``os.replace``),
 merging with what other processes wrote in the meantime. Processes that need the same key at
 the same time serialise on an exclusive ``fcntl`` lock: the first one tunes, the others wait and
@@ -37,11 +41,9 @@ counts as empty; a cache that cannot be written gives a warning and the winner l
 only. Tuning failures never stop the program: a candidate whose timing fails is skipped, and if
 none can be timed the cost model's choice is used.
 """
-
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import math
@@ -60,10 +62,9 @@ except ImportError:  # pragma: no cover
 
 from natten_jax import tiles
 from natten_jax.checks import NAProblem
+from natten_jax.config import AUTOTUNE_MODES as MODES
+from natten_jax.config import FusedConfig, default_config
 
-MODE_ENV = "NATTEN_JAX_AUTOTUNE"
-CACHE_DIR_ENV = "NATTEN_JAX_CACHE_DIR"
-MODES = ("off", "on", "thorough")
 CACHE_FILE = "autotune-v1.json"
 CACHE_FORMAT = 1
 TOP_K = 6  # candidates timed in mode "on"
@@ -73,7 +74,8 @@ TOP_K = 6  # candidates timed in mode "on"
 TUNE_MARGIN = 0.02
 
 Tiles = Tuple[Tuple[int, ...], Tuple[int, ...]]
-Timer = Callable[[NAProblem, Tiles, bool], float]
+# timer(p, tiles, backward, impl=kernel) -> seconds per call of that kernel with those tiles
+Timer = Callable[..., float]
 
 _MODE_RANK = {"on": 1, "thorough": 2}  # an entry tuned in a mode serves that mode and below
 
@@ -91,17 +93,13 @@ _timing_log: List[dict] = []
 # Mode, key, candidates
 
 
-def resolve_mode(mode: Optional[str] = None) -> str:
-    """``mode`` if given, else ``$NATTEN_JAX_AUTOTUNE`` (default ``off``); validated."""
-    if mode is not None:
-        m = str(mode).strip().lower()
-        if m not in MODES:
-            raise ValueError(f"autotune `mode` must be one of {MODES}, got {mode!r}")
-        return m
-    raw = os.environ.get(MODE_ENV, "")
-    m = raw.strip().lower() or "off"
+def resolve_mode(p: NAProblem, mode: Optional[str] = None) -> str:
+    """``mode`` if given (validated), else ``p.config.autotune``."""
+    if mode is None:
+        return p.config.autotune
+    m = str(mode).strip().lower()
     if m not in MODES:
-        raise ValueError(f"{MODE_ENV} must be one of {MODES} (or unset), got {raw!r}")
+        raise ValueError(f"autotune `mode` must be one of {MODES}, got {mode!r}")
     return m
 
 
@@ -120,10 +118,14 @@ def _axes(xs) -> str:
 
 
 def problem_key(p: NAProblem, backward: bool = False, *, device: Optional[str] = None,
-                impl: str = "sm80") -> str:
-    """Stable string naming everything the fastest tile shape may depend on."""
+                impl: Optional[str] = None) -> str:
+    """Stable string naming everything the fastest tile shape may depend on: the device, the
+    problem, the direction, the kernel (``impl``; None: the one ``p.config`` selects) and the
+    configuration fields that change the kernel or its candidates (``q_tile`` and
+    ``sm80_occupancy`` of the forward, where set)."""
     import natten_jax
 
+    impl = _impl(p, backward, impl)
     parts = [
         f"device={device if device is not None else device_kind()}",
         f"dtype={p.dtype}",
@@ -139,34 +141,45 @@ def problem_key(p: NAProblem, backward: bool = False, *, device: Optional[str] =
         f"heads_kv={p.heads_kv}",
         f"batch={p.batch}",
         f"natten_jax={natten_jax.__version__}",
+        f"impl={impl}",
     ]
-    if not backward and _q_sizes(False) != tuple(tiles.Q_TILE_LOG2):
-        # NATTEN_JAX_FNA_Q_TILE restricts the candidates: a separate entry
-        parts.append(f"q_tile_log2={_axes(_q_sizes(False))}")
-    if impl != "sm80":  # sm90 hook: the other kernel (forward or backward), its own entries
-        parts.append(f"impl={impl}")
+    if not backward and p.config.q_tile is not None:  # restricts the candidates
+        parts.append(f"q_tile={p.config.q_tile}")
+    if not backward and impl == "sm80" and p.config.sm80_occupancy is not None:
+        parts.append(f"sm80_occupancy={p.config.sm80_occupancy}")
     return "|".join(parts)
 
 
-def _q_sizes(backward: bool) -> Tuple[int, ...]:
+def _impl(p: NAProblem, backward: bool, impl: Optional[str]) -> str:
+    """``impl``, or the kernel ``p.config`` selects for this direction."""
+    if impl is not None:
+        if impl not in tiles.IMPLS:
+            raise ValueError(f"`impl` must be None or one of {tiles.IMPLS}, got {impl!r}")
+        return impl
+    return bwd_impl(p.head_dim, p.config) if backward else resolve_impl(p)
+
+
+def _q_sizes(p: NAProblem, backward: bool) -> Tuple[int, ...]:
     """Log2 Q tile sizes the kernel accepts: forward 64 or 128 tokens (as restricted by
-    NATTEN_JAX_FNA_Q_TILE), backward 64."""
-    return (tiles.Q_TILE_LOG2[0],) if backward else tuple(tiles._q_tile_sizes())
+    ``p.config.q_tile``), backward 64."""
+    return (tiles.Q_TILE_LOG2[0],) if backward else tiles.q_tile_sizes(p.config.q_tile)
 
 
 def _heuristic(p: NAProblem, backward: bool, impl: str = "sm80") -> Tiles:
     qt, kt = tiles.choose_tiles(p.spatial, p.kernel_size, p.stride, p.dilation, p.is_causal,
-                                p.head_dim, backward=backward, impl=impl)
+                                p.head_dim, backward=backward, impl=impl, q_tile=p.config.q_tile)
     return tuple(qt), tuple(kt)
 
 
 def candidates(p: NAProblem, backward: bool = False, mode: str = "thorough",
-               top_k: int = TOP_K, impl: str = "sm80") -> List[Tiles]:
+               top_k: int = TOP_K, impl: Optional[str] = None) -> List[Tiles]:
     """Legal (q_tile, kv_tile) log2 shapes, best first by the cost model (visited pairs x the
-    per-pair cost of the Q tile size; ties as in ``choose_tiles``). Mode ``on``: the first
-    ``top_k``, always including the cost model's choice; ``thorough``: all of them."""
+    per-pair cost of the Q tile size of kernel ``impl``, None: the one ``p.config`` selects;
+    ties as in ``choose_tiles``). Mode ``on``: the first ``top_k``, always including the cost
+    model's choice; ``thorough``: all of them."""
+    impl = _impl(p, backward, impl)
     ranked = []
-    for qn in _q_sizes(backward):
+    for qn in _q_sizes(p, backward):
         for qt in tiles._candidates(p.rank, qn):
             for kt in tiles._candidates(p.rank, tiles.KV_TILE_LOG2):
                 pairs = tiles.visited_pairs(tuple(p.spatial), tuple(p.kernel_size),
@@ -195,7 +208,7 @@ def _legal(p: NAProblem, backward: bool, t) -> Optional[Tiles]:
         return None
     if len(qt) != p.rank or len(kt) != p.rank or min(qt + kt) < 0:
         return None
-    if sum(qt) not in _q_sizes(backward) or sum(kt) != tiles.KV_TILE_LOG2:
+    if sum(qt) not in _q_sizes(p, backward) or sum(kt) != tiles.KV_TILE_LOG2:
         return None
     return qt, kt
 
@@ -204,13 +217,16 @@ def _legal(p: NAProblem, backward: bool, t) -> Optional[Tiles]:
 # Cache file
 
 
-def cache_dir() -> str:
-    d = os.environ.get(CACHE_DIR_ENV, "").strip()
+def cache_dir(config: Optional[FusedConfig] = None) -> str:
+    """The cache directory of ``config`` (None: :func:`natten_jax.config.default_config`):
+    its ``cache_dir``, else ``~/.cache/natten_jax``; absolute, ``~`` expanded."""
+    d = (config if config is not None else default_config()).cache_dir
     return os.path.abspath(os.path.expanduser(d or os.path.join("~", ".cache", "natten_jax")))
 
 
-def cache_path() -> str:
-    return os.path.join(cache_dir(), CACHE_FILE)
+def cache_path(config: Optional[FusedConfig] = None) -> str:
+    """The cache file of ``config`` (None: :func:`natten_jax.config.default_config`)."""
+    return os.path.join(cache_dir(config), CACHE_FILE)
 
 
 def clear_memory_cache() -> None:
@@ -335,21 +351,25 @@ def _usable(p: NAProblem, backward: bool, entry: Optional[dict], mode: str) -> O
 
 
 def select_tiles(p: NAProblem, *, backward: bool = False, mode: Optional[str] = None,
-                 timer: Optional[Timer] = None, top_k: int = TOP_K, impl: str = "sm80") -> Tiles:
+                 timer: Optional[Timer] = None, top_k: int = TOP_K,
+                 impl: Optional[str] = None) -> Tiles:
     """(q_tile, kv_tile) log2 extents per axis for the fused kernel on ``p``.
 
-    Mode ``off``: :func:`natten_jax.tiles.choose_tiles`. Otherwise the cached winner for
-    :func:`problem_key`, tuning now (see the module docstring) if there is none.
-    ``timer(p, tiles, backward) -> seconds`` times one candidate (default :func:`default_timer`).
-    ``impl``: the kernel the tiles are for (``sm80`` or ``sm90``; forward or backward, as
-    ``backward`` says); sm90 entries are cached apart from sm80's.
+    ``mode`` (None: ``p.config.autotune``) ``off``: :func:`natten_jax.tiles.choose_tiles`.
+    Otherwise the cached winner for :func:`problem_key` in ``p.config``'s cache directory,
+    tuning now (see the module docstring) if there is none: ``timer(p, tiles, backward,
+    impl=impl) -> seconds`` times one candidate (required then). ``impl``: the kernel the tiles
+    are for (``sm80`` or ``sm90``; forward or backward, as ``backward`` says; None: the one
+    ``p.config`` selects); sm90 entries are cached apart from sm80's.
     """
-    mode = resolve_mode(mode)
+    mode = resolve_mode(p, mode)
+    impl = _impl(p, backward, impl)
     if mode == "off":
         return _heuristic(p, backward, impl)
-    if timer is None:  # time the kernel the entry is for, whatever the environment selects
-        timer = functools.partial(default_timer, impl=impl)
-    path = cache_path()
+    if timer is None:
+        raise TypeError(f"select_tiles: autotune mode {mode!r} times candidates and needs a "
+                        f"`timer` (natten_jax.backends.fused.time_kernel times the kernels)")
+    path = cache_path(p.config)
     key = problem_key(p, backward, impl=impl)
     entry = _memory_for(path).get(key)
     if entry is not None and entry.get("failed"):  # nothing could be timed in this process
@@ -370,7 +390,7 @@ def select_tiles(p: NAProblem, *, backward: bool = False, mode: Optional[str] = 
                 mem[key] = disk
         if got is not None:
             return got
-        entry = _tune(p, backward, mode, timer or default_timer, top_k, impl)
+        entry = _tune(p, backward, mode, timer, top_k, impl)
         mem[key] = entry
         if entry.get("failed"):
             return _heuristic(p, backward, impl)
@@ -388,7 +408,7 @@ def _pick(times: Dict, preferred, order: Callable):
 
 
 def _tune(p: NAProblem, backward: bool, mode: str, timer: Timer, top_k: int,
-          impl: str = "sm80") -> dict:
+          impl: str) -> dict:
     cands = candidates(p, backward, mode, top_k, impl)
     heuristic = _heuristic(p, backward, impl)
     times: Dict[Tiles, float] = {}
@@ -397,7 +417,7 @@ def _tune(p: NAProblem, backward: bool, mode: str, timer: Timer, top_k: int,
         for t in cands:
             _note_timed(p, backward, mode, t, impl)
             try:
-                s = float(timer(p, t, backward))
+                s = float(timer(p, t, backward, impl=impl))
             except Exception as e:  # noqa: BLE001 (a failed candidate must not stop the program)
                 failures.append(f"{t}: {type(e).__name__}: {e}")
                 continue
@@ -427,7 +447,8 @@ def _tune(p: NAProblem, backward: bool, mode: str, timer: Timer, top_k: int,
 
 
 # ----------------------------------------------------------------------------------------------
-# Default timer: the real kernels on the device
+# Timing harness: fresh operands and a timing loop (the kernels are the caller's, see
+# natten_jax.backends.fused.time_kernel)
 
 
 _inputs_lock = threading.Lock()
@@ -439,15 +460,17 @@ def _release_inputs() -> None:
         _inputs.clear()
 
 
-def _random_operands(p: NAProblem, backward: bool):
+def random_operands(p: NAProblem, backward: bool, forward: Optional[Callable] = None):
     """Concrete device arrays of ``p``'s shapes: normal(0, 1) Q, K, V (and dO), never zero
-    arrays; the backward also gets O and LSE from the forward kernel and delta = rowsum(dO*O).
-    Reused across the candidates of one tuning run."""
+    arrays; the backward also gets O and LSE from ``forward(q, k, v) -> (out, lse)`` (the
+    kernel's forward; required when ``backward``) and delta = rowsum(dO * O). Reused across
+    the candidates of one tuning run (released when it ends). Call it under
+    ``jax.ensure_compile_time_eval()`` at trace time."""
     import jax
     import jax.numpy as jnp
 
-    from natten_jax.backends import fused
-
+    if backward and forward is None:
+        raise TypeError("random_operands: the backward's operands need `forward`")
     tag = repr((p, backward))
     with _inputs_lock:
         if _inputs.get("tag") == tag:
@@ -463,9 +486,7 @@ def _random_operands(p: NAProblem, backward: bool):
                      static_argnums=1)
     q, k, v = normal(keys[0], q_shape), normal(keys[1], k_shape), normal(keys[2], v_shape)
     if backward:
-        fwd_tiles = _heuristic(p, False)  # explicit tiles: no recursion into the tuner
-        out, lse = jax.jit(lambda q, k, v: fused._forward_call(p, q, k, v, tiles=fwd_tiles))(
-            q, k, v)
+        out, lse = jax.jit(forward)(q, k, v)
         dout = normal(keys[3], q_shape)
         delta = jax.jit(lambda d, o: jnp.sum(d.astype(jnp.float32) * o.astype(jnp.float32),
                                              axis=-1))(dout, out)
@@ -478,42 +499,29 @@ def _random_operands(p: NAProblem, backward: bool):
     return args
 
 
-def default_timer(p: NAProblem, t: Tiles, backward: bool, *, reps: int = 5,
-                  target_s: float = 0.01, impl: Optional[str] = None) -> float:
-    """Seconds per call of the fused forward (or backward) kernel with tiles ``t`` on ``p``:
-    one compile-and-run warm-up, one sizing run, then the median of ``reps`` timed batches of
-    back-to-back calls (about ``target_s`` each) ended by ``block_until_ready``.
-
-    Called at trace time: evaluation is forced eager (``jax.ensure_compile_time_eval``) and the
-    operands are fresh random device arrays, never the traced ones.
-    """
+def measure(fn: Callable, args, *, reps: int = 5, target_s: float = 0.01) -> float:
+    """Seconds per call of ``fn(*args)``: one compile-and-run warm-up, one sizing run, then the
+    median of ``reps`` timed batches of back-to-back calls (about ``target_s`` each) ended by
+    ``block_until_ready``."""
     import jax
 
-    from natten_jax.backends import fused
-
-    with jax.ensure_compile_time_eval():
-        args = _random_operands(p, backward)
-        if backward:
-            fn = jax.jit(lambda *a: fused._backward_call(p, *a, tiles=t, impl=impl))
-        else:
-            fn = jax.jit(lambda q, k, v: fused._forward_call(p, q, k, v, tiles=t, impl=impl))
-        jax.block_until_ready(fn(*args))  # compile + first run
+    jax.block_until_ready(fn(*args))  # compile + first run
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    one = max(time.perf_counter() - t0, 1e-6)
+    n = max(1, min(100, int(target_s / one)))
+    samples = []
+    for _ in range(max(1, reps)):
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        one = max(time.perf_counter() - t0, 1e-6)
-        n = max(1, min(100, int(target_s / one)))
-        samples = []
-        for _ in range(max(1, reps)):
-            t0 = time.perf_counter()
-            for _ in range(n):
-                out = fn(*args)
-            jax.block_until_ready(out)
-            samples.append((time.perf_counter() - t0) / n)
+        for _ in range(n):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t0) / n)
     return statistics.median(samples)
 
 
 # ----------------------------------------------------------------------------------------------
-# Forward kernel implementation (sm90 hook)
+# Kernel implementation (sm90 hook)
 
 
 def hopper_device() -> bool:
@@ -535,10 +543,10 @@ def sm90_runs() -> bool:
     return hopper_device() and any(a.startswith("90a") for a in _ffi.cuda_compiled_archs())
 
 
-def impl_candidates(head_dim: int) -> Tuple[str, ...]:
-    """Forward kernels ``$NATTEN_JAX_FNA_IMPL`` allows at ``head_dim`` (sm90 only for its head
+def impl_candidates(head_dim: int, config: FusedConfig) -> Tuple[str, ...]:
+    """Forward kernels ``config.forward_impl`` allows at ``head_dim`` (sm90 only for its head
     dims; under ``auto`` only where :func:`sm90_runs`)."""
-    setting = tiles.impl_setting()
+    setting = config.forward_impl
     sm90 = tiles.impl_supports("sm90", head_dim)
     if setting == "sm90":
         return ("sm90",) if sm90 else ("sm80",)
@@ -547,11 +555,11 @@ def impl_candidates(head_dim: int) -> Tuple[str, ...]:
     return ("sm80",)
 
 
-def bwd_impl(head_dim: int) -> str:
-    """The backward kernels ``$NATTEN_JAX_FNA_BWD_IMPL`` selects at ``head_dim``: sm90 where the
+def bwd_impl(head_dim: int, config: FusedConfig) -> str:
+    """The backward kernels ``config.backward_impl`` selects at ``head_dim``: sm90 where the
     setting is ``sm90``, or ``auto`` and :func:`sm90_runs`, and sm90 has the head dim; else sm80.
     (No cost model or timing: where both run, the sm90 kernels measured 2.0-2.6x faster.)"""
-    s = tiles.bwd_impl_setting()
+    s = config.backward_impl
     if tiles.impl_supports("sm90", head_dim) and (s == "sm90" or (s == "auto" and sm90_runs())):
         return "sm90"
     return "sm80"
@@ -564,9 +572,9 @@ def _modelled_cost(p: NAProblem, impl: str, t: Tiles) -> float:
 
 
 def resolve_impl(p: NAProblem) -> str:
-    """The forward kernel for ``p`` when the tiles are given: the cost model's choice among
-    :func:`impl_candidates` (nothing is timed)."""
-    impls = impl_candidates(p.head_dim)
+    """The forward kernel for ``p`` without timing: the cost model's choice among
+    :func:`impl_candidates` of ``p.config``."""
+    impls = impl_candidates(p.head_dim, p.config)
     if len(impls) == 1:
         return impls[0]
     return min(impls, key=lambda i: _modelled_cost(p, i, _heuristic(p, False, i)))
@@ -576,21 +584,20 @@ def select_config(p: NAProblem, *, mode: Optional[str] = None, timer: Optional[T
                   top_k: int = TOP_K, impl: Optional[str] = None) -> Tuple[str, Tiles]:
     """(impl, (q_tile, kv_tile)) of the forward kernel for ``p``.
 
-    ``impl`` given: its tiles (:func:`select_tiles`). Otherwise over :func:`impl_candidates`:
-    with tuning off the cost model's choice; with tuning on each implementation's tiles are
-    tuned (and cached) and the faster winner is taken. ``timer`` (tests) times every
-    implementation's candidates alike.
+    ``impl`` given: its tiles (:func:`select_tiles`). Otherwise over :func:`impl_candidates` of
+    ``p.config``: with tuning off the cost model's choice; with tuning on each implementation's
+    tiles are tuned (and cached) with ``timer`` and the faster winner is taken.
     """
-    impls = (impl,) if impl is not None else impl_candidates(p.head_dim)
+    impls = (impl,) if impl is not None else impl_candidates(p.head_dim, p.config)
     if len(impls) == 1:
         return impls[0], select_tiles(p, mode=mode, timer=timer, top_k=top_k, impl=impls[0])
-    if resolve_mode(mode) == "off":
+    if resolve_mode(p, mode) == "off":
         best = resolve_impl(p)
         return best, _heuristic(p, False, best)
     tiles_of, seconds_of = {}, {}
     for i in impls:
         tiles_of[i] = select_tiles(p, mode=mode, timer=timer, top_k=top_k, impl=i)
-        entry = _memory_for(cache_path()).get(problem_key(p, False, impl=i)) or {}
+        entry = _memory_for(cache_path(p.config)).get(problem_key(p, False, impl=i)) or {}
         seconds = entry.get("seconds")
         seconds_of[i] = seconds if isinstance(seconds, (int, float)) else math.inf
     best = _pick(seconds_of, resolve_impl(p), impls.index)

@@ -12,9 +12,12 @@ into equal contiguous slabs over one mesh axis. Inside ``shard_map`` each device
    ``left = max over devices of (slab start - lo)`` rows and ``right = max of (hi - slab
    end)`` rows, computed on the host. Borders shift windows inward, so a halo can be wider than a
    slab; it is then assembled from several neighbours (``ceil(halo / slab)`` permutes per side);
-3. runs the reference computation for its slab's queries against the extended key/value slab
-   ``[slab start - left, slab end + right)``, gathering with local coordinates ``global -
-   offset`` (offset from ``jax.lax.axis_index``, so one program serves every device).
+3. runs the reference backend's row-block engine (:func:`natten_jax.reference.attend_rows`)
+   for its slab's queries against the extended key/value slab ``[slab start - left, slab end +
+   right)``, gathering with local coordinates ``global - offset`` (offset from
+   ``jax.lax.axis_index``, so one program serves every device). As in the reference, each row
+   block runs under ``jax.checkpoint``: the backward pass recomputes a block's gathered windows
+   instead of keeping them, so training memory grows with the slab's tokens, not tokens x window.
 
 Nothing is all-gathered: communication is ``2 * ceil(left / slab) + 2 * ceil(right / slab)``
 collective-permutes of at most one slab each (key and value), and their transposes in the
@@ -26,7 +29,6 @@ backend's (float32 compute for 16/32-bit inputs, float64 for float64), so result
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional
 
 import jax
@@ -34,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from natten_jax.checks import NAProblem, check_na_call
-from natten_jax.reference import _BLOCK_ELEMENTS, _compute_dtype, _gather_windows
+from natten_jax.checks import NAProblem, check_context_parallel_call
+from natten_jax.reference import attend_rows
 from natten_jax.window import window_offsets
 
 __all__ = ["na_context_parallel", "halo_plan"]
@@ -110,64 +112,6 @@ def _extend(x, axis_name: str, n: int, slab: int, left: int, right: int):
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
 
 
-def _local_na(p: NAProblem, slab: int, q, k, v, row_coords, row_valid, coords, masks):
-    """Reference NA of one device's query slab against its extended key/value slab.
-
-    q [B, slab, L1.., H, D]; k, v [B, ext, L1.., Hkv, D/Dv]; row_coords [slab, k0] local axis-0
-    key coordinates (row_valid their mask); coords[a] / masks[a] for axes a >= 1 (global).
-    """
-    cdt = _compute_dtype(q.dtype)
-    rank, B = p.rank, p.batch
-    G = p.heads // p.heads_kv
-    W = p.window
-    qc = q.astype(cdt) * jnp.asarray(p.scale, cdt)
-    kc, vc = k.astype(cdt), v.astype(cdt)
-    qc = qc.reshape(qc.shape[:-2] + (p.heads_kv, G, p.head_dim))
-    causal = any(p.is_causal)
-
-    per_row = B * W * p.heads_kv * max(p.head_dim, p.head_dim_v) * math.prod(p.spatial[1:])
-    R = int(max(1, min(slab, _BLOCK_ELEMENTS // max(per_row, 1))))
-    nblocks = -(-slab // R)
-
-    def mask_of(rows):
-        # [R, L1.., k0, k1..]: product of per-axis masks, laid out like the gathered windows.
-        m = jnp.ones((), bool)
-        for a in range(rank):
-            ma = jnp.take(row_valid, rows, axis=0) if a == 0 else jnp.asarray(masks[a])
-            shape = [1] * (2 * rank)
-            shape[0 if a == 0 else a] = ma.shape[0]
-            shape[rank + a] = ma.shape[1]
-            m = m & ma.reshape(shape)
-        m = jnp.broadcast_to(m, (rows.shape[0],) + p.spatial[1:] + p.kernel_size)
-        return m.reshape((rows.shape[0],) + p.spatial[1:] + (W,))
-
-    def block(r0):
-        rows = jnp.minimum(r0 + jnp.arange(R), slab - 1)
-        rc = jnp.take(row_coords, rows, axis=0)
-        kw = _gather_windows(kc, coords, rc)  # [B, R, L1.., k.., Hkv, D]
-        vw = _gather_windows(vc, coords, rc)
-        qb = jnp.take(qc, rows, axis=1)  # [B, R, L1.., Hkv, G, D]
-        kw = kw.reshape(kw.shape[: rank + 1] + (W,) + kw.shape[-2:])
-        vw = vw.reshape(vw.shape[: rank + 1] + (W,) + vw.shape[-2:])
-        s = jnp.einsum("...hgd,...whd->...hgw", qb, kw)  # [B, R, L1.., Hkv, G, W]
-        if causal:
-            s = jnp.where(mask_of(rows)[None, ..., None, None, :], s, -jnp.inf)
-        lse = jax.nn.logsumexp(s, axis=-1)
-        pr = jnp.exp(s - lse[..., None])
-        out = jnp.einsum("...hgw,...whe->...hge", pr, vw)
-        return out, lse
-
-    if nblocks == 1:
-        out, lse = block(0)
-    else:
-        outs, lses = jax.lax.map(block, jnp.arange(nblocks) * R)
-        out = jnp.moveaxis(outs, 0, 1).reshape((B, nblocks * R) + outs.shape[3:])
-        lse = jnp.moveaxis(lses, 0, 1).reshape((B, nblocks * R) + lses.shape[3:])
-    out = out[:, :slab].reshape((B, slab) + p.spatial[1:] + (p.heads, p.head_dim_v))
-    lse = lse[:, :slab].reshape((B, slab) + p.spatial[1:] + (p.heads,))
-    return out.astype(q.dtype), lse
-
-
 @functools.lru_cache(maxsize=64)
 def _build(p: NAProblem, mesh: Mesh, axis_name: str):
     """The jitted shard_map program of one static problem (cached: built and compiled once)."""
@@ -180,13 +124,15 @@ def _build(p: NAProblem, mesh: Mesh, axis_name: str):
     masks = [None] + [m for _, m in offsets[1:]]
 
     def per_device(q, k, v):
+        # The reference's row-block engine on this device's slab of queries against its
+        # halo-extended keys and values, with slab-local axis-0 window coordinates (each block
+        # under jax.checkpoint, so training memory stays bounded as in the reference).
         r = jax.lax.axis_index(axis_name)
         ke = _extend(k, axis_name, n, slab, left, right)
         ve = _extend(v, axis_name, n, slab, left, right)
         row_coords = jnp.asarray(local0)[r]  # [slab, k0]
         row_valid = jnp.asarray(valid0)[r]
-        cs = [None] + [jnp.asarray(c) for c in coords[1:]]
-        return _local_na(p, slab, q, ke, ve, row_coords, row_valid, cs, masks)
+        return attend_rows(p, q, ke, ve, row_coords, row_valid, coords, masks)
 
     spec = PartitionSpec(None, axis_name)
     return jax.jit(_shard_map(per_device, mesh, in_specs=(spec, spec, spec),
@@ -211,28 +157,8 @@ def na_context_parallel(query, key, value, kernel_size, stride=1, dilation=1, is
     ``na{rank}d(..., backend="reference")`` on the unsharded arrays, forward and gradients; the
     halo exchange uses ``ppermute`` only (no all-gather). See the module docstring.
     """
-    if not isinstance(mesh, Mesh):
-        raise TypeError(f"`mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
-    if not isinstance(axis_name, str):
-        raise TypeError(f"`axis_name` must be the name (str) of one mesh axis, got {axis_name!r}.")
-    if axis_name not in mesh.axis_names:
-        raise ValueError(
-            f"`axis_name` {axis_name!r} is not an axis of the mesh (axes {mesh.axis_names}).")
-    if not hasattr(query, "shape") or not hasattr(query, "dtype"):
-        raise TypeError(f"`query` must be an array, got {type(query).__name__}.")
-    if query.ndim not in (4, 5, 6):
-        raise ValueError(
-            f"na_context_parallel expects `query` of rank 4, 5 or 6 ([batch, 1-3 spatial, heads, "
-            f"head_dim]), got shape {tuple(query.shape)}.")
-    rank = query.ndim - 3
-    p = check_na_call(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale)
-    n = int(mesh.shape[axis_name])
-    L0 = p.spatial[0]
-    if L0 % n != 0:
-        raise ValueError(
-            f"the first spatial extent ({L0}) must be divisible by the size of mesh axis "
-            f"{axis_name!r} ({n}) for context parallelism.")
-
+    p = check_context_parallel_call(query, key, value, kernel_size, stride, dilation, is_causal,
+                                    scale, mesh, axis_name)
     args = (query, key, value)
     if _is_explicit(mesh, axis_name):
         # Explicit axes: shard_map wants the inputs' types to carry its in_specs already.

@@ -15,6 +15,7 @@ from typing import Optional, Sequence, Union
 
 from natten_jax import backends
 from natten_jax.checks import check_backend, check_na_call
+from natten_jax.config import FusedConfig
 
 IntOrTuple = Union[int, Sequence[int]]
 BoolOrTuple = Union[bool, Sequence[bool]]
@@ -22,11 +23,11 @@ BoolOrTuple = Union[bool, Sequence[bool]]
 
 def na_generic(rank: int, query, key, value, kernel_size, stride=1, dilation=1, is_causal=False,
                scale=None, additional_keys=None, additional_values=None, backend=None,
-               return_lse=False):
+               return_lse=False, backend_config=None):
     """Rank-generic entry: checks once, picks a backend, runs it."""
     check_backend(backend)
     p = check_na_call(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale,
-                      additional_keys, additional_values)
+                      additional_keys, additional_values, backend_config)
     run = backends.select(p, backend)
     out, lse = run(p, query, key, value, additional_keys, additional_values)
     return (out, lse) if return_lse else out
@@ -50,6 +51,11 @@ def _doc(rank: int) -> str:
       backend: ``None`` (fastest available), ``"fused"`` (CUDA kernels), ``"reference"``, or
         ``"gemm"`` / ``"naive"`` (softmax over the unfused CUDA operators of
         :mod:`natten_jax.unfused`; stride 1, no additional keys).
+      backend_config: a :class:`natten_jax.FusedConfig` naming the fused backend's kernels
+        (implementation per direction, Q tile, auto-tuning, backward kind, occupancy); ``None``:
+        :func:`natten_jax.config.default_config` (the documented environment variables, read
+        once). Part of the static problem: a jitted function runs the kernels of the config it
+        was traced with. Other backends ignore it.
       return_lse: also return the logsumexp of the logits, ``[B, S..., H]`` float32.
 
     Returns:
@@ -62,25 +68,25 @@ def _doc(rank: int) -> str:
 def na1d(query, key, value, kernel_size: IntOrTuple, stride: IntOrTuple = 1,
          dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False, scale: Optional[float] = None,
          *, additional_keys=None, additional_values=None, backend: Optional[str] = None,
-         return_lse: bool = False):
+         backend_config: Optional[FusedConfig] = None, return_lse: bool = False):
     return na_generic(1, query, key, value, kernel_size, stride, dilation, is_causal, scale,
-                      additional_keys, additional_values, backend, return_lse)
+                      additional_keys, additional_values, backend, return_lse, backend_config)
 
 
 def na2d(query, key, value, kernel_size: IntOrTuple, stride: IntOrTuple = 1,
          dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False, scale: Optional[float] = None,
          *, additional_keys=None, additional_values=None, backend: Optional[str] = None,
-         return_lse: bool = False):
+         backend_config: Optional[FusedConfig] = None, return_lse: bool = False):
     return na_generic(2, query, key, value, kernel_size, stride, dilation, is_causal, scale,
-                      additional_keys, additional_values, backend, return_lse)
+                      additional_keys, additional_values, backend, return_lse, backend_config)
 
 
 def na3d(query, key, value, kernel_size: IntOrTuple, stride: IntOrTuple = 1,
          dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False, scale: Optional[float] = None,
          *, additional_keys=None, additional_values=None, backend: Optional[str] = None,
-         return_lse: bool = False):
+         backend_config: Optional[FusedConfig] = None, return_lse: bool = False):
     return na_generic(3, query, key, value, kernel_size, stride, dilation, is_causal, scale,
-                      additional_keys, additional_values, backend, return_lse)
+                      additional_keys, additional_values, backend, return_lse, backend_config)
 
 
 na1d.__doc__, na2d.__doc__, na3d.__doc__ = _doc(1), _doc(2), _doc(3)

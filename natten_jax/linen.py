@@ -1,11 +1,13 @@
 """Neighborhood attention layers for Flax Linen.
 
-Import explicitly (``import natten_jax`` does not import Flax)::
+``natten_jax.linen`` is imported on first access (``import natten_jax`` alone does not import
+Flax). ``embed_dim`` is inferred from the input's last axis when not given (as
+``nn.MultiHeadDotProductAttention`` infers ``qkv_features``)::
 
-    from natten_jax import linen as na_linen
-    layer = na_linen.NeighborhoodAttention2D(64, 4, kernel_size=7)
+    import natten_jax
+    layer = natten_jax.linen.NeighborhoodAttention2D(num_heads=4, kernel_size=7)
     params = layer.init(jax.random.key(0), x)
-    y = layer.apply(params, x)  # x: [batch, height, width, 64]
+    y = layer.apply(params, x)  # x: [batch, height, width, channels]; y: the same shape
 
 Submodules ``qkv`` (or ``q`` and ``kv`` when ``num_kv_heads < num_heads``) and ``proj`` are
 ``nn.Dense`` layers laid out exactly as the parameters of :mod:`natten_jax.nnx`'s layers
@@ -20,7 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from natten_jax.nnx import check_layer_input, na_function, validate_layer_args
+from natten_jax.checks import check_layer_args, check_layer_input
+from natten_jax.nnx import na_function
 
 __all__ = [
     "NeighborhoodAttention1D",
@@ -39,10 +42,15 @@ class _NeighborhoodAttention(nn.Module):
     shape.
 
     Attributes:
-      embed_dim: channels of input and output; divisible by ``num_heads``.
-      num_heads: query heads; ``head_dim = embed_dim // num_heads``.
-      kernel_size, dilation, stride: int or per-axis tuple (NATTEN semantics; ``stride`` does
-        not change the output shape). Extent-dependent limits are checked at call.
+      embed_dim: channels of input and output; divisible by ``num_heads``. ``None`` (default):
+        the input's last axis; the other attributes are then checked against it at the first
+        call rather than at construction. (``num_heads`` and ``kernel_size`` have ``None``
+        defaults only so that ``embed_dim`` can stay the first positional field; they are
+        required.)
+      num_heads: query heads (required); ``head_dim = embed_dim // num_heads``.
+      kernel_size, dilation, stride: int or per-axis tuple (``kernel_size`` required; NATTEN
+        semantics; ``stride`` does not change the output shape). Extent-dependent limits are
+        checked at call.
       is_causal: bool or per-axis tuple of bools.
       num_kv_heads: key/value heads (grouped-query attention); must divide ``num_heads``.
         Defaults to ``num_heads``.
@@ -53,6 +61,9 @@ class _NeighborhoodAttention(nn.Module):
       param_dtype: parameter dtype.
       kernel_init, bias_init: initialisers of all projection kernels / biases.
       backend: passed to :func:`natten_jax.na1d` etc. (``None``, ``"reference"``, ``"fused"``).
+      backend_config: a :class:`natten_jax.FusedConfig` (kernels, tiles, autotuning of the
+        fused backend) passed to :func:`natten_jax.na1d` etc.; ``None``: its default (from the
+        environment variables).
       deterministic: dropout off when True. With ``proj_drop > 0`` give it here or as the call
         argument (exactly one of the two, as ``flax.linen.merge_param`` requires); a
         ``'dropout'`` rng is needed when False.
@@ -62,9 +73,9 @@ class _NeighborhoodAttention(nn.Module):
 
     rank: ClassVar[int] = 0
 
-    embed_dim: int
-    num_heads: int
-    kernel_size: IntOrTuple
+    embed_dim: Optional[int] = None
+    num_heads: Optional[int] = None
+    kernel_size: Optional[IntOrTuple] = None
     dilation: IntOrTuple = 1
     stride: IntOrTuple = 1
     is_causal: BoolOrTuple = False
@@ -77,33 +88,50 @@ class _NeighborhoodAttention(nn.Module):
     kernel_init: Any = nn.initializers.lecun_normal()
     bias_init: Any = nn.initializers.zeros_init()
     backend: Optional[str] = None
+    backend_config: Optional[Any] = None
     deterministic: Optional[bool] = None
 
     def __post_init__(self):
-        # Validate at construction (ValueError / TypeError naming the argument).
-        validate_layer_args(self.rank, self.embed_dim, self.num_heads, self.kernel_size,
-                            self.dilation, self.stride, self.is_causal, self.num_kv_heads,
-                            self.qk_scale, self.proj_drop, self.backend)
+        # Validate at construction (ValueError / TypeError naming the argument); with
+        # embed_dim=None the arguments are checked with the inferred value at the first call.
+        for required in ("num_heads", "kernel_size"):
+            if getattr(self, required) is None:
+                raise ValueError(f"`{required}` is required.")
+        if self.embed_dim is not None:
+            self._check_args(self.embed_dim)
         super().__post_init__()
+
+    def _check_args(self, embed_dim):
+        return check_layer_args(
+            self.rank, embed_dim, self.num_heads, self.kernel_size, self.dilation,
+            self.stride, self.is_causal, self.num_kv_heads, self.qk_scale, self.proj_drop,
+            self.backend, self.backend_config)
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: Optional[bool] = None) -> jax.Array:
-        num_kv_heads, kernel_size, dilation, stride, is_causal = validate_layer_args(
-            self.rank, self.embed_dim, self.num_heads, self.kernel_size, self.dilation,
-            self.stride, self.is_causal, self.num_kv_heads, self.qk_scale, self.proj_drop,
-            self.backend)
-        check_layer_input(type(self).__name__, self.rank, self.embed_dim, x)
+        name = type(self).__name__
+        embed_dim = self.embed_dim
+        if embed_dim is None and getattr(x, "shape", ()):
+            embed_dim = x.shape[-1]  # inferred from the input
+        check_layer_input(name, self.rank, embed_dim, x)
+        try:
+            num_kv_heads, kernel_size, dilation, stride, is_causal = self._check_args(embed_dim)
+        except ValueError as e:
+            if self.embed_dim is not None or "`embed_dim`" not in str(e):
+                raise
+            raise ValueError(f"{name}: `embed_dim` is inferred from the input's last axis "
+                             f"(input shape {tuple(x.shape)}): {e}") from None
         H, Hkv = self.num_heads, num_kv_heads
-        D = self.embed_dim // H
+        D = embed_dim // H
         lead = x.shape[:-1]
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype,
                      kernel_init=self.kernel_init, bias_init=self.bias_init)
         if Hkv == H:
-            qkv = nn.Dense(3 * self.embed_dim, use_bias=self.qkv_bias, name="qkv", **dense)(x)
+            qkv = nn.Dense(3 * embed_dim, use_bias=self.qkv_bias, name="qkv", **dense)(x)
             qkv = qkv.reshape(lead + (3, H, D))
             q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
         else:
-            q = nn.Dense(self.embed_dim, use_bias=self.qkv_bias, name="q", **dense)(x)
+            q = nn.Dense(embed_dim, use_bias=self.qkv_bias, name="q", **dense)(x)
             q = q.reshape(lead + (H, D))
             kv = nn.Dense(2 * Hkv * D, use_bias=self.qkv_bias, name="kv", **dense)(x)
             kv = kv.reshape(lead + (2, Hkv, D))
@@ -111,9 +139,9 @@ class _NeighborhoodAttention(nn.Module):
         scale = None if self.qk_scale is None else float(self.qk_scale)
         out = na_function(self.rank)(
             q, k, v, kernel_size, stride=stride, dilation=dilation, is_causal=is_causal,
-            scale=scale, backend=self.backend)
-        out = nn.Dense(self.embed_dim, use_bias=True, name="proj", **dense)(
-            out.reshape(lead + (self.embed_dim,)))
+            scale=scale, backend=self.backend, backend_config=self.backend_config)
+        out = nn.Dense(embed_dim, use_bias=True, name="proj", **dense)(
+            out.reshape(lead + (embed_dim,)))
         if self.proj_drop > 0.0:
             det = nn.merge_param("deterministic", self.deterministic, deterministic)
             out = nn.Dropout(rate=self.proj_drop)(out, deterministic=det)

@@ -1,9 +1,10 @@
 """Neighborhood attention layers for Flax NNX.
 
-Import explicitly (``import natten_jax`` does not import Flax)::
+``natten_jax.nnx`` is imported on first access (``import natten_jax`` alone does not import
+Flax)::
 
-    from natten_jax import nnx as na_nnx
-    layer = na_nnx.NeighborhoodAttention2D(64, 4, kernel_size=7, rngs=nnx.Rngs(0))
+    import natten_jax
+    layer = natten_jax.nnx.NeighborhoodAttention2D(64, 4, kernel_size=7, rngs=nnx.Rngs(0))
     y = layer(x)  # x: [batch, height, width, 64]
 
 Parameters (attribute names shared with :mod:`natten_jax.linen`, so parameter trees convert
@@ -20,7 +21,6 @@ one-to-one):
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Optional, Sequence, Tuple, Union
 
 import jax
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import natten_jax
-from natten_jax.checks import check_backend, per_axis_bools, per_axis_ints
+from natten_jax.checks import check_layer_args, check_layer_input
 
 __all__ = [
     "NeighborhoodAttention",
@@ -39,68 +39,6 @@ __all__ = [
 
 IntOrTuple = Union[int, Sequence[int]]
 BoolOrTuple = Union[bool, Sequence[bool]]
-
-
-def _positive_int(name: str, value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"`{name}` must be an int, got {type(value).__name__} {value!r}.")
-    if value < 1:
-        raise ValueError(f"`{name}` must be >= 1, got {value!r}.")
-    return value
-
-
-def validate_layer_args(rank, embed_dim, num_heads, kernel_size, dilation, stride, is_causal,
-                        num_kv_heads, qk_scale, proj_drop, backend):
-    """Validate (and normalise) the constructor arguments shared by the NNX and Linen layers.
-
-    Returns ``(num_kv_heads, kernel_size, dilation, stride, is_causal)`` with per-axis tuples.
-    Bad values raise ``ValueError`` naming the argument; bad types raise ``TypeError``.
-    """
-    if rank not in (1, 2, 3):
-        raise ValueError(f"`rank` must be 1, 2 or 3, got {rank!r}.")
-    _positive_int("embed_dim", embed_dim)
-    _positive_int("num_heads", num_heads)
-    if embed_dim % num_heads != 0:
-        raise ValueError(
-            f"`embed_dim` ({embed_dim}) must be divisible by `num_heads` ({num_heads}).")
-    if num_kv_heads is None:
-        num_kv_heads = num_heads
-    _positive_int("num_kv_heads", num_kv_heads)
-    if num_heads % num_kv_heads != 0:
-        raise ValueError(
-            f"`num_kv_heads` ({num_kv_heads}) must divide `num_heads` ({num_heads}).")
-    kernel_size = per_axis_ints("kernel_size", kernel_size, rank, 1)
-    dilation = per_axis_ints("dilation", dilation, rank, 1)
-    stride = per_axis_ints("stride", stride, rank, 1)
-    if any(s > k for s, k in zip(stride, kernel_size)):
-        raise ValueError(
-            f"`stride` must not exceed `kernel_size` on any axis, got stride={stride}, "
-            f"kernel_size={kernel_size}.")
-    is_causal = per_axis_bools("is_causal", is_causal, rank)
-    if qk_scale is not None:
-        if isinstance(qk_scale, bool) or not isinstance(qk_scale, numbers.Real):
-            raise TypeError(f"`qk_scale` must be a float or None, got {qk_scale!r}.")
-        if not qk_scale > 0:
-            raise ValueError(f"`qk_scale` must be > 0, got {qk_scale!r}.")
-    if isinstance(proj_drop, bool) or not isinstance(proj_drop, numbers.Real):
-        raise TypeError(f"`proj_drop` must be a float, got {proj_drop!r}.")
-    if not 0.0 <= proj_drop <= 1.0:
-        raise ValueError(f"`proj_drop` must be in [0, 1], got {proj_drop!r}.")
-    check_backend(backend)
-    return num_kv_heads, kernel_size, dilation, stride, is_causal
-
-
-def check_layer_input(cls_name: str, rank: int, embed_dim: int, x) -> None:
-    """Raise ``ValueError`` unless ``x`` is ``[batch, *rank spatial, embed_dim]``."""
-    shape = tuple(getattr(x, "shape", ()))
-    if len(shape) != rank + 2:
-        raise ValueError(
-            f"{cls_name} expects input of rank {rank + 2} ([batch, *{rank} spatial axes, "
-            f"embed_dim]), got shape {shape}.")
-    if shape[-1] != embed_dim:
-        raise ValueError(
-            f"{cls_name} expects the last input axis to be embed_dim={embed_dim}, got shape "
-            f"{shape}.")
 
 
 def na_function(rank: int):
@@ -130,6 +68,10 @@ class NeighborhoodAttention(nnx.Module):
       param_dtype: parameter dtype.
       kernel_init, bias_init: initialisers of all projection kernels / biases.
       backend: passed to :func:`natten_jax.na1d` etc. (``None``, ``"reference"``, ``"fused"``).
+      backend_config: a :class:`natten_jax.FusedConfig` (kernels, tiles, autotuning of the
+        fused backend) passed to :func:`natten_jax.na1d` etc.; ``None``: its default (from the
+        environment variables). Part of the module's static structure: ``nnx.jit`` re-traces
+        when it changes.
       rngs: ``nnx.Rngs`` for parameter initialisation (and dropout).
 
     Call: ``layer(x, *, deterministic=None, rngs=None)``; ``deterministic`` / ``rngs`` are
@@ -155,11 +97,12 @@ class NeighborhoodAttention(nnx.Module):
         kernel_init: Any = nnx.initializers.lecun_normal(),
         bias_init: Any = nnx.initializers.zeros_init(),
         backend: Optional[str] = None,
+        backend_config: Optional[Any] = None,
         rngs: nnx.Rngs,
     ):
-        num_kv_heads, kernel_size, dilation, stride, is_causal = validate_layer_args(
+        num_kv_heads, kernel_size, dilation, stride, is_causal = check_layer_args(
             rank, embed_dim, num_heads, kernel_size, dilation, stride, is_causal, num_kv_heads,
-            qk_scale, proj_drop, backend)
+            qk_scale, proj_drop, backend, backend_config)
         self.rank = rank
         self.embed_dim = embed_dim
         self.num_heads = num_heads
@@ -171,6 +114,7 @@ class NeighborhoodAttention(nnx.Module):
         self.is_causal: Tuple[bool, ...] = is_causal
         self.qk_scale = None if qk_scale is None else float(qk_scale)
         self.backend = backend
+        self.backend_config = backend_config
         self.dtype = dtype
 
         linear = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init,
@@ -198,7 +142,8 @@ class NeighborhoodAttention(nnx.Module):
             k, v = kv[..., 0, :, :], kv[..., 1, :, :]
         out = na_function(self.rank)(
             q, k, v, self.kernel_size, stride=self.stride, dilation=self.dilation,
-            is_causal=self.is_causal, scale=self.qk_scale, backend=self.backend)
+            is_causal=self.is_causal, scale=self.qk_scale, backend=self.backend,
+            backend_config=self.backend_config)
         out = self.proj(out.reshape(lead + (self.embed_dim,)))
         return self.proj_drop(out, deterministic=deterministic, rngs=rngs)
 

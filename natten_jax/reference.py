@@ -8,6 +8,11 @@ first spatial axis so that one block's gathered keys stay under a fixed budget. 
 a block's gathered windows, logits and probabilities are recomputed in the backward pass, not
 kept, so training memory is bounded the same way.
 
+The row-block engine (:func:`map_row_blocks`, :func:`attend_rows`) is shared: context
+parallelism (:mod:`natten_jax.context_parallel`) runs :func:`attend_rows` on each device's slab
+against its halo-extended keys, and the unfused reference operators
+(:mod:`natten_jax.unfused`) run their own blocks through :func:`map_row_blocks`.
+
 Inputs of float16/bfloat16/float32 are computed in float32 (float64 stays float64); the output
 takes the query's dtype and the logsumexp is float32 (float64).
 """
@@ -18,7 +23,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from natten_jax.checks import NAProblem
 from natten_jax.window import window_offsets
@@ -27,15 +31,15 @@ from natten_jax.window import window_offsets
 _BLOCK_ELEMENTS = 1 << 25
 
 
-def _compute_dtype(dtype):
-    return jnp.float64 if dtype == jnp.float64 else jnp.float32
+def _compute_dtype(*dtypes):
+    return jnp.float64 if any(d == jnp.float64 for d in dtypes) else jnp.float32
 
 
 def _gather_windows(x, coords, row_coords):
     """x: [B, L0, ..., Ln-1, Hkv, C] -> [B, R, L1.., k0, k1.., Hkv, C] windows of a row block.
 
-    ``row_coords`` [R, k0] are the global axis-0 key coordinates of the block's query rows;
-    ``coords[a]`` [La, ka] those of axis a >= 1.
+    ``row_coords`` [R, k0] are the axis-0 key coordinates (indices into x's axis 1) of the
+    block's query rows; ``coords[a]`` [La, ka] those of axis a >= 1 (``coords[0]`` is unused).
     """
     rank = len(coords)
     g = jnp.take(x, row_coords, axis=1)  # [B, R, k0, L1, ..., Hkv, C]
@@ -49,58 +53,94 @@ def _gather_windows(x, coords, row_coords):
     return jnp.transpose(g, [0] + q_axes + k_axes + [n - 2, n - 1])
 
 
-def window_gather_plan(spatial, kernel_size, stride, dilation, is_causal):
-    """Per-axis key coordinates ``[L, k]`` (jnp) of every query's window, the window validity
-    mask ``[L0.., k0..]`` (np; all True unless causal) and the raw per-axis offsets."""
-    rank = len(spatial)
-    offsets = window_offsets(spatial, kernel_size, stride, dilation, is_causal)
-    coords = [jnp.asarray(c) for c, _ in offsets]
-    valid = np.ones((), bool)
-    for a, (_, m) in enumerate(offsets):  # product of per-axis masks -> [L0.., k0..]
+def window_mask(row_valid, masks, kernel_size):
+    """[R, L1.., W] validity of a row block's window entries, laid out like the gathered
+    windows: the product of ``row_valid`` [R, k0] (the block's axis-0 masks) and ``masks[a]``
+    [La, ka] (a >= 1; ``masks[0]`` is unused)."""
+    rank = len(masks)
+    m = jnp.ones((), bool)
+    for a in range(rank):
+        ma = jnp.asarray(row_valid if a == 0 else masks[a])
         shape = [1] * (2 * rank)
-        shape[a], shape[rank + a] = m.shape
-        valid = valid & m.reshape(shape)
-    return coords, np.broadcast_to(valid, tuple(spatial) + tuple(kernel_size)), offsets
+        shape[a], shape[rank + a] = ma.shape
+        m = m & ma.reshape(shape)
+    lead = (row_valid.shape[0],) + tuple(jnp.shape(masks[a])[0] for a in range(1, rank))
+    m = jnp.broadcast_to(m, lead + tuple(kernel_size))
+    return m.reshape(lead + (math.prod(kernel_size),))
 
 
-def na_reference(p: NAProblem, query, key, value, additional_keys=None, additional_values=None):
-    """Neighborhood attention of a validated problem ``p``. Returns (out, lse)."""
+def row_blocks(n_rows: int, per_row: int):
+    """(rows per block, number of blocks) for ``n_rows`` rows of ``per_row`` gathered elements
+    each, under the budget ``_BLOCK_ELEMENTS`` (read at call time: tests lower it)."""
+    R = int(max(1, min(n_rows, _BLOCK_ELEMENTS // max(per_row, 1))))
+    return R, -(-n_rows // R)
+
+
+def map_row_blocks(block, n_rows: int, per_row: int):
+    """Runs ``block(rows)`` over the row blocks of ``n_rows`` rows and joins the results.
+
+    ``rows`` is an int vector of one block's row indices (the ragged last block repeats row
+    ``n_rows - 1``); every result of ``block`` (a pytree) is ``[B, R, ...]`` with the rows on
+    axis 1; returned as ``[B, n_rows, ...]``. Each block runs under ``jax.checkpoint``: under
+    autodiff the backward pass recomputes a block's gathered windows and intermediates from
+    its inputs instead of keeping them, so training memory grows with the tokens, not tokens x
+    window x head dim (nat_mini's training step at batch 128 asked for a 74 GiB temporary
+    without it). Blocks run one after another (``lax.map``).
+    """
+    R, nblocks = row_blocks(n_rows, per_row)
+
+    def run(r0):
+        return block(jnp.minimum(r0 + jnp.arange(R), n_rows - 1))
+
+    run = jax.checkpoint(run)
+    if nblocks == 1:
+        outs = run(0)
+    else:
+        outs = jax.lax.map(run, jnp.arange(nblocks) * R)  # leaves [nb, B, R, ...]
+        outs = jax.tree.map(
+            lambda o: jnp.moveaxis(o, 0, 1).reshape((o.shape[1], nblocks * R) + o.shape[3:]),
+            outs)
+    return jax.tree.map(lambda o: o[:, :n_rows], outs)
+
+
+def attend_rows(p: NAProblem, query, key, value, row_coords, row_valid, coords, masks,
+                additional_keys=None, additional_values=None):
+    """Neighborhood attention of query rows against their gathered windows, block by block.
+
+    ``query`` [B, Lq, L1.., H, D]; ``key`` / ``value`` [B, Lk, L1.., Hkv, D / Dv] (``Lk`` may
+    differ from ``Lq``: context parallelism passes a slab extended by its halos);
+    ``row_coords`` [Lq, k0] int: the axis-0 key coordinates, indices into key's axis 1, of each
+    query row's window, and ``row_valid`` [Lq, k0] their validity (either may be traced);
+    ``coords[a]`` / ``masks[a]`` [La, ka] for a >= 1 (``[0]`` unused). ``p`` gives heads,
+    head dims, scale, kernel size and causality (``p.spatial[0]`` is not used). Returns
+    ``(out [B, Lq, L1.., H, Dv] in query's dtype, lse [B, Lq, L1.., H])``.
+    """
     cdt = _compute_dtype(query.dtype)
+    rank, B, Lq = p.rank, query.shape[0], row_coords.shape[0]
+    G, W = p.heads // p.heads_kv, p.window
     q = query.astype(cdt) * jnp.asarray(p.scale, cdt)
-    k = key.astype(cdt)
-    v = value.astype(cdt)
-    rank, B = p.rank, p.batch
-    G = p.heads // p.heads_kv
-    coords, valid, _ = window_gather_plan(p.spatial, p.kernel_size, p.stride, p.dilation,
-                                          p.is_causal)
-    valid = jnp.asarray(valid)
-    W = p.window
-
-    # [B, L.., H, D] -> [B, L.., Hkv, G, D]
-    q = q.reshape(q.shape[:-2] + (p.heads_kv, G, p.head_dim))
+    q = q.reshape(q.shape[:-2] + (p.heads_kv, G, p.head_dim))  # [B, Lq, L1.., Hkv, G, D]
+    k, v = key.astype(cdt), value.astype(cdt)
     extra = None
     if additional_keys is not None:
         extra = (additional_keys.astype(cdt), additional_values.astype(cdt))
+    masked = any(p.is_causal)  # windows are full unless causal
+    coords = [None] + [jnp.asarray(c) for c in coords[1:]]
 
-    L0 = p.spatial[0]
-    per_row = B * W * p.heads_kv * max(p.head_dim, p.head_dim_v) * math.prod(p.spatial[1:])
-    R = int(max(1, min(L0, _BLOCK_ELEMENTS // max(per_row, 1))))
-    nblocks = -(-L0 // R)
-
-    def block(r0):
-        rows = jnp.minimum(r0 + jnp.arange(R), L0 - 1)
-        kw = _gather_windows(k, coords, coords[0][rows])  # [B, R, L1.., k.., Hkv, D]
-        vw = _gather_windows(v, coords, coords[0][rows])
+    def block(rows):
+        rc = jnp.take(row_coords, rows, axis=0)
+        kw = _gather_windows(k, coords, rc)  # [B, R, L1.., k.., Hkv, D]
+        vw = _gather_windows(v, coords, rc)
         qb = jnp.take(q, rows, axis=1)  # [B, R, L1.., Hkv, G, D]
         kw = kw.reshape(kw.shape[: rank + 1] + (W,) + kw.shape[-2:])
         vw = vw.reshape(vw.shape[: rank + 1] + (W,) + vw.shape[-2:])
         s = jnp.einsum("...hgd,...whd->...hgw", qb, kw)  # [B, R, L1.., Hkv, G, W]
-        m = jnp.take(valid, rows, axis=0).reshape((R,) + valid.shape[1:rank] + (W,))
-        s = jnp.where(m[None, ..., None, None, :], s, -jnp.inf)
+        if masked:
+            m = window_mask(jnp.take(row_valid, rows, axis=0), masks, p.kernel_size)
+            s = jnp.where(m[None, ..., None, None, :], s, -jnp.inf)
         logits = [s]
         if extra is not None:
-            se = jnp.einsum("b...hgd,bnhd->b...hgn", qb, extra[0])
-            logits.append(se)
+            logits.append(jnp.einsum("b...hgd,bnhd->b...hgn", qb, extra[0]))
         allv = jnp.concatenate(logits, axis=-1)
         lse = jax.nn.logsumexp(allv, axis=-1)
         pr = jnp.exp(allv - lse[..., None])
@@ -109,18 +149,18 @@ def na_reference(p: NAProblem, query, key, value, additional_keys=None, addition
             out = out + jnp.einsum("b...hgn,bnhe->b...hge", pr[..., W:], extra[1])
         return out, lse
 
-    # Under autodiff a block keeps none of its gathered windows, logits or probabilities for the
-    # backward pass: they are recomputed from q, k, v (remat), so training memory grows with the
-    # tokens, not tokens x window x head dim (nat_mini's training step at batch 128 asked for a
-    # 74 GiB temporary without this).
-    block = jax.checkpoint(block)
-    if nblocks == 1:
-        out, lse = block(0)
-    else:
-        outs, lses = jax.lax.map(block, jnp.arange(nblocks) * R)
-        # [nb, B, R, ...] -> [B, nb*R, ...]
-        out = jnp.moveaxis(outs, 0, 1).reshape((B, nblocks * R) + outs.shape[3:])
-        lse = jnp.moveaxis(lses, 0, 1).reshape((B, nblocks * R) + lses.shape[3:])
-    out = out[:, :L0].reshape((B,) + p.spatial + (p.heads, p.head_dim_v))
-    lse = lse[:, :L0].reshape((B,) + p.spatial + (p.heads,))
+    per_row = B * W * p.heads_kv * max(p.head_dim, p.head_dim_v) * math.prod(p.spatial[1:])
+    out, lse = map_row_blocks(block, Lq, per_row)
+    rest = tuple(p.spatial[1:])
+    out = out.reshape((B, Lq) + rest + (p.heads, p.head_dim_v))
+    lse = lse.reshape((B, Lq) + rest + (p.heads,))
     return out.astype(query.dtype), lse
+
+
+def na_reference(p: NAProblem, query, key, value, additional_keys=None, additional_values=None):
+    """Neighborhood attention of a validated problem ``p``. Returns (out, lse)."""
+    offsets = window_offsets(p.spatial, p.kernel_size, p.stride, p.dilation, p.is_causal)
+    coords = [c for c, _ in offsets]
+    masks = [m for _, m in offsets]
+    return attend_rows(p, query, key, value, jnp.asarray(coords[0]), jnp.asarray(masks[0]),
+                       coords, masks, additional_keys, additional_values)

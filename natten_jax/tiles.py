@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
+from natten_jax.config import KERNEL_IMPLS, Q_TILES
 from natten_jax.window import group_extent, window_bounds
 
 KV_TILE_LOG2 = 6  # 64 keys per KV box
@@ -32,46 +32,17 @@ def _pair_cost(q_log2: int, head_dim: int, impl: str = "sm80") -> float:
     return 0.87 if head_dim >= 64 else 1.4
 
 
-# ---- Forward kernel implementations (sm90 hook) ------------------------------------------------
-# "sm80": the mma.sync kernel (every GPU from sm_80 on); "sm90": the Hopper wgmma kernel
-# (compute capability 9.0, head dims 64 and 128; docs/perf-log.md v4). NATTEN_JAX_FNA_IMPL picks
-# one: auto (default: sm90 where it runs, by the cost model; with NATTEN_JAX_AUTOTUNE on, both
-# are timed), sm80, or sm90 (head dims it lacks fall back to sm80).
-IMPL_ENV = "NATTEN_JAX_FNA_IMPL"
-IMPLS = ("sm80", "sm90")
-IMPL_SETTINGS = IMPLS + ("auto",)
+# ---- Kernel implementations (sm90 hook) -------------------------------------------------------
+# "sm80": the mma.sync kernels (every GPU from sm_80 on); "sm90": the Hopper wgmma kernels
+# (compute capability 9.0, head dims 64 and 128; docs/perf-log.md v4, "Backward v2"). Which one
+# runs is FusedConfig.forward_impl / backward_impl (natten_jax.config), resolved per problem by
+# natten_jax.autotune (impl_candidates, bwd_impl).
+IMPLS = KERNEL_IMPLS
 SM90_HEAD_DIMS = (64, 128)
 # Per-pair cost of the sm90 kernel relative to sm80's 64-query tiles, measured on an H100
 # (docs/perf-log.md, v4): ~305-370 visited TFLOP/s with 64-query tiles, ~345-400 with 128, against
 # sm80's ~190-216 with 64.
 _SM90_PAIR_COST = {6: 0.60, 7: 0.55}
-
-
-# Backward kernel implementations (sm90 hook): NATTEN_JAX_FNA_BWD_IMPL=auto (default: the sm90
-# wgmma dK/dV and dQ kernels where they run, docs/perf-log.md "Backward v2"), sm80 or sm90; head
-# dims other than 64 / 128 stay on sm80 (natten_jax.autotune.bwd_impl). Read when a function is
-# traced, like NATTEN_JAX_FNA_IMPL.
-BWD_IMPL_ENV = "NATTEN_JAX_FNA_BWD_IMPL"
-BWD_IMPL_SETTINGS = IMPL_SETTINGS
-
-
-def _env_setting(env: str, allowed, default: str) -> str:
-    """``$env`` lower-cased (``default`` when unset or empty), validated against ``allowed``."""
-    raw = os.environ.get(env, "")
-    s = raw.strip().lower() or default
-    if s not in allowed:
-        raise ValueError(f"{env} must be one of {tuple(allowed)} (or unset), got {raw!r}")
-    return s
-
-
-def impl_setting() -> str:
-    """``$NATTEN_JAX_FNA_IMPL`` (default ``auto``), validated."""
-    return _env_setting(IMPL_ENV, IMPL_SETTINGS, "auto")
-
-
-def bwd_impl_setting() -> str:
-    """``$NATTEN_JAX_FNA_BWD_IMPL`` (default ``auto``), validated."""
-    return _env_setting(BWD_IMPL_ENV, BWD_IMPL_SETTINGS, "auto")
 
 
 def impl_supports(impl: str, head_dim: int) -> bool:
@@ -81,10 +52,6 @@ def impl_supports(impl: str, head_dim: int) -> bool:
 def impl_code(impl: str) -> int:
     """The FFI attribute ``impl`` of the forward and backward custom calls."""
     return IMPLS.index(impl)
-
-
-# NATTEN_JAX_FNA_Q_TILE=64 or 128 restricts the choice (benchmarks, A/B runs); unset: both.
-_Q_TILE_ENV = "NATTEN_JAX_FNA_Q_TILE"
 
 
 def _axis_pairs(extent, kernel, stride, dilation, causal, q_log2, kv_log2) -> int:
@@ -120,24 +87,27 @@ def _candidates(rank: int, log2_sum: int):
     return [t for t in itertools.product(range(log2_sum + 1), repeat=rank) if sum(t) == log2_sum]
 
 
-def _q_tile_sizes():
-    forced = os.environ.get(_Q_TILE_ENV, "").strip()
-    if forced:
-        if forced not in ("64", "128"):
-            raise ValueError(f"{_Q_TILE_ENV} must be 64 or 128, got {forced!r}")
-        return (6 if forced == "64" else 7,)
-    return Q_TILE_LOG2
+def q_tile_sizes(q_tile: Optional[int] = None) -> Tuple[int, ...]:
+    """Log2 Q tile sizes of the forward kernel: both (64 and 128 tokens), or only ``q_tile``
+    (:attr:`natten_jax.config.FusedConfig.q_tile`) when given."""
+    if q_tile is None:
+        return Q_TILE_LOG2
+    if q_tile not in Q_TILES:
+        raise ValueError(f"`q_tile` must be None or one of {Q_TILES}, got {q_tile!r}")
+    return (Q_TILE_LOG2[Q_TILES.index(q_tile)],)
 
 
 def choose_tiles(spatial: Tuple[int, ...], kernel_size, stride, dilation, is_causal,
-                 head_dim: int = 128, backward: bool = False, impl: str = "sm80"):
+                 head_dim: int = 128, backward: bool = False, impl: str = "sm80",
+                 q_tile: Optional[int] = None):
     """Log2 (Q tile, KV tile) extents per axis that minimise the modelled cost.
 
     Cost = visited pairs x the per-pair cost of the Q tile size at this head dim (and forward
     kernel ``impl``). Ties go to the shape with more tokens on the last axes (longer contiguous
-    runs in memory). The backward kernels take 64-token Q tiles only.
+    runs in memory). ``q_tile`` (64 or 128 tokens) restricts the forward's Q tile; the backward
+    kernels take 64-token Q tiles only.
     """
-    q_sizes = (Q_TILE_LOG2[0],) if backward else _q_tile_sizes()
+    q_sizes = (Q_TILE_LOG2[0],) if backward else q_tile_sizes(q_tile)
     return _choose_tiles(tuple(spatial), tuple(kernel_size), tuple(stride), tuple(dilation),
                          tuple(is_causal), int(head_dim), q_sizes,
                          "sm80" if backward else impl)
@@ -159,8 +129,9 @@ def _choose_tiles(spatial, kernel_size, stride, dilation, is_causal, head_dim, q
 
 
 def visited_flops(spatial: Sequence[int], kernel_size, stride, dilation, is_causal, batch: int,
-                  heads: int, head_dim: int, impl: str = "sm80") -> int:
+                  heads: int, head_dim: int, impl: str = "sm80",
+                  q_tile: Optional[int] = None) -> int:
     """Forward FLOPs the fused kernel performs, masked pairs included (4 per pair and dim)."""
     args = tuple(tuple(x) for x in (spatial, kernel_size, stride, dilation, is_causal))
-    qt, kt = choose_tiles(*args, head_dim, impl=impl)
+    qt, kt = choose_tiles(*args, head_dim, impl=impl, q_tile=q_tile)
     return 4 * batch * heads * head_dim * visited_pairs(*args, qt, kt)

@@ -45,14 +45,18 @@ even ``kernel_size`` raises ``ValueError`` (NATTEN rejected even kernels in thes
 
 **Backends.** ``backend="reference"`` is the pure-JAX code below (the ground truth; memory
 grows with tokens x window: windows are gathered per axis and queries are processed in blocks of
-rows of the first spatial axis, as in :mod:`natten_jax.reference`). ``"gemm"`` and ``"naive"``
+rows of the first spatial axis by the reference backend's engine,
+:func:`natten_jax.reference.map_row_blocks`, each block recomputed in the backward pass).
+``"gemm"`` and ``"naive"``
 run our CUDA kernels (:mod:`natten_jax.backends.unfused_cuda`: GEMM-based with space-aware
 tiles on tensor cores, or one thread per output element), float32 / float16 / bfloat16 only,
 with a custom VJP built from the same operators: for ``qk``, ``dq = NN(dA, key)``,
 ``dk = IN(dA, query)`` and ``d_rpb`` from the RPB-gradient kernel; for ``av``,
 ``d_attn = PN(d_out, value)`` (0 off the window) and ``d_value = IN(attn, d_out)``.
-``backend=None`` picks ``"gemm"`` when the kernels can run (a CUDA build, a GPU, inputs on it,
-a supported dtype), else ``"reference"``. Inputs of
+``backend=None`` picks ``"gemm"`` when the kernels can run (a CUDA build, a GPU, the call placed
+on it, a supported dtype and size: :func:`natten_jax.backends.unfused_cuda.can_run`), else
+``"reference"``. Argument checks are :func:`natten_jax.checks.check_qk_call` and
+:func:`natten_jax.checks.check_av_call`. Inputs of
 float16/bfloat16/float32 are computed in float32 (float64 stays float64); ``na*_qk`` returns the
 query's dtype, ``na*_av`` the value's dtype (``attn`` is first cast to the value's dtype and
 ``rpb`` to the query's, as NATTEN does).
@@ -68,106 +72,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from natten_jax import _ffi
 from natten_jax.backends import unfused_cuda
-from natten_jax.checks import (FLOAT_DTYPES, NAProblem, check_unfused_backend, per_axis_bools,
-                               per_axis_ints)
-from natten_jax.reference import _gather_windows, window_gather_plan
+from natten_jax.checks import NAProblem, UnfusedCall, check_av_call, check_qk_call
+from natten_jax.reference import _compute_dtype, _gather_windows, map_row_blocks, window_mask
+from natten_jax.window import window_offsets
 
 IntOrTuple = Union[int, Sequence[int]]
 BoolOrTuple = Union[bool, Sequence[bool]]
-
-# Elements of one row block's gathered K (or V), and of its logits: 2**25 fp32 = 128 MiB.
-_BLOCK_ELEMENTS = 1 << 25
-
-
-# --------------------------------------------------------------------------------------------
-# Argument checks.
-# --------------------------------------------------------------------------------------------
-
-def _check_array(op: str, name: str, x, rank: int, layout: str) -> None:
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise TypeError(f"{op}: `{name}` must be an array, got {type(x).__name__}.")
-    if x.ndim != rank + 3:
-        raise ValueError(
-            f"{op} expects `{name}` of rank {rank + 3} ({layout}), got shape {tuple(x.shape)}.")
-    if not any(x.dtype == d for d in FLOAT_DTYPES):
-        raise TypeError(
-            f"{op}: `{name}` must be float16, bfloat16, float32 or float64, got dtype {x.dtype}.")
-    if any(s < 1 for s in x.shape):
-        raise ValueError(f"{op}: empty dimensions are not supported, got `{name}` shape "
-                         f"{tuple(x.shape)}.")
-
-
-def _check_window_args(op: str, rank: int, spatial, kernel_size, dilation, is_causal):
-    ks = per_axis_ints("kernel_size", kernel_size, rank, 1)
-    di = per_axis_ints("dilation", dilation, rank, 1)
-    ca = per_axis_bools("is_causal", is_causal, rank)
-    for a in range(rank):
-        if ks[a] * di[a] > spatial[a]:
-            raise ValueError(
-                f"{op}: `kernel_size` * `dilation` must not exceed the extent on every axis, got "
-                f"kernel_size={ks}, dilation={di} for spatial shape {tuple(spatial)}.")
-    return ks, di, ca
-
-
-def _check_heads(op: str, a_name: str, heads: int, b_name: str, heads_kv: int) -> None:
-    if heads % heads_kv != 0:
-        raise ValueError(
-            f"{op}: `{b_name}` heads ({heads_kv}) must divide `{a_name}` heads ({heads}) for "
-            f"grouped-query attention.")
-
-
-def _check_rpb(op: str, rpb, heads: int, ks, ca):
-    if not hasattr(rpb, "shape") or not hasattr(rpb, "dtype"):
-        raise TypeError(f"{op}: `rpb` must be an array or None, got {type(rpb).__name__}.")
-    if any(ca):
-        raise NotImplementedError(
-            f"{op}: relative positional bias (`rpb`) is not supported with causal masking "
-            f"(is_causal={ca}), as in NATTEN.")
-    if any(k % 2 == 0 for k in ks):
-        raise ValueError(
-            f"{op}: relative positional bias (`rpb`) needs an odd `kernel_size` on every axis "
-            f"(NATTEN defines RPB for odd kernels only), got kernel_size={ks}.")
-    want = (heads,) + tuple(2 * k - 1 for k in ks)
-    if tuple(rpb.shape) != want:
-        raise ValueError(
-            f"{op}: `rpb` must have shape [heads, 2 * kernel_size - 1 per axis] = {want}, got "
-            f"{tuple(rpb.shape)}.")
-    if not any(rpb.dtype == d for d in FLOAT_DTYPES):
-        raise TypeError(
-            f"{op}: `rpb` must be float16, bfloat16, float32 or float64, got dtype {rpb.dtype}.")
-
 
 # --------------------------------------------------------------------------------------------
 # Window helpers.
 # --------------------------------------------------------------------------------------------
 
-def _compute_dtype(*dtypes):
-    return jnp.float64 if any(d == jnp.float64 for d in dtypes) else jnp.float32
-
-
 def _windows(spatial, ks, di, ca):
-    """Per-axis key coordinates [L, k] (jnp), the window validity mask [L0.., k0..] (np) and the
-    per-axis RPB indices [L, k] (np)."""
-    coords, valid, offsets = window_gather_plan(spatial, ks, (1,) * len(spatial), di, ca)
+    """Per-axis key coordinates [L, k] (jnp), validity masks [L, k] (np; all True unless
+    causal) and RPB indices [L, k] (np) of stride-1 windows."""
+    offsets = window_offsets(spatial, ks, (1,) * len(spatial), di, ca)
+    coords = [jnp.asarray(c) for c, _ in offsets]
+    masks = [m for _, m in offsets]
     # RPB index of entry [x, j]: the key's offset from the query in dilated steps, + k - 1.
     bias_idx = [((c - np.arange(L)[:, None]) // d + (k - 1)).astype(np.int32)
                 for (c, _), L, k, d in zip(offsets, spatial, ks, di)]
-    return coords, valid, bias_idx
-
-
-def _row_blocks(L0: int, per_row: int):
-    R = int(max(1, min(L0, _BLOCK_ELEMENTS // max(per_row, 1))))
-    return R, -(-L0 // R)
-
-
-def _run_blocks(block, L0: int, R: int, nblocks: int, B: int):
-    """Runs ``block(r0)`` -> [B, R, ...] over all row blocks -> [B, L0, ...]."""
-    if nblocks == 1:
-        return block(0)[:, :L0]
-    outs = jax.lax.map(block, jnp.arange(nblocks) * R)  # [nb, B, R, ...]
-    out = jnp.moveaxis(outs, 0, 1).reshape((B, nblocks * R) + outs.shape[3:])
-    return out[:, :L0]
+    return coords, masks, bias_idx
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,51 +104,27 @@ def _run_blocks(block, L0: int, R: int, nblocks: int, B: int):
 def na_qk_generic(rank: int, query, key, kernel_size, dilation=1, is_causal=False, rpb=None,
                   backend=None):
     """Neighborhood logits ``[B, *S, H, prod(kernel_size)]`` (see the module docstring)."""
-    op = f"na{rank}d_qk"
-    check_unfused_backend(op, backend)
-    layout = f"[batch, *{rank} spatial, heads, head_dim]"
-    _check_array(op, "query", query, rank, layout)
-    _check_array(op, "key", key, rank, layout)
-    if query.dtype != key.dtype:
-        raise TypeError(f"{op}: `query` and `key` must share a dtype, got {query.dtype} and "
-                        f"{key.dtype}.")
-    qs, ks_ = tuple(query.shape), tuple(key.shape)
-    if qs[0] != ks_[0] or qs[1:-2] != ks_[1:-2]:
-        raise ValueError(f"{op}: `query` {qs} and `key` {ks_} must match in batch and spatial "
-                         f"shape.")
-    if qs[-1] != ks_[-1]:
-        raise ValueError(f"{op}: `key` head_dim {ks_[-1]} must equal `query` head_dim "
-                         f"{qs[-1]}.")
-    B, spatial, H, D = qs[0], qs[1:-2], qs[-2], qs[-1]
-    Hkv = ks_[-2]
-    _check_heads(op, "query", H, "key", Hkv)
-    ks, di, ca = _check_window_args(op, rank, spatial, kernel_size, dilation, is_causal)
-    if rpb is not None:
-        _check_rpb(op, rpb, H, ks, ca)
-    impl = _cuda_impl(op, backend, query.dtype, query, key)
+    c = check_qk_call(rank, query, key, kernel_size, dilation, is_causal, rpb, backend)
+    ks, di, ca = c.kernel_size, c.dilation, c.is_causal
+    impl = _cuda_impl(f"na{rank}d_qk", backend, query.dtype, c, rpb is not None, query, key)
     if impl is not None:
         rpb32 = (rpb.astype(query.dtype).astype(jnp.float32) if rpb is not None
                  else jnp.zeros((1,), jnp.float32))  # NATTEN casts the bias to the inputs' dtype
         return _qk_cuda((impl, ks, di, ca, rpb is not None, 1.0), query, key, rpb32)
 
+    B, spatial, H, Hkv, D, W = c.batch, c.spatial, c.heads, c.heads_kv, c.dim, c.window
     G = H // Hkv
-    W = math.prod(ks)
     cdt = _compute_dtype(query.dtype)
     q = query.astype(cdt).reshape((B,) + spatial + (Hkv, G, D))
     k = key.astype(cdt)
-    coords, valid, bias_idx = _windows(spatial, ks, di, ca)
-    valid = jnp.asarray(valid)
+    coords, masks, bias_idx = _windows(spatial, ks, di, ca)
     if rpb is not None:
         # NATTEN casts the bias to the inputs' dtype before adding it.
         bias = rpb.astype(query.dtype).astype(cdt)
         bias_idx = [jnp.asarray(b) for b in bias_idx]
+    row_valid = jnp.asarray(masks[0])
 
-    L0 = spatial[0]
-    per_row = B * W * max(Hkv * D, H) * math.prod(spatial[1:])
-    R, nblocks = _row_blocks(L0, per_row)
-
-    def block(r0):
-        rows = jnp.minimum(r0 + jnp.arange(R), L0 - 1)
+    def block(rows):
         kw = _gather_windows(k, coords, coords[0][rows])  # [B, R, L1.., k.., Hkv, D]
         kw = kw.reshape(kw.shape[: rank + 1] + (W,) + kw.shape[-2:])
         qb = jnp.take(q, rows, axis=1)  # [B, R, L1.., Hkv, G, D]
@@ -240,60 +143,47 @@ def na_qk_generic(rank: int, query, key, kernel_size, dilation=1, is_causal=Fals
             bw = jnp.transpose(bw, perm)
             bw = bw.reshape(bw.shape[:rank] + (W, Hkv, G))
             s = s + jnp.moveaxis(bw, rank, -1)[None]
-        m = jnp.take(valid, rows, axis=0).reshape((R,) + valid.shape[1:rank] + (W,))
-        return jnp.where(m[None, ..., None, None, :], s, -jnp.inf)
+        if any(ca):
+            m = window_mask(jnp.take(row_valid, rows, axis=0), masks, ks)  # [R, L1.., W]
+            s = jnp.where(m[None, ..., None, None, :], s, -jnp.inf)
+        return s
 
-    out = _run_blocks(block, L0, R, nblocks, B)
+    # Per row: the gathered keys or the logits, whichever is larger.
+    per_row = B * W * max(Hkv * D, H) * math.prod(spatial[1:])
+    out = map_row_blocks(block, spatial[0], per_row)
     return out.reshape((B,) + spatial + (H, W)).astype(query.dtype)
 
 
 def na_av_generic(rank: int, attn, value, kernel_size, dilation=1, is_causal=False,
                   backend=None):
     """Neighborhood-weighted values ``[B, *S, H, Dv]`` (see the module docstring)."""
-    op = f"na{rank}d_av"
-    check_unfused_backend(op, backend)
-    _check_array(op, "attn", attn, rank, f"[batch, *{rank} spatial, heads, prod(kernel_size)]")
-    _check_array(op, "value", value, rank, f"[batch, *{rank} spatial, heads, head_dim]")
-    as_, vs = tuple(attn.shape), tuple(value.shape)
-    if as_[0] != vs[0] or as_[1:-2] != vs[1:-2]:
-        raise ValueError(f"{op}: `attn` {as_} and `value` {vs} must match in batch and spatial "
-                         f"shape.")
-    B, spatial, H, W_in = as_[0], as_[1:-2], as_[-2], as_[-1]
-    Hkv, Dv = vs[-2], vs[-1]
-    _check_heads(op, "attn", H, "value", Hkv)
-    ks, di, ca = _check_window_args(op, rank, spatial, kernel_size, dilation, is_causal)
-    W = math.prod(ks)
-    if W_in != W:
-        raise ValueError(
-            f"{op}: the last axis of `attn` must be prod(kernel_size) = {W} for kernel_size="
-            f"{ks}, got {W_in} (attn shape {as_}).")
-    impl = _cuda_impl(op, backend, value.dtype, attn, value)
+    c = check_av_call(rank, attn, value, kernel_size, dilation, is_causal, backend)
+    ks, di, ca = c.kernel_size, c.dilation, c.is_causal
+    impl = _cuda_impl(f"na{rank}d_av", backend, value.dtype, c, False, attn, value)
     if impl is not None:
         # NATTEN casts the weights to the value's dtype.
         return _av_cuda((impl, ks, di, ca), attn.astype(value.dtype), value)
 
+    B, spatial, H, Hkv, Dv, W = c.batch, c.spatial, c.heads, c.heads_kv, c.dim, c.window
     G = H // Hkv
     cdt = _compute_dtype(value.dtype)
     # NATTEN casts the weights to the value's dtype.
     a = attn.astype(value.dtype).astype(cdt).reshape((B,) + spatial + (Hkv, G, W))
     v = value.astype(cdt)
-    coords, valid, _ = _windows(spatial, ks, di, ca)
-    valid = jnp.asarray(valid)
+    coords, masks, _ = _windows(spatial, ks, di, ca)
+    row_valid = jnp.asarray(masks[0])
 
-    L0 = spatial[0]
-    per_row = B * W * max(Hkv * Dv, H) * math.prod(spatial[1:])
-    R, nblocks = _row_blocks(L0, per_row)
-
-    def block(r0):
-        rows = jnp.minimum(r0 + jnp.arange(R), L0 - 1)
+    def block(rows):
         vw = _gather_windows(v, coords, coords[0][rows])  # [B, R, L1.., k.., Hkv, Dv]
         vw = vw.reshape(vw.shape[: rank + 1] + (W,) + vw.shape[-2:])
         ab = jnp.take(a, rows, axis=1)  # [B, R, L1.., Hkv, G, W]
-        m = jnp.take(valid, rows, axis=0).reshape((R,) + valid.shape[1:rank] + (W,))
-        ab = jnp.where(m[None, ..., None, None, :], ab, jnp.zeros((), cdt))
+        if any(ca):  # weights off the window count as 0, whatever they hold
+            m = window_mask(jnp.take(row_valid, rows, axis=0), masks, ks)
+            ab = jnp.where(m[None, ..., None, None, :], ab, jnp.zeros((), cdt))
         return jnp.einsum("...hgw,...whe->...hge", ab, vw)  # [B, R, L1.., Hkv, G, Dv]
 
-    out = _run_blocks(block, L0, R, nblocks, B)
+    per_row = B * W * max(Hkv * Dv, H) * math.prod(spatial[1:])
+    out = map_row_blocks(block, spatial[0], per_row)
     return out.reshape((B,) + spatial + (H, Dv)).astype(value.dtype)
 
 
@@ -301,27 +191,22 @@ def na_av_generic(rank: int, attn, value, kernel_size, dilation=1, is_causal=Fal
 # CUDA operators (backend "gemm" / "naive") and their VJPs.
 # --------------------------------------------------------------------------------------------
 
-def _on_gpu(*arrays) -> bool:
-    """Whether the (concrete) arrays live on GPUs; for traced values, whether JAX's default
-    backend is the GPU."""
-    for x in arrays:
-        try:
-            devices = x.devices()
-        except Exception:  # noqa: BLE001 - a tracer: placement is not known here
-            return jax.default_backend() == "gpu"
-        if any(d.platform != "gpu" for d in devices):
-            return False
-    return True
+def _cuda_can_run(dtype, platform, c: UnfusedCall, has_rpb: bool):
+    """unfused_cuda.can_run for one call (its forward and backward custom calls)."""
+    return unfused_cuda.can_run(dtype, platform, batch=c.batch, tokens=math.prod(c.spatial),
+                                heads=c.heads, dim=c.dim, window=c.window, rpb=has_rpb)
 
 
-def _cuda_impl(op: str, backend, dtype, *arrays):
-    """'gemm' / 'naive' to run the CUDA operators, None for the reference."""
+def _cuda_impl(op: str, backend, dtype, c: UnfusedCall, has_rpb: bool, *arrays):
+    """'gemm' / 'naive' to run the CUDA operators, None for the reference. ``backend=None``
+    takes "gemm" where the kernels can run the call (a CUDA build and GPU, the call placed on
+    it, a supported dtype and size), else the reference; an explicit CUDA backend that cannot
+    run it raises NotImplementedError with the reason."""
     if backend == "reference":
         return None
+    ok, why = _cuda_can_run(dtype, _ffi.call_platform(*arrays), c, has_rpb)
     if backend is None:
-        ok, _ = unfused_cuda.can_run(dtype)
-        return "gemm" if ok and _on_gpu(*arrays) else None
-    ok, why = unfused_cuda.can_run(dtype)
+        return "gemm" if ok else None
     if not ok:
         raise NotImplementedError(f"{op}: backend={backend!r} cannot run this call: {why}")
     return backend
@@ -378,7 +263,14 @@ _av_cuda.defvjp(_av_cuda_fwd, _av_cuda_bwd)
 def na_unfused(p: NAProblem, query, key, value, impl: str):
     """Neighborhood attention of a validated problem (stride 1, no extra tokens) as
     ``softmax(qk) -> av`` over the CUDA operators ``impl`` ("gemm" / "naive"): logits in the
-    query's dtype (as NATTEN's unfused path), softmax in float32. Returns (out, lse)."""
+    query's dtype (as NATTEN's unfused path), softmax in float32. Returns (out, lse).
+    NotImplementedError if the kernels cannot run ``p`` here (placement, dtype, size)."""
+    c = UnfusedCall(rank=p.rank, batch=p.batch, spatial=p.spatial, heads=p.heads,
+                    heads_kv=p.heads_kv, dim=max(p.head_dim, p.head_dim_v),
+                    kernel_size=p.kernel_size, dilation=p.dilation, is_causal=p.is_causal)
+    ok, why = _cuda_can_run(p.dtype, p.platform, c, False)
+    if not ok:
+        raise NotImplementedError(f"backend={impl!r} cannot run this call: {why}")
     cfg = (impl, p.kernel_size, p.dilation, p.is_causal)
     logits = _qk_cuda(cfg + (False, p.scale), query, key, jnp.zeros((1,), jnp.float32))
     logits = logits.astype(jnp.float32)

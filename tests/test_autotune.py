@@ -14,15 +14,20 @@ import pytest
 from natten_jax import autotune, tiles
 from natten_jax.backends import fused
 from natten_jax.checks import NAProblem
+from natten_jax.config import FusedConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def problem(dtype="bfloat16", spatial=(24, 40)) -> NAProblem:
+def problem(cache_dir=None, dtype="bfloat16", spatial=(24, 40), **config) -> NAProblem:
+    """The test problem with FusedConfig(cache_dir=cache_dir, **config) (the sm80 kernels
+    unless ``config`` says otherwise)."""
+    config = dict(dict(forward_impl="sm80", backward_impl="sm80"), **config)
+    cfg = FusedConfig(cache_dir=None if cache_dir is None else str(cache_dir), **config)
     return NAProblem(rank=2, spatial=spatial, kernel_size=(7, 7), stride=(1, 1), dilation=(1, 1),
                      is_causal=(False, False), scale=0.125, batch=2, heads=4, heads_kv=4,
-                     head_dim=64, head_dim_v=64, num_extra=0, dtype=dtype)
+                     head_dim=64, head_dim_v=64, num_extra=0, dtype=dtype, config=cfg)
 
 
 def winner(p, backward=False):
@@ -35,7 +40,8 @@ def fake_timer(counter=None, delay=0.0):
     Each call appends "pid tiles" to ``counter`` (a file) when given."""
     calls = []
 
-    def timer(p, t, backward, *, impl=None):
+    def timer(p, t, backward, *, impl):
+        assert impl in tiles.IMPLS
         calls.append(t)
         if counter is not None:
             with open(counter, "a") as f:
@@ -52,26 +58,20 @@ def fake_timer(counter=None, delay=0.0):
 
 def heuristic(p, backward=False):
     qt, kt = tiles.choose_tiles(p.spatial, p.kernel_size, p.stride, p.dilation, p.is_causal,
-                                p.head_dim, backward=backward)
+                                p.head_dim, backward=backward, q_tile=p.config.q_tile)
     return tuple(qt), tuple(kt)
 
 
 @pytest.fixture
-def cache(tmp_path, monkeypatch):
-    d = tmp_path / "cache"
-    monkeypatch.setenv(autotune.CACHE_DIR_ENV, str(d))
-    monkeypatch.delenv(autotune.MODE_ENV, raising=False)
-    monkeypatch.delenv("NATTEN_JAX_FNA_Q_TILE", raising=False)
+def cache(tmp_path):
+    """A fresh cache directory (the tests' problems name it in their config)."""
     autotune.clear_memory_cache()
-    yield d
+    yield tmp_path / "cache"
     autotune.clear_memory_cache()
 
 
-def _child_env(cache_dir):
+def _child_env():
     env = dict(os.environ)
-    env[autotune.CACHE_DIR_ENV] = str(cache_dir)
-    env.pop(autotune.MODE_ENV, None)
-    env.pop("NATTEN_JAX_FNA_Q_TILE", None)
     env["PYTHONPATH"] = os.pathsep.join([ROOT, HERE] + [env.get("PYTHONPATH", "")]).rstrip(
         os.pathsep)
     env["JAX_PLATFORMS"] = "cpu"
@@ -79,17 +79,17 @@ def _child_env(cache_dir):
 
 
 # A second process: tunes (or reads) the test problem with a fake timer that logs to a file.
-# argv: counter file, [ready file, go file] to start all children at the same moment.
+# argv: cache dir, counter file, [ready file, go file] to start all children at the same moment.
 CHILD = r"""
 import json, os, sys, time
 import test_autotune as T
 from natten_jax import autotune
-counter = sys.argv[1]
-if len(sys.argv) > 2:
-    open(sys.argv[2], "w").close()
-    while not os.path.exists(sys.argv[3]):
+cache, counter = sys.argv[1:3]
+if len(sys.argv) > 3:
+    open(sys.argv[3], "w").close()
+    while not os.path.exists(sys.argv[4]):
         time.sleep(0.005)
-t = autotune.select_tiles(T.problem(), mode="on", timer=T.fake_timer(counter, delay=0.02))
+t = autotune.select_tiles(T.problem(cache), mode="on", timer=T.fake_timer(counter, delay=0.02))
 print(json.dumps(t))
 """
 
@@ -99,21 +99,29 @@ def _lines(path):
 
 
 def test_mode_off_is_the_heuristic_and_times_nothing(cache):
-    p = problem()
+    p = problem(cache)
     timer = fake_timer()
-    assert autotune.select_tiles(p, timer=timer) == heuristic(p)
+    assert autotune.select_tiles(p, timer=timer) == heuristic(p)  # the config's mode: off
     assert autotune.select_tiles(p, backward=True, mode="off", timer=timer) == heuristic(p, True)
+    assert autotune.select_tiles(p) == heuristic(p)  # no timer needed
     assert timer.calls == [] and not cache.exists()
 
 
-def test_invalid_mode(cache, monkeypatch):
-    monkeypatch.setenv(autotune.MODE_ENV, "fast")
-    with pytest.raises(ValueError, match=autotune.MODE_ENV):
-        autotune.select_tiles(problem(), timer=fake_timer())
+def test_mode_comes_from_the_config(cache):
+    timer = fake_timer()
+    assert autotune.select_tiles(problem(cache, autotune="on"), timer=timer) == winner(problem())
+    assert len(timer.calls) == autotune.TOP_K
+    assert autotune.resolve_mode(problem(autotune="thorough")) == "thorough"
+    assert autotune.resolve_mode(problem(autotune="thorough"), " Off ") == "off"  # argument wins
+
+
+def test_invalid_mode_and_missing_timer(cache):
     with pytest.raises(ValueError, match="mode"):
-        autotune.select_tiles(problem(), mode="always", timer=fake_timer())
-    monkeypatch.setenv(autotune.MODE_ENV, " On ")
-    assert autotune.resolve_mode() == "on"
+        autotune.select_tiles(problem(cache), mode="always", timer=fake_timer())
+    with pytest.raises(TypeError, match="timer"):
+        autotune.select_tiles(problem(cache, autotune="on"))
+    with pytest.raises(ValueError, match="impl"):
+        autotune.select_tiles(problem(cache), impl="sm100")
 
 
 def test_problem_key_is_stable_and_complete():
@@ -123,10 +131,14 @@ def test_problem_key_is_stable_and_complete():
     import natten_jax
     for part in ("device=H100", "dtype=bfloat16", "dir=forward", "spatial=24x40", "kernel=7x7",
                  "stride=1x1", "dilation=1x1", "causal=0x0", "head_dim=64", "heads=4",
-                 "heads_kv=4", "batch=2", f"natten_jax={natten_jax.__version__}"):
+                 "heads_kv=4", "batch=2", f"natten_jax={natten_jax.__version__}", "impl=sm80"):
         assert part in k.split("|")
     assert autotune.problem_key(p, True, device="H100") != k
-    assert autotune.problem_key(problem("float16"), device="H100") != k
+    assert autotune.problem_key(problem(dtype="float16"), device="H100") != k
+    assert autotune.problem_key(p, device="H100", impl="sm90") != k
+    # the kernel the config selects, unless named
+    assert autotune.problem_key(problem(forward_impl="sm90"), device="H100") == \
+        autotune.problem_key(p, device="H100", impl="sm90")
 
 
 def test_candidates_are_legal_and_ranked():
@@ -137,10 +149,24 @@ def test_candidates_are_legal_and_ranked():
     assert all(sum(q) in (6, 7) and sum(k) == 6 for q, k in full)
     back = autotune.candidates(p, True, "thorough")
     assert len(back) == 7 * 7 and all(sum(q) == 6 for q, _ in back)
+    for q_tile, log2, n in ((64, 6, 7), (128, 7, 8)):  # the config restricts the forward's Q tile
+        got = autotune.candidates(problem(q_tile=q_tile), False, "thorough")
+        assert len(got) == n * 7 and all(sum(q) == log2 for q, _ in got)
+        assert autotune.candidates(problem(q_tile=q_tile), True, "thorough") == back
+
+
+def test_q_tile_config_tunes_and_caches_apart(cache):
+    p, p64 = problem(cache), problem(cache, q_tile=64)
+    t_all, t64 = fake_timer(), fake_timer()
+    autotune.select_tiles(p, mode="thorough", timer=t_all)
+    got = autotune.select_tiles(p64, mode="thorough", timer=t64)  # not served by p's entry
+    assert t64.calls and all(sum(q) == 6 for q, _ in t64.calls) and sum(got[0]) == 6
+    assert len(t64.calls) < len(t_all.calls)
+    assert len(json.load(open(cache / autotune.CACHE_FILE))["entries"]) == 2
 
 
 def test_mode_on_tunes_once_and_persists(cache):
-    p = problem()
+    p = problem(cache)
     timer = fake_timer()
     got = autotune.select_tiles(p, mode="on", timer=timer)
     assert got == winner(p) != heuristic(p)
@@ -163,7 +189,7 @@ def test_mode_on_tunes_once_and_persists(cache):
 
 
 def test_thorough_times_every_candidate_and_serves_on(cache):
-    p = problem()
+    p = problem(cache)
     on, thorough = fake_timer(), fake_timer()
     autotune.select_tiles(p, mode="on", timer=on)
     got = autotune.select_tiles(p, mode="thorough", timer=thorough)  # "on" entry is not enough
@@ -175,10 +201,10 @@ def test_thorough_times_every_candidate_and_serves_on(cache):
 
 
 def test_second_process_reuses_the_cache(cache, tmp_path):
-    p = problem()
+    p = problem(cache)
     assert autotune.select_tiles(p, mode="on", timer=fake_timer()) == winner(p)
     counter = tmp_path / "counter"
-    r = subprocess.run([sys.executable, "-c", CHILD, str(counter)], env=_child_env(cache),
+    r = subprocess.run([sys.executable, "-c", CHILD, str(cache), str(counter)], env=_child_env(),
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     q, k = json.loads(r.stdout)
@@ -189,8 +215,8 @@ def test_second_process_reuses_the_cache(cache, tmp_path):
 def test_concurrent_processes_tune_once(cache, tmp_path):
     counter, go = tmp_path / "counter", tmp_path / "go"
     ready = [tmp_path / f"ready{i}" for i in range(3)]
-    procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(counter), str(r), str(go)],
-                              env=_child_env(cache), stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(cache), str(counter), str(r),
+                               str(go)], env=_child_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for r in ready]
     try:
         deadline = time.time() + 50
@@ -214,7 +240,7 @@ def test_concurrent_processes_tune_once(cache, tmp_path):
 
 
 def test_concurrent_threads_tune_once(cache):
-    p = problem()
+    p = problem(cache)
     timer = fake_timer(delay=0.01)
     results = []
     threads = [threading.Thread(
@@ -230,7 +256,7 @@ def test_concurrent_threads_tune_once(cache):
 def test_corrupt_cache_warns_and_is_replaced(cache):
     cache.mkdir()
     (cache / autotune.CACHE_FILE).write_text("{not json")
-    p = problem()
+    p = problem(cache)
     with pytest.warns(RuntimeWarning, match="unreadable"):
         got = autotune.select_tiles(p, mode="on", timer=fake_timer())
     assert got == winner(p)
@@ -239,7 +265,7 @@ def test_corrupt_cache_warns_and_is_replaced(cache):
 
 
 def test_illegal_cached_tiles_are_ignored(cache):
-    p = problem()
+    p = problem(cache)
     cache.mkdir()
     bad = {"mode": "thorough", "q_tile": [9, 9], "kv_tile": [3, 3]}
     (cache / autotune.CACHE_FILE).write_text(json.dumps(
@@ -250,9 +276,9 @@ def test_illegal_cached_tiles_are_ignored(cache):
 
 
 def test_failing_timer_falls_back_to_the_heuristic(cache):
-    p = problem()
+    p = problem(cache)
 
-    def broken(p, t, backward):
+    def broken(p, t, backward, *, impl):
         raise RuntimeError("kernel launch failed")
 
     with pytest.warns(RuntimeWarning, match="could not be timed"):
@@ -261,54 +287,53 @@ def test_failing_timer_falls_back_to_the_heuristic(cache):
     assert autotune.select_tiles(p, mode="on", timer=broken) == heuristic(p)  # no retry storm
 
 
-def test_unwritable_cache_dir_warns(cache, monkeypatch, tmp_path):
+def test_unwritable_cache_dir_warns(cache, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    monkeypatch.setenv(autotune.CACHE_DIR_ENV, str(blocker / "sub"))  # parent is a file
-    p = problem()
+    p = problem(blocker / "sub")  # its parent is a file
     with pytest.warns(RuntimeWarning):
         assert autotune.select_tiles(p, mode="on", timer=fake_timer()) == winner(p)
 
 
 def test_fused_attrs_hook(cache, monkeypatch):
-    p = problem()
-    assert tuple(fused._attrs(p)["q_tile"]) == heuristic(p)[0]  # default: mode off
-    monkeypatch.setenv(autotune.MODE_ENV, "on")
-    monkeypatch.setattr(autotune, "default_timer", fake_timer())
-    a, b = fused._attrs(p), fused._attrs(p, backward=True)
+    p = problem(cache)
+    assert tuple(fused._attrs(p)["q_tile"]) == heuristic(p)[0]  # the config's mode: off
+    monkeypatch.setattr(fused, "time_kernel", fake_timer())  # what _attrs hands the tuner
+    p_on = problem(cache, autotune="on")
+    a, b = fused._attrs(p_on), fused._attrs(p_on, backward=True)
     assert (tuple(a["q_tile"]), tuple(a["kv_tile"])) == winner(p)
     assert (tuple(b["q_tile"]), tuple(b["kv_tile"])) == winner(p, True)
     explicit = ((3, 3), (3, 3))
-    assert tuple(fused._attrs(p, explicit)["q_tile"]) == (3, 3)  # explicit tiles: no tuning
+    assert tuple(fused._attrs(p_on, explicit)["q_tile"]) == (3, 3)  # explicit tiles: no tuning
 
 
-def test_default_timer_runs_at_trace_time_on_fresh_operands(cache, monkeypatch):
-    """The default timer through the fused hook, inside jit, with CPU stand-ins for the kernels:
+def test_time_kernel_runs_at_trace_time_on_fresh_operands(cache, monkeypatch):
+    """fused.time_kernel through the fused hook, inside jit, with CPU stand-ins for the kernels:
     operands are concrete (not the tracers), of the problem's shapes, freed after tuning."""
-    p = problem(dtype="float32", spatial=(8, 16))
+    p = problem(cache, dtype="float32", spatial=(8, 16), autotune="on")
     seen = {"fwd": [], "bwd": [], "operands": []}
 
     def fake_forward(p_, q, k, v, tiles=None, impl=None):
-        assert tiles is not None
+        assert tiles is not None and impl == "sm80"
         seen["fwd"].append(tiles)
         return q * 2, jnp.sum(q, axis=-1)
 
     def fake_backward(p_, q, k, v, dout, lse, delta, tiles=None, impl=None):
-        assert tiles is not None and lse.shape == delta.shape == q.shape[:-1]
+        assert tiles is not None and impl == "sm80"
+        assert lse.shape == delta.shape == q.shape[:-1]
         seen["bwd"].append(tiles)
         return q + dout, k * 2, v * 2
 
-    orig = autotune._random_operands
+    orig = autotune.random_operands
 
-    def spy(p_, backward):
-        args = orig(p_, backward)
+    def spy(p_, backward, forward=None):
+        args = orig(p_, backward, forward)
         seen["operands"].append(args)
         return args
 
     monkeypatch.setattr(fused, "_forward_call", fake_forward)
     monkeypatch.setattr(fused, "_backward_call", fake_backward)
-    monkeypatch.setattr(autotune, "_random_operands", spy)
-    monkeypatch.setenv(autotune.MODE_ENV, "on")
+    monkeypatch.setattr(autotune, "random_operands", spy)
     got = {}
 
     @jax.jit
@@ -336,13 +361,19 @@ def test_default_timer_runs_at_trace_time_on_fresh_operands(cache, monkeypatch):
     assert (tuple(got["bwd"]["q_tile"]), tuple(got["bwd"]["kv_tile"])) in bwd_cands
 
 
+def test_random_operands_of_the_backward_need_the_forward():
+    with pytest.raises(TypeError, match="forward"):
+        autotune.random_operands(problem(), True)
+
+
 def test_backward_tiles_are_tuned_and_cached_per_backward_kernel(cache):
-    """NATTEN_JAX_FNA_BWD_IMPL=sm90 tiles are timed with the sm90 backward and cached apart."""
-    p = problem()
+    """backward_impl="sm90" tiles are timed with the sm90 backward and cached apart."""
+    p = problem(cache)
     t80 = fake_timer()
     autotune.select_tiles(p, backward=True, mode="on", timer=t80)
     t90 = fake_timer()
-    autotune.select_tiles(p, backward=True, mode="on", timer=t90, impl="sm90")
+    autotune.select_tiles(problem(cache, backward_impl="sm90"), backward=True, mode="on",
+                          timer=t90)
     assert t80.calls and t90.calls  # the sm80 entry did not serve the sm90 kernel
     again = fake_timer()
     autotune.select_tiles(p, backward=True, mode="on", timer=again, impl="sm90")
@@ -350,31 +381,29 @@ def test_backward_tiles_are_tuned_and_cached_per_backward_kernel(cache):
     assert not again.calls
 
 
-def test_default_timer_times_the_kernel_of_the_entry(cache, monkeypatch):
-    """Each cache entry is timed with its own kernel, whatever NATTEN_JAX_FNA_IMPL selects (the
-    sm80 entry of device run 5 was timed with the sm90 kernel under `auto`)."""
+def test_the_timer_times_the_kernel_of_the_entry(cache):
+    """Each cache entry is timed with its own kernel, whatever the config selects (the sm80
+    entry of device run 5 was timed with the sm90 kernel under `auto`)."""
     seen = []
 
-    def timer(p, t, backward, *, impl=None):
+    def timer(p, t, backward, *, impl):
         seen.append((backward, impl))
         return 1.0
 
-    monkeypatch.setattr(autotune, "default_timer", timer)
-    monkeypatch.setenv(tiles.IMPL_ENV, "auto")
-    p = problem()
+    p = problem(cache, forward_impl="auto", backward_impl="auto")
     for backward in (False, True):
         for impl in ("sm80", "sm90"):
-            autotune.select_tiles(p, backward=backward, mode="on", impl=impl)
+            autotune.select_tiles(p, backward=backward, mode="on", impl=impl, timer=timer)
     assert sorted(set(seen)) == [(False, "sm80"), (False, "sm90"), (True, "sm80"), (True, "sm90")]
 
 
 @pytest.mark.parametrize("lead, keeps", [(0.01, True), (0.05, False)])
 def test_a_winner_inside_the_noise_margin_keeps_the_cost_models_choice(cache, lead, keeps):
-    p = problem()
+    p = problem(cache)
     h = heuristic(p)
     other = next(t for t in autotune.candidates(p, False, "on") if t != h)
 
-    def timer(p_, t, backward):
+    def timer(p_, t, backward, *, impl):
         return {h: 1.0, other: 1.0 - lead}.get(t, 2.0)
 
     got = autotune.select_tiles(p, mode="on", timer=timer)
@@ -384,16 +413,17 @@ def test_a_winner_inside_the_noise_margin_keeps_the_cost_models_choice(cache, le
 
 def test_implementation_choice_keeps_the_cost_models_impl_inside_the_margin(cache, monkeypatch):
     monkeypatch.setattr(autotune, "sm90_runs", lambda: True)
-    monkeypatch.setenv(tiles.IMPL_ENV, "auto")
-    p = problem()
-    preferred = autotune.resolve_impl(p)
+    preferred = autotune.resolve_impl(problem(forward_impl="auto"))
     other = "sm80" if preferred == "sm90" else "sm90"
     for lead, want in ((0.01, preferred), (0.10, other)):
         autotune.clear_memory_cache()
-        timers = {i: (lambda p_, t, b, s=(1.0 - lead if i == other else 1.0): s)
-                  for i in ("sm80", "sm90")}
-        monkeypatch.setattr(autotune, "default_timer",
-                            lambda p_, t, b, *, impl=None: timers[impl](p_, t, b))
-        monkeypatch.setenv(autotune.CACHE_DIR_ENV, str(cache / f"lead{lead}"))
-        impl, _ = autotune.select_config(p, mode="on")
+
+        def timer(p_, t, b, *, impl):
+            return 1.0 - lead if impl == other else 1.0
+
+        p = problem(cache / f"lead{lead}", forward_impl="auto")
+        impl, _ = autotune.select_config(p, mode="on", timer=timer)
         assert impl == want
+        # forced by the config: no choice
+        forced = problem(cache / f"lead{lead}", forward_impl=preferred, autotune="on")
+        assert autotune.select_config(forced, timer=timer)[0] == preferred

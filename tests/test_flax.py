@@ -17,6 +17,7 @@ from flax import linen as nn
 from flax import nnx
 
 import natten_jax
+import oracle
 from natten_jax import linen as na_linen
 from natten_jax import nnx as na_nnx
 
@@ -52,9 +53,10 @@ def _build(api, rank, seed=0, abstract=False, **overrides):
     """
     kw = dict(CONFIG[rank], backend="reference")
     kw.update(overrides)
+    embed_dim = kw.pop("embed_dim", EMBED)
     if api == "nnx":
         def make():
-            return NNX[rank](EMBED, HEADS, rngs=nnx.Rngs(seed), **kw)
+            return NNX[rank](embed_dim, HEADS, rngs=nnx.Rngs(seed), **kw)
 
         module = nnx.eval_shape(make) if abstract else nnx.jit(make)()
         graphdef, params, rest = nnx.split(module, nnx.Param, ...)
@@ -62,7 +64,9 @@ def _build(api, rank, seed=0, abstract=False, **overrides):
         def apply(params, x, **call_kw):
             return nnx.merge(graphdef, params, rest)(x, **call_kw)
     else:
-        module = LINEN[rank](EMBED, HEADS, **kw)
+        # embed_dim=None: inferred from the input (keyword form, as users write it).
+        module = (LINEN[rank](num_heads=HEADS, **kw) if embed_dim is None
+                  else LINEN[rank](embed_dim, HEADS, **kw))
         init = functools.partial(module.init, jax.random.key(seed), _x(rank, 1))
         params = (jax.eval_shape(init) if abstract else jax.jit(init)())["params"]
 
@@ -97,6 +101,31 @@ def _by_hand(params, x, rank, num_kv_heads=None, qk_scale=None, kernel_size=None
     return _dense(params["proj"], o.reshape(lead + (EMBED,)))
 
 
+def _by_hand64(params, x, rank, num_kv_heads=None, qk_scale=None, kernel_size=None, stride=1,
+               dilation=1, is_causal=False):
+    """The layer in float64 NumPy from raw params, independent of natten_jax: projections, each
+    key/value head repeated for its HEADS // num_kv_heads query heads (query head h uses key/value
+    head h // G), the brute-force oracle (tests/oracle.py), output projection."""
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    x = np.asarray(x, np.float64)
+    lead = x.shape[:-1]
+    Hkv = num_kv_heads or HEADS
+
+    def dense(d, x):
+        return x @ d["kernel"] + d.get("bias", 0.0)
+
+    if "qkv" in p:
+        qkv = dense(p["qkv"], x).reshape(lead + (3, HEADS, HEAD_DIM))
+        q, k, v = (qkv[..., i, :, :] for i in range(3))
+    else:
+        q = dense(p["q"], x).reshape(lead + (HEADS, HEAD_DIM))
+        kv = dense(p["kv"], x).reshape(lead + (2, Hkv, HEAD_DIM))
+        k, v = kv[..., 0, :, :], kv[..., 1, :, :]
+    k, v = (np.repeat(t, HEADS // Hkv, axis=-2) for t in (k, v))
+    o, _ = oracle.na_oracle(q, k, v, kernel_size, stride, dilation, is_causal, qk_scale)
+    return dense(p["proj"], o.reshape(lead + (EMBED,)))
+
+
 def _perturb(params, scale=0.1):
     """Add noise to every leaf (so that zero-initialised biases are exercised too)."""
     leaves, tree = jax.tree.flatten(params)
@@ -111,10 +140,14 @@ def _main(rank):
     computation in one jitted program."""
     nnx_apply, nnx_params = _build("nnx", rank, seed=0)
     linen_apply, linen_params = _build("linen", rank, seed=1)
+    inferred_apply, inferred_params = _build("linen", rank, seed=1, embed_dim=None)
     x = _x(rank)
 
     def loss(apply, p):
         return jnp.sum(jnp.sin(apply(p, x)))
+
+    def by_hand(p, x):
+        return _by_hand(_pure(p), x, rank, **CONFIG[rank])
 
     @jax.jit
     def run(nnx_params, linen_params, x):
@@ -126,11 +159,15 @@ def _main(rank):
             linen=linen_apply(linen_p, x),
             linen_by_hand=_by_hand(linen_p, x, rank, **CONFIG[rank]),
             linen_with_nnx_params=linen_apply(nnx_pure, x),
+            linen_inferred_embed_dim=inferred_apply(linen_p, x),
             nnx_grad=jax.grad(functools.partial(loss, nnx_apply))(nnx_params),
             linen_grad=jax.grad(functools.partial(loss, linen_apply))(linen_params),
+            nnx_grad_by_hand=jax.grad(functools.partial(loss, by_hand))(nnx_params),
+            linen_grad_by_hand=jax.grad(functools.partial(loss, by_hand))(linen_params),
         )
 
     return dict(x=x, nnx_params=nnx_params, linen_params=linen_params,
+                linen_inferred_params=inferred_params,
                 out=jax.tree.map(np.asarray, run(nnx_params, linen_params, x)))
 
 
@@ -155,10 +192,39 @@ def _expected_param_shapes(num_kv_heads, qkv_bias=True):
 
 @pytest.mark.parametrize("api", APIS)
 @pytest.mark.parametrize("rank", RANKS)
-def test_param_shapes_and_dtypes(api, rank):
-    params = _main(rank)[f"{api}_params"]
+def test_param_shapes_dtypes_and_init(api, rank):
+    """The parameters' layout, and their values as the default initialisers make them: zero
+    biases, LeCun-normal kernels (truncated normal of standard deviation 1 / sqrt(fan_in),
+    cut at two standard deviations of the untruncated normal), a different draw per kernel."""
+    params = _pure(_main(rank)[f"{api}_params"])
     assert _param_shapes(params) == _expected_param_shapes(CONFIG[rank].get("num_kv_heads"))
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+    std = EMBED ** -0.5  # every projection's fan_in is EMBED
+    kernels = []
+    for name, sub in params.items():
+        w = np.asarray(sub["kernel"])
+        np.testing.assert_array_equal(np.asarray(sub["bias"]), 0.0, err_msg=name)
+        assert abs(w.std() / std - 1) < 0.25 and abs(w.mean()) < 0.4 * std, (name, w.std())
+        assert np.abs(w).max() <= 2 * std / 0.87962566103423978 + 1e-6, name
+        kernels.append(w.ravel())
+    for i, a in enumerate(kernels):  # independent draws: no kernel repeats another's values
+        for b in kernels[i + 1:]:
+            n = min(a.size, b.size)
+            assert not np.allclose(a[:n], b[:n])
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_initialisers_reach_every_projection(api):
+    """kernel_init / bias_init initialise every projection, the output projection included
+    (here: the grouped-query layout's q, kv and proj)."""
+    init = dict(kernel_init=jax.nn.initializers.constant(0.5),
+                bias_init=jax.nn.initializers.constant(-0.25))
+    _, params = _build(api, 2, num_kv_heads=2, **init)
+    params = _pure(params)
+    assert set(params) == {"q", "kv", "proj"}
+    for name, sub in params.items():
+        np.testing.assert_array_equal(np.asarray(sub["kernel"]), 0.5, err_msg=name)
+        np.testing.assert_array_equal(np.asarray(sub["bias"]), -0.25, err_msg=name)
 
 
 @pytest.mark.parametrize("api", APIS)
@@ -185,6 +251,108 @@ def test_nnx_and_linen_agree(rank):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize("rank", RANKS)
+def test_linen_infers_embed_dim(rank):
+    """embed_dim=None: the parameters (shapes, and with the same seed values) and the output of
+    the module built with embed_dim=EMBED."""
+    r = _main(rank)
+    inferred = r["linen_inferred_params"]
+    assert _param_shapes(inferred) == _expected_param_shapes(CONFIG[rank].get("num_kv_heads"))
+    assert jax.tree.structure(inferred) == jax.tree.structure(r["linen_params"])
+    for a, b in zip(jax.tree.leaves(inferred), jax.tree.leaves(r["linen_params"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_allclose(r["out"]["linen_inferred_embed_dim"], r["out"]["linen"],
+                               rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture
+def na_calls(monkeypatch):
+    """Records every natten_jax.na1d/na2d/na3d call of the layers: a list of dicts with the
+    q/k/v shapes and the keyword arguments."""
+    calls = []
+    for rank in RANKS:
+        real = getattr(natten_jax, f"na{rank}d")
+
+        def spy(q, k, v, *args, _real=real, **kwargs):
+            calls.append(dict(kwargs, q=q.shape, k=k.shape, v=v.shape))
+            return _real(q, k, v, *args, **kwargs)
+
+        monkeypatch.setattr(natten_jax, f"na{rank}d", spy)
+    return calls
+
+
+@pytest.mark.parametrize("num_kv_heads", [None, 2])
+def test_linen_inferred_embed_dim_follows_the_input(num_kv_heads, na_calls):
+    width = 24  # not EMBED: head_dim 6
+    layer = LINEN[2](num_heads=HEADS, kernel_size=3, num_kv_heads=num_kv_heads,
+                     backend="reference")
+    x = jnp.zeros((2, 5, 6, width), jnp.float32)
+    params = jax.eval_shape(layer.init, jax.random.key(0), x)["params"]
+    kv = 2 * (num_kv_heads or HEADS) * 6
+    want = ({"qkv": {"kernel": (width, 3 * width), "bias": (3 * width,)}} if num_kv_heads is None
+            else {"q": {"kernel": (width, width), "bias": (width,)},
+                  "kv": {"kernel": (width, kv), "bias": (kv,)}})
+    want["proj"] = {"kernel": (width, width), "bias": (width,)}
+    assert _param_shapes(params) == want
+    na_calls.clear()
+    assert jax.eval_shape(layer.apply, {"params": params}, x).shape == x.shape
+    (call,) = na_calls
+    assert call["q"] == (2, 5, 6, HEADS, 6)
+    assert call["k"] == call["v"] == (2, 5, 6, num_kv_heads or HEADS, 6)
+    x18 = jnp.zeros((2, 5, 6, 18), jnp.float32)
+    with pytest.raises(ValueError, match=r"inferred .*\(18\) must be divisible by `num_heads`"):
+        jax.eval_shape(layer.init, jax.random.key(0), x18)
+
+
+def test_required_arguments():
+    """NNX needs embed_dim (parameters are created at construction); Linen needs num_heads and
+    kernel_size, whose None defaults exist only so that embed_dim can come first and be None."""
+    with pytest.raises(TypeError, match="embed_dim"):
+        na_nnx.NeighborhoodAttention2D(None, HEADS, 3, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match="num_heads"):
+        na_nnx.NeighborhoodAttention2D(EMBED, None, 3, rngs=nnx.Rngs(0))
+    for name in ("num_heads", "kernel_size"):
+        kw = dict(num_heads=HEADS, kernel_size=3)
+        del kw[name]
+        for embed_dim in (EMBED, None):
+            with pytest.raises(ValueError, match=f"`{name}` is required"):
+                na_linen.NeighborhoodAttention2D(embed_dim, **kw)
+
+
+@pytest.mark.parametrize("bad,name", [(dict(num_kv_heads=3), "num_kv_heads"),
+                                      (dict(stride=4), "stride"),
+                                      (dict(backend="nope"), "backend")])
+def test_linen_inferred_embed_dim_checks_the_rest_at_call(bad, name):
+    layer = na_linen.NeighborhoodAttention2D(num_heads=HEADS, kernel_size=3, **bad)
+    with pytest.raises(ValueError, match=name):
+        jax.eval_shape(layer.init, jax.random.key(0), _x(2))
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_backend_config_reaches_na(api, na_calls):
+    config = natten_jax.FusedConfig(forward_impl="sm80", q_tile=64)
+    for given in (config, None):
+        apply, params = _build(api, 2, abstract=True, backend_config=given)
+        na_calls.clear()
+        assert jax.eval_shape(apply, params, _x(2)).shape == _x(2).shape
+        (call,) = na_calls
+        assert call["backend_config"] is given and call["backend"] == "reference"
+    with pytest.raises(TypeError, match="backend_config"):
+        _build(api, 2, abstract=True, backend_config="sm80")
+
+
+def test_nnx_backend_config_is_static():
+    """The config is part of the NNX graph definition, so nnx.jit traces again for another."""
+    def graphdef(config):
+        return nnx.graphdef(nnx.eval_shape(lambda: NNX[1](
+            EMBED, HEADS, rngs=nnx.Rngs(0), backend_config=config, **CONFIG[1])))
+
+    sm80 = natten_jax.FusedConfig(forward_impl="sm80")
+    assert graphdef(sm80) == graphdef(natten_jax.FusedConfig(forward_impl="sm80"))
+    assert graphdef(sm80) != graphdef(natten_jax.FusedConfig(forward_impl="sm90"))
+    assert graphdef(sm80) != graphdef(None)
+
+
 @pytest.mark.parametrize("api", APIS)
 @pytest.mark.parametrize("rank", RANKS)
 def test_grad_under_jit(api, rank):
@@ -192,8 +360,11 @@ def test_grad_under_jit(api, rank):
     grads = r["out"][f"{api}_grad"]
     params = r[f"{api}_params"]
     assert _param_shapes(grads) == _param_shapes(params)
-    for g in jax.tree.leaves(grads):
-        assert np.all(np.isfinite(g)) and np.max(np.abs(g)) > 0
+    want = r["out"][f"{api}_grad_by_hand"]
+    assert jax.tree.structure(grads) == jax.tree.structure(want)
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
+        assert np.max(np.abs(g)) > 0
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
 
 def test_nnx_transforms_on_module():
@@ -208,10 +379,18 @@ def test_nnx_transforms_on_module():
 
     y, grads = fwd_and_grad(m, x)
     params = nnx.state(m, nnx.Param)
-    ref = jax.jit(lambda p, x: _by_hand(_pure(p), x, 1, **CONFIG[1]))(params, x)
+
+    @jax.jit
+    def by_hand(p, x):
+        f = lambda p: _by_hand(_pure(p), x, 1, **CONFIG[1])  # noqa: E731
+        return f(p), jax.grad(lambda p: jnp.sum(f(p) ** 2))(p)
+
+    ref, ref_grads = by_hand(params, x)
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=2e-5, atol=2e-5)
     assert _param_shapes(grads) == _param_shapes(params)
-    assert all(np.max(np.abs(np.asarray(g))) > 0 for g in jax.tree.leaves(grads))
+    for g, w in zip(jax.tree.leaves(_pure(grads)), jax.tree.leaves(_pure(ref_grads))):
+        assert np.max(np.abs(np.asarray(g))) > 0
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("api", APIS)
@@ -238,25 +417,22 @@ def test_bf16(api):
 
 @pytest.mark.parametrize("api,num_kv_heads,qkv_bias", [("nnx", 1, False), ("linen", 2, True),
                                                        ("nnx", 4, False)])
-def test_gqa_passes_kv_heads_unrepeated(api, num_kv_heads, qkv_bias, monkeypatch):
+def test_gqa_passes_kv_heads_unrepeated(api, num_kv_heads, qkv_bias, na_calls):
+    """Grouped-query layers hand natten_jax num_kv_heads key/value heads (not repeated to
+    HEADS), and compute what repeating each for its group of query heads would."""
     rank = 2
-    seen = []
-    real = natten_jax.na2d
-
-    def spy(q, k, v, *args, **kwargs):
-        seen.append((q.shape, k.shape, v.shape))
-        return real(q, k, v, *args, **kwargs)
-
-    monkeypatch.setattr(natten_jax, "na2d", spy)
-    apply, params = _build(api, rank, abstract=True, num_kv_heads=num_kv_heads,
-                           qkv_bias=qkv_bias)
+    cfg = dict(CONFIG[rank], num_kv_heads=num_kv_heads)
+    apply, params = _build(api, rank, qkv_bias=qkv_bias, **cfg)
     assert _param_shapes(params) == _expected_param_shapes(num_kv_heads, qkv_bias)
+    params = _perturb(params)  # non-zero biases
     x = _x(rank)
-    seen.clear()
-    assert jax.eval_shape(apply, params, x).shape == x.shape
-    (qs, ks, vs), = seen
-    assert qs == x.shape[:-1] + (HEADS, HEAD_DIM)
-    assert ks == vs == x.shape[:-1] + (num_kv_heads, HEAD_DIM)
+    na_calls.clear()
+    y = jax.jit(apply)(params, x)
+    (call,) = na_calls
+    assert call["q"] == x.shape[:-1] + (HEADS, HEAD_DIM)
+    assert call["k"] == call["v"] == x.shape[:-1] + (num_kv_heads, HEAD_DIM)
+    np.testing.assert_allclose(np.asarray(y, np.float64), _by_hand64(_pure(params), x, rank, **cfg),
+                               rtol=1e-4, atol=1e-5)
 
 
 BAD_ARGS = [
@@ -344,7 +520,42 @@ def test_module_types():
         assert LINEN[rank].__doc__ and NNX[rank].__doc__
 
 
-def test_import_natten_jax_does_not_import_flax():
-    code = "import sys, natten_jax; assert 'flax' not in sys.modules, 'flax imported'"
-    subprocess.run([sys.executable, "-c", code], check=True,
-                   cwd=str(pathlib.Path(natten_jax.__file__).parents[1]))
+def _run_python(code):
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=str(pathlib.Path(natten_jax.__file__).parents[1]))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_flax_submodules_are_attributes_imported_lazily():
+    _run_python("""
+import sys, natten_jax
+assert "flax" not in sys.modules, "import natten_jax imported flax"
+assert {"nnx", "linen", "models"} <= set(dir(natten_jax))
+layer = natten_jax.nnx.NeighborhoodAttention2D  # first access imports natten_jax.nnx and flax
+assert "flax" in sys.modules and layer.__module__ == "natten_jax.nnx", layer.__module__
+assert natten_jax.linen.NeighborhoodAttention2D.__module__ == "natten_jax.linen"
+assert natten_jax.models.NAT.__module__ == "natten_jax.models.nat"
+import natten_jax.nnx
+assert natten_jax.nnx is sys.modules["natten_jax.nnx"]
+""")
+
+
+def test_flax_submodules_without_flax():
+    _run_python("""
+import sys
+sys.modules["flax"] = None  # as if flax were not installed
+import natten_jax
+for name in ("nnx", "linen", "models"):
+    try:
+        getattr(natten_jax, name)
+    except ImportError as e:
+        assert f"natten_jax.{name} needs Flax" in str(e) and "pip install flax" in str(e), e
+    else:
+        raise AssertionError(f"natten_jax.{name} without flax")
+try:
+    natten_jax.no_such_name
+except AttributeError as e:
+    assert "no_such_name" in str(e), e
+else:
+    raise AssertionError("natten_jax.no_such_name")
+""")

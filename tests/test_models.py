@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import natten_jax
 from natten_jax import models
 from natten_jax.models import NAT, NATAttention, NATLayer, convert_torch_state_dict
 from natten_jax.window import is_neighbor_1d
@@ -223,6 +224,31 @@ def test_stochastic_depth_and_eval_mode():
     model.train()
     outs = [np.asarray(apply(model, x)) for _ in range(3)]  # the dropout rng state advances
     assert any(not np.allclose(outs[0], o) for o in outs[1:])
+
+
+def test_backend_config_reaches_every_layer(monkeypatch):
+    """NAT(backend_config=...) hands the config (and the backend) to natten_jax.na2d in every
+    layer; None stays None (na2d's default)."""
+    seen = []
+    real = natten_jax.na2d
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["backend"], kwargs["backend_config"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(natten_jax, "na2d", spy)
+    config = natten_jax.FusedConfig(backward="reference", q_tile=64)
+    x = images()
+    for given in (config, None):
+        model = nnx.eval_shape(lambda: tiny_nat(backend_config=given))
+        graphdef, state = nnx.split(model)
+        seen.clear()
+        out = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x, deterministic=True),
+                             state, x)
+        assert out.shape == (2, 5)
+        assert seen == [("reference", given)] * 3  # depths (1, 2)
+        assert all(layer.attn.backend_config is given
+                   for level in model.levels for layer in level.blocks)
 
 
 def test_padding_small_feature_maps():

@@ -2,11 +2,12 @@
 
 The checks run in one subprocess with 4 forced host (CPU) devices: the main pytest process has
 already initialised JAX with one CPU device, and XLA_FLAGS must be set before JAX starts. The
-FFI kernels cannot run on CPU, so the worker replaces the per-shard FFI call of the fused
-backend (``fused._per_shard_call``) by a CPU stand-in built on ``na_reference``, with the static
-problem rebuilt from the call's attributes and the local (per-shard) shapes, and makes
-``fused.can_run`` say yes: everything else (public API, custom_vjp, custom_vmap, the
-partitioning wrapper, the fused backward call) is the real fused path. A second probe lowers
+FFI kernels cannot run on CPU, so the worker replaces the custom call of the fused backend
+(``natten_jax._ffi.custom_call``, which ``_ffi.batched_call`` calls per shard) by a CPU
+stand-in built on ``na_reference``, with the static problem rebuilt from the call's attributes
+and the local (per-shard) shapes, and makes ``fused.can_run`` say yes: everything else (public
+API, custom_vjp, custom_vmap, the partitioning wrapper, the fused backward call) is the real
+fused path. A second probe lowers
 the real FFI call itself and reads the partitioned HLO that XLA dumps before it fails to find
 a CPU handler for our CUDA targets.
 
@@ -24,6 +25,7 @@ import time
 import pytest
 
 from multidevice import N_DEVICES, run_worker
+from natten_jax.config import ENV_VARS
 from multidevice import skip_or_fail as _skip_or_fail  # noqa: F401
 
 COLLECTIVES = ("all-gather", "all-to-all", "collective-permute")
@@ -51,14 +53,15 @@ def _worker(dump_dir):  # noqa: C901 (one linear list of cases)
         return {"skip": f"needs {N_DEVICES} devices, JAX sees {len(jax.devices())}"}
 
     import natten_jax
+    from natten_jax import _ffi
     from natten_jax.backends import fused
     from natten_jax.checks import check_na_call
     from natten_jax.reference import na_reference
 
     seen = []  # (target, operand shapes) of every trace of the per-shard stand-in
-    real_per_shard_call = fused._per_shard_call
+    real_custom_call = _ffi.custom_call
 
-    def standin_per_shard_call(target, out_types, attrs):
+    def standin_custom_call(target, out_types, attrs):
         """The fused backend's per-shard call with na_reference in place of the kernel."""
         rank = len(attrs["kernel_size"])
         ints = lambda a: tuple(int(x) for x in a)  # noqa: E731
@@ -90,7 +93,7 @@ def _worker(dump_dir):  # noqa: C901 (one linear list of cases)
         # jit: na_reference closes over constant arrays, which custom_partitioning refuses.
         return jax.jit(forward if target == fused.TARGET else backward)
 
-    fused._per_shard_call = standin_per_shard_call
+    _ffi.custom_call = standin_custom_call
     fused.can_run = lambda p: (True, "")
     fused.F32_COMPUTE = jnp.float32  # the stand-in computes in float32 (partitioning under test)
 
@@ -110,10 +113,12 @@ def _worker(dump_dir):  # noqa: C901 (one linear list of cases)
 
     NA_ARGS = dict(kernel_size=(3, 2), stride=(2, 1), dilation=(1, 2), is_causal=(False, True))
 
-    def na(backend):
+    def na(backend, backward="kernel"):
+        cfg = natten_jax.FusedConfig(backward=backward)
+
         def f(q, k, v, ek=None, ev=None):
             return natten_jax.na2d(q, k, v, **NA_ARGS, additional_keys=ek, additional_values=ev,
-                                   backend=backend, return_lse=True)
+                                   backend=backend, backend_config=cfg, return_lse=True)
         return f
 
     def put(m, spec, x):
@@ -237,33 +242,29 @@ def _worker(dump_dir):  # noqa: C901 (one linear list of cases)
                 "local": [s for _, s in seen]}
 
     def grad_case(mode, m, H, Hkv, spec_q, spec_kv, remat=False):
-        os.environ[fused.BACKWARD_ENV] = mode
-        try:
-            q, k, v, _ = data(4, (6, 5), H, Hkv, 16, seed=1)
-            rng = np.random.default_rng(2)
-            wo = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
-            wl = jnp.asarray(rng.standard_normal(q.shape[:-1]), jnp.float32)
+        q, k, v, _ = data(4, (6, 5), H, Hkv, 16, seed=1)
+        rng = np.random.default_rng(2)
+        wo = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+        wl = jnp.asarray(rng.standard_normal(q.shape[:-1]), jnp.float32)
 
-            def loss(backend):
-                def f(q, k, v):
-                    out, lse = na(backend)(q, k, v)
-                    return jnp.sum(out * wo) + jnp.sum(jnp.sin(lse) * wl)
-                return f
+        def loss(backend):
+            def f(q, k, v):
+                out, lse = na(backend, backward=mode)(q, k, v)
+                return jnp.sum(out * wo) + jnp.sum(jnp.sin(lse) * wl)
+            return f
 
-            ref_val, ref_grads = jax.value_and_grad(loss("reference"), (0, 1, 2))(q, k, v)
-            fused_loss = jax.checkpoint(loss("fused")) if remat else loss("fused")
-            f = jax.jit(jax.value_and_grad(fused_loss, (0, 1, 2)))
-            args = [put(m, spec_q, q), put(m, spec_kv, k), put(m, spec_kv, v)]
-            lowered = f.lower(*args)
-            seen.clear()
-            txt = lowered.compile().as_text()
-            local = [[t] + s for t, s in seen]
-            val, grads = f(*args)
-            errs = [max_err(val, ref_val)] + [max_err(a, b) for a, b in zip(grads, ref_grads)]
-            return {"err": max(errs), "collectives": colls(txt), "local": local,
-                    "grad_specs": [spec(g) for g in grads]}
-        finally:
-            os.environ.pop(fused.BACKWARD_ENV, None)
+        ref_val, ref_grads = jax.value_and_grad(loss("reference"), (0, 1, 2))(q, k, v)
+        fused_loss = jax.checkpoint(loss("fused")) if remat else loss("fused")
+        f = jax.jit(jax.value_and_grad(fused_loss, (0, 1, 2)))
+        args = [put(m, spec_q, q), put(m, spec_kv, k), put(m, spec_kv, v)]
+        lowered = f.lower(*args)
+        seen.clear()
+        txt = lowered.compile().as_text()
+        local = [[t] + s for t, s in seen]
+        val, grads = f(*args)
+        errs = [max_err(val, ref_val)] + [max_err(a, b) for a, b in zip(grads, ref_grads)]
+        return {"err": max(errs), "collectives": colls(txt), "local": local,
+                "grad_specs": [spec(g) for g in grads]}
 
     case("grad_kernel_batch_heads")(
         lambda: grad_case("kernel", mesh2, 4, 2, bh("x", "y"), bh("x", "y")))
@@ -278,8 +279,7 @@ def _worker(dump_dir):  # noqa: C901 (one linear list of cases)
     def _():
         # The real FFI calls (forward and fused backward), partitioned: XLA dumps the
         # optimised HLO of each probe, then fails to find a CPU handler for the CUDA target.
-        fused._per_shard_call = real_per_shard_call
-        os.environ[fused.BACKWARD_ENV] = "kernel"
+        _ffi.custom_call = real_custom_call
         try:
             q, k, v, _ = data(4, (6, 5), 8, 2, 32, dtype=jnp.float16)
 
@@ -309,8 +309,7 @@ def _worker(dump_dir):  # noqa: C901 (one linear list of cases)
             return {"calls": calls, "collectives": colls(txt),
                     "custom_partitioning_left": "CustomSPMDPartitioning" in txt}
         finally:
-            os.environ.pop(fused.BACKWARD_ENV, None)
-            fused._per_shard_call = standin_per_shard_call
+            _ffi.custom_call = standin_custom_call
 
     return results
 
@@ -322,7 +321,8 @@ def _worker(dump_dir):  # noqa: C901 (one linear list of cases)
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     dump = str(tmp_path_factory.mktemp("hlo_dump"))
-    return run_worker(__file__, "sharding", args=(dump,), drop_env=("NATTEN_JAX_FUSED_BACKWARD",),
+    return run_worker(__file__, "sharding", args=(dump,),
+                      drop_env=tuple(ENV_VARS.values()),  # the config comes from the cases
                       xla_flags=(f"--xla_dump_to={dump}", "--xla_dump_hlo_as_text",
                                  f"--xla_dump_hlo_module_re=.*{PROBE}.*"))
 
@@ -418,7 +418,7 @@ def _bwd_shapes(b, h, hkv):
                                           ("grad_kernel_gqa_shared", 4, 2, 1),
                                           ("grad_kernel_checkpoint", 2, 2, 1)])
 def test_value_and_grad_kernel_backward(results, name, b, h, hkv):
-    """value_and_grad with the fused backward call (NATTEN_JAX_FUSED_BACKWARD=kernel) through
+    """value_and_grad with the fused backward call (FusedConfig(backward="kernel")) through
     the custom_vjp: equal to single-device autodiff of the reference, per-shard forward and
     backward calls, and only the loss's (and, for kv heads shared by several head shards, the
     dk/dv) all-reduce."""
@@ -453,7 +453,8 @@ def test_inside_shard_map(results):
 
 
 def test_value_and_grad_reference_backward(results):
-    """The default backward (reference VJP, pure JAX, partitioned by XLA) under sharding."""
+    """The reference VJP backward (FusedConfig(backward="reference"): pure JAX, partitioned by
+    XLA) under sharding."""
     r = _get(results, "grad_reference_batch_heads")
     assert r["err"] <= GRAD_TOL, r
     assert r["grad_specs"] == [["x", None, None, "y", None]] * 3, r["grad_specs"]
@@ -485,7 +486,7 @@ def test_worker_runtime(results):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backward", ["reference", "kernel"])
-def test_fused_sharded_gpus(monkeypatch, backward):
+def test_fused_sharded_gpus(backward):
     """The real kernels with batch or heads (GQA) sharded over 2 GPUs: forward and gradients
     equal the unsharded fused call's, and the HLO has no gathers."""
     import jax
@@ -499,7 +500,7 @@ def test_fused_sharded_gpus(monkeypatch, backward):
     gpus = [d for d in jax.devices() if d.platform == "gpu"]
     if len(gpus) < 2:
         _skip_or_fail(f"needs 2 GPUs, JAX sees {len(gpus)}")
-    monkeypatch.setenv("NATTEN_JAX_FUSED_BACKWARD", backward)
+    cfg = natten_jax.FusedConfig(backward=backward)
     n = 2
     m = jax.make_mesh((n,), ("x",), axis_types=(AxisType.Auto,), devices=gpus[:n])
     rng = np.random.default_rng(0)
@@ -510,7 +511,8 @@ def test_fused_sharded_gpus(monkeypatch, backward):
     w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
 
     def loss(q, k, v):
-        out, lse = natten_jax.na2d(q, k, v, 7, dilation=2, backend="fused", return_lse=True)
+        out, lse = natten_jax.na2d(q, k, v, 7, dilation=2, backend="fused", backend_config=cfg,
+                                   return_lse=True)
         return jnp.sum(out.astype(jnp.float32) * w) + jnp.sum(lse), (out, lse)
 
     f = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)

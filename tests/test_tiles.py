@@ -56,8 +56,7 @@ def test_window_bounds_are_monotone():
                     assert np.all(np.diff(start) >= 0) and np.all(np.diff(end) >= 0)
 
 
-def test_choose_tiles_shapes_and_choices(monkeypatch):
-    monkeypatch.delenv("NATTEN_JAX_FNA_Q_TILE", raising=False)
+def test_choose_tiles_shapes_and_choices():
     for rank in (1, 2, 3):
         spatial = (40,) * rank
         qt, kt = tiles.choose_tiles(spatial, (7,) * rank, (1,) * rank, (1,) * rank,
@@ -69,12 +68,17 @@ def test_choose_tiles_shapes_and_choices(monkeypatch):
     assert sum(qt) == 7
     qt, _ = tiles.choose_tiles((56, 56), (7, 7), (1, 1), (1, 1), (False, False), 32)
     assert sum(qt) == 6
-    monkeypatch.setenv("NATTEN_JAX_FNA_Q_TILE", "64")
-    qt, _ = tiles.choose_tiles((32768,), (2047,), (1,), (1,), (False,), 128)
+    # FusedConfig.q_tile restricts the forward's Q tile (the backward always takes 64 tokens)
+    qt, _ = tiles.choose_tiles((32768,), (2047,), (1,), (1,), (False,), 128, q_tile=64)
     assert sum(qt) == 6
-    monkeypatch.setenv("NATTEN_JAX_FNA_Q_TILE", "96")
-    with pytest.raises(ValueError, match="NATTEN_JAX_FNA_Q_TILE"):
-        tiles.choose_tiles((64,), (3,), (1,), (1,), (False,), 64)
+    qt, _ = tiles.choose_tiles((56, 56), (7, 7), (1, 1), (1, 1), (False, False), 32, q_tile=128)
+    assert sum(qt) == 7
+    qt, _ = tiles.choose_tiles((56, 56), (7, 7), (1, 1), (1, 1), (False, False), 32, q_tile=128,
+                               backward=True)
+    assert sum(qt) == 6
+    assert tiles.q_tile_sizes() == (6, 7) and tiles.q_tile_sizes(128) == (7,)
+    with pytest.raises(ValueError, match="q_tile"):
+        tiles.choose_tiles((64,), (3,), (1,), (1,), (False,), 64, q_tile=96)
 
 
 def test_visited_flops_counts_at_least_useful_work():
@@ -82,3 +86,10 @@ def test_visited_flops_counts_at_least_useful_work():
     useful = 4 * 2 * 3 * 64 * math.prod(spatial) * math.prod(kernel)
     visited = tiles.visited_flops(spatial, kernel, (1, 1), (1, 1), (False, False), 2, 3, 64)
     assert useful <= visited <= 2 * useful
+    # the count follows the tiles the config's Q tile allows
+    for q_tile in (64, 128):
+        qt, kt = tiles.choose_tiles(spatial, kernel, (1, 1), (1, 1), (False, False), 64,
+                                    q_tile=q_tile)
+        pairs = tiles.visited_pairs(spatial, kernel, (1, 1), (1, 1), (False, False), qt, kt)
+        assert tiles.visited_flops(spatial, kernel, (1, 1), (1, 1), (False, False), 2, 3, 64,
+                                   q_tile=q_tile) == 4 * 2 * 3 * 64 * pairs

@@ -404,8 +404,10 @@ def test_row_blocking(monkeypatch):
         return jnp.sum(jnp.sin(na3d_av(a, v, ks, di)))
 
     one = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, rpb)
-    monkeypatch.setattr(unfused, "_BLOCK_ELEMENTS", 400)  # -> one row per block, 9 blocks
-    assert unfused._row_blocks(9, 1 * 27 * 3 * 12) == (1, 9)
+    from natten_jax import reference
+
+    monkeypatch.setattr(reference, "_BLOCK_ELEMENTS", 400)  # -> one row per block, 9 blocks
+    assert reference.row_blocks(9, 1 * 27 * 3 * 12) == (1, 9)
     many = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, rpb)
     np.testing.assert_allclose(many[0], one[0], rtol=1e-13)
     for a, b in zip(many[1], one[1]):

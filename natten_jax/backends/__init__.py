@@ -25,7 +25,9 @@ def select(p, backend):
     if backend in ("gemm", "naive"):
         why = unfused_attention_unsupported(p, backend)
         if not why:
-            why = unfused_cuda.can_run(p.dtype)[1]
+            why = unfused_cuda.can_run(p.dtype, p.platform, batch=p.batch, tokens=p.num_tokens,
+                                       heads=p.heads, dim=max(p.head_dim, p.head_dim_v),
+                                       window=p.window)[1]
         if why:
             raise NotImplementedError(f"backend={backend!r} cannot run this call: {why}")
         return functools.partial(_unfused_run, impl=backend)

@@ -16,12 +16,14 @@ dtype (float32, float16, bfloat16; fp32 accumulation):
 
 ``W = prod(kernel_size)``, ``G = H // Hkv``; neighbor order and RPB indexing are those of
 :mod:`natten_jax.unfused`. The autodiff rules live in :mod:`natten_jax.unfused`; this module
-issues the calls (a vmapped call folds the mapped axis into the batch).
+issues the calls through :func:`natten_jax._ffi.batched_call` (a vmapped call folds the mapped
+axis into the batch).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -42,17 +44,39 @@ RPB_CHUNK_TOKENS = 64  # unfused_params.h: kRpbChunkTokens
 POISON_OUTPUTS = False
 
 
-def can_run(dtype) -> tuple:
-    """(True, "") if the unfused CUDA kernels can run inputs of ``dtype`` here, else (False,
-    the reason)."""
+def can_run(dtype, platform: Optional[str] = None, *, batch: int = 1, tokens: int = 1,
+            heads: int = 1, dim: int = 1, window: int = 1, rpb: bool = False) -> tuple:
+    """(True, "") if the unfused CUDA kernels can run a call here, else (False, the reason).
+
+    What the custom calls' handlers (``src/cuda/ffi/unfused.cc``) would refuse is refused here
+    first: the compiled kernels and a CUDA GPU; the call placed on it (``platform``, from
+    :func:`natten_jax._ffi.call_platform`; None: the default device's); ``dtype``; and, for an
+    operator call and its VJP on ``batch`` x ``tokens`` tokens with ``heads`` query heads, head
+    dim ``dim`` and ``window`` neighbors: the batch and ``tokens x heads x max(dim, window)``
+    below 2^31 (the kernels index one batch entry in int32), and with ``rpb`` at most 65535
+    heads (the RPB gradient's gridDim.y). Grids that do not fit the GEMM kernels run the naive
+    ones, which take any size within these limits.
+    """
     if not _ffi.cuda_kernels_available():
         return False, _ffi.unavailable_reason()
     missing = [t for t in (TARGET_PN, TARGET_NN, TARGET_IN, TARGET_RPB_GRAD)
                if t not in _ffi.registrations()]
     if missing:
         return False, f"natten_jax._C lacks the unfused targets {missing} (rebuild it)"
+    platform = platform or _ffi.default_platform()
+    if platform != "cuda":
+        return False, (f"the call runs on {platform!r}, not on a CUDA GPU (the arrays' devices, "
+                       f"or the default device for uncommitted or traced arrays)")
     if str(jnp.dtype(dtype)) not in DTYPES:
         return False, f"dtype {jnp.dtype(dtype)} is not supported (float32, float16, bfloat16)"
+    if batch > _ffi.INT32_MAX:
+        return False, f"batch must be below 2^31, got {batch}"
+    if tokens * heads * max(dim, window) >= _ffi.INT32_MAX:
+        return False, (f"tokens x heads x max(head_dim, window) must stay below 2^31 per batch "
+                       f"entry, got {tokens} x {heads} x {max(dim, window)}")
+    if rpb and heads > _ffi.GRID_YZ_MAX:
+        return False, (f"relative positional bias needs heads <= {_ffi.GRID_YZ_MAX} (its "
+                       f"gradient kernel), got {heads}")
     return True, ""
 
 
@@ -68,38 +92,6 @@ def _impl(impl: str) -> np.int64:
     return np.int64(IMPLS[impl])
 
 
-def _batched_call(target, out_types, attrs, n_batched):
-    """``ffi_call`` of ``target`` whose first ``n_batched`` operands and all results lead with
-    the batch axis (the others are broadcast); vmap folds the mapped axis into the batch."""
-
-    def raw(*xs):
-        _ffi.register()
-        return jax.ffi.ffi_call(target, out_types(*xs))(*xs, **attrs)
-
-    @jax.custom_batching.custom_vmap
-    def call(*xs):
-        return raw(*xs)
-
-    @call.def_vmap
-    def _vmap(axis_size, in_batched, *xs):
-        if any(in_batched[n_batched:]):  # a batched broadcast operand: one call per entry
-            outs = jax.lax.map(lambda ys: call(*ys), tuple(
-                x if b else jnp.broadcast_to(x, (axis_size,) + x.shape)
-                for x, b in zip(xs, in_batched)))
-            return outs, jax.tree.map(lambda _: True, outs)
-        xs = list(xs)
-        for i in range(n_batched):
-            x = xs[i] if in_batched[i] else jnp.broadcast_to(xs[i], (axis_size,) + xs[i].shape)
-            xs[i] = x.reshape((axis_size * x.shape[1],) + x.shape[2:])
-        outs = call(*xs)
-        if not isinstance(outs, (tuple, list)):
-            return outs.reshape((axis_size, -1) + outs.shape[1:]), True
-        outs = tuple(o.reshape((axis_size, -1) + o.shape[1:]) for o in outs)
-        return outs, tuple(True for _ in outs)
-
-    return call
-
-
 def pn(a, bm, kernel_size, dilation, is_causal, rpb=None, *, scale=1.0, fill=-np.inf,
        impl="gemm"):
     """Neighborhood logits ``[B, *S, H, W]`` in ``a``'s dtype (see the module docstring).
@@ -111,7 +103,7 @@ def pn(a, bm, kernel_size, dilation, is_causal, rpb=None, *, scale=1.0, fill=-np
                  fill=np.float32(fill), poison=np.int64(POISON_OUTPUTS))
     r = rpb.astype(jnp.float32) if rpb is not None else jnp.zeros((1,), jnp.float32)
     out_types = lambda a, bm, r: jax.ShapeDtypeStruct(a.shape[:-1] + (W,), a.dtype)  # noqa
-    return _batched_call(TARGET_PN, out_types, attrs, 2)(a, bm, r)
+    return _ffi.batched_call(TARGET_PN, out_types, attrs, n_batched=2)(a, bm, r)
 
 
 def nn(w, bm, kernel_size, dilation, is_causal, *, scale=1.0, impl="gemm"):
@@ -120,7 +112,7 @@ def nn(w, bm, kernel_size, dilation, is_causal, *, scale=1.0, impl="gemm"):
                  scale=np.float32(scale), poison=np.int64(POISON_OUTPUTS))
     out_types = lambda w, bm: jax.ShapeDtypeStruct(  # noqa: E731
         w.shape[:-1] + bm.shape[-1:], bm.dtype)
-    return _batched_call(TARGET_NN, out_types, attrs, 2)(w, bm)
+    return _ffi.batched_call(TARGET_NN, out_types, attrs, n_batched=2)(w, bm)
 
 
 def inverse(w, bm, heads_kv, kernel_size, dilation, is_causal, *, scale=1.0, impl="gemm"):
@@ -129,7 +121,7 @@ def inverse(w, bm, heads_kv, kernel_size, dilation, is_causal, *, scale=1.0, imp
                  scale=np.float32(scale), poison=np.int64(POISON_OUTPUTS))
     out_types = lambda w, bm: jax.ShapeDtypeStruct(  # noqa: E731
         bm.shape[:-2] + (heads_kv, bm.shape[-1]), bm.dtype)
-    return _batched_call(TARGET_IN, out_types, attrs, 2)(w, bm)
+    return _ffi.batched_call(TARGET_IN, out_types, attrs, n_batched=2)(w, bm)
 
 
 def rpb_grad(w, kernel_size, dilation, is_causal):
@@ -142,10 +134,7 @@ def rpb_grad(w, kernel_size, dilation, is_causal):
                  poison=np.int64(POISON_OUTPUTS))
     out_types = lambda w: jax.ShapeDtypeStruct((chunks, H, R), jnp.float32)  # noqa: E731
 
-    def raw(w):
-        _ffi.register()
-        return jax.ffi.ffi_call(TARGET_RPB_GRAD, out_types(w))(w, **attrs)
-
     # The partial sums have no batch axis: vmap runs one call per mapped entry.
+    raw = _ffi.custom_call(TARGET_RPB_GRAD, out_types, attrs)
     partial = jax.custom_batching.sequential_vmap(raw)(w)
     return jnp.sum(partial, axis=0).reshape((H,) + tuple(2 * k - 1 for k in kernel_size))

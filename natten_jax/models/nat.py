@@ -36,7 +36,8 @@ import numpy as np
 from flax import nnx
 
 import natten_jax
-from natten_jax.nnx import NeighborhoodAttention2D, check_layer_input
+from natten_jax.checks import check_layer_input
+from natten_jax.nnx import NeighborhoodAttention2D
 
 __all__ = [
     "DENSE_IMPLEMENTATIONS",
@@ -113,10 +114,11 @@ class NATAttention(NeighborhoodAttention2D):
         ``jax.nn.dot_product_attention`` with this ``implementation`` (``"cudnn"``, ``"xla"``,
         ``"auto"`` for JAX's choice, or ``"cudnn_or_xla"``: cuDNN where the map has an even
         number of tokens, XLA where odd); the window arguments (``kernel_size``, ``dilation``,
-        ``stride``, ``is_causal``) and ``backend`` are then ignored (same parameters, so one
-        set of weights serves both). Needs ``rpb=False``.
+        ``stride``, ``is_causal``), ``backend`` and ``backend_config`` are then ignored (same
+        parameters, so one set of weights serves both). Needs ``rpb=False``.
 
-    Other arguments as :class:`natten_jax.nnx.NeighborhoodAttention`. The NAT models use
+    Other arguments as :class:`natten_jax.nnx.NeighborhoodAttention` (``backend`` and
+    ``backend_config`` reach :func:`natten_jax.na2d`, i.e. ``rpb=False``). The NAT models use
     ``kernel_init`` = truncated normal (std 0.02) as the official initialisation.
     """
 
@@ -181,7 +183,8 @@ class NATAttention(NeighborhoodAttention2D):
         elif self.rpb is None:
             out = natten_jax.na2d(
                 q, k, v, self.kernel_size, stride=self.stride, dilation=self.dilation,
-                is_causal=self.is_causal, scale=self.qk_scale, backend=self.backend)
+                is_causal=self.is_causal, scale=self.qk_scale, backend=self.backend,
+                backend_config=self.backend_config)
         else:
             out = self._attend_with_rpb(q, k, v)
         out = out[:, :height, :width]
@@ -239,14 +242,15 @@ class NATLayer(nnx.Module):
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, qk_scale: Optional[float] = None,
                  drop: float = 0.0, drop_path: float = 0.0, layer_scale: Optional[float] = None,
                  rpb: bool = True, pad_to_window: bool = True, backend: Optional[str] = None,
-                 dense_attention: Optional[str] = None, dtype=None, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 backend_config: Optional[Any] = None, dense_attention: Optional[str] = None,
+                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.norm1 = _layer_norm(dim, dtype, param_dtype, rngs)
         self.attn = NATAttention(
             dim, num_heads, kernel_size, dilation=dilation, rpb=rpb,
             pad_to_window=pad_to_window, dense_attention=dense_attention, qkv_bias=qkv_bias,
             qk_scale=qk_scale, proj_drop=drop, dtype=dtype, param_dtype=param_dtype,
-            kernel_init=_trunc_normal_02, bias_init=_zeros, backend=backend, rngs=rngs)
+            kernel_init=_trunc_normal_02, bias_init=_zeros, backend=backend,
+            backend_config=backend_config, rngs=rngs)
         self.drop_path = nnx.Dropout(float(drop_path), broadcast_dims=(1, 2, 3), rngs=rngs)
         self.norm2 = _layer_norm(dim, dtype, param_dtype, rngs)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop, dtype=dtype,
@@ -357,6 +361,9 @@ class NAT(nnx.Module):
       pad_to_window: zero-pad feature maps smaller than ``kernel_size * dilation`` (see
         :class:`NATAttention`).
       backend: :func:`natten_jax.na2d` backend for ``rpb=False`` (``None``: fastest).
+      backend_config: :func:`natten_jax.na2d`'s ``backend_config`` for ``rpb=False`` (a
+        :class:`natten_jax.FusedConfig`: kernels, tiles, autotuning of the fused backend;
+        ``None``: its default, from the environment variables).
       dense_attention: ``None``, or dense self-attention in every layer in place of
         neighborhood attention, through ``jax.nn.dot_product_attention(implementation=...)``
         (``"cudnn"``, ``"xla"``, ``"auto"``; needs ``rpb=False``): the baseline of the
@@ -377,8 +384,8 @@ class NAT(nnx.Module):
                  qk_scale: Optional[float] = None, drop_rate: float = 0.0,
                  layer_scale: Optional[float] = None, rpb: bool = True,
                  pad_to_window: bool = True, backend: Optional[str] = None,
-                 dense_attention: Optional[str] = None, dtype=None,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 backend_config: Optional[Any] = None, dense_attention: Optional[str] = None,
+                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         depths = tuple(int(d) for d in _as_tuple("depths", depths))
         num_levels = len(depths)
         if num_levels < 1 or any(d < 1 for d in depths):
@@ -414,7 +421,8 @@ class NAT(nnx.Module):
                      drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])], mlp_ratio=mlp_ratio,
                      qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate,
                      layer_scale=layer_scale, rpb=rpb, pad_to_window=pad_to_window,
-                     backend=backend, dense_attention=dense_attention, dtype=dtype,
+                     backend=backend, backend_config=backend_config,
+                     dense_attention=dense_attention, dtype=dtype,
                      param_dtype=param_dtype, rngs=rngs)
             for i in range(num_levels)])
         self.norm = _layer_norm(self.num_features, dtype, param_dtype, rngs)
