@@ -1,35 +1,69 @@
 """One small fused problem per rank, forward and backward kernels, for compute-sanitizer
 (memcheck / racecheck).
 
-    compute-sanitizer --tool memcheck python3 scripts/sanitize_fna.py
+    compute-sanitizer --tool memcheck python3 scripts/sanitize_fna.py [--forward-impl sm90]
+        [--backward-impl sm90]
 
-The sm90 (wgmma) kernels on a Hopper GPU: NATTEN_JAX_FNA_IMPL=sm90 (forward) and / or
-NATTEN_JAX_FNA_BWD_IMPL=sm90 (backward) in the environment; they cover the head dim 64 and 128
-cases (head dim 32 stays on sm80). Each line names the backward kernels the case ran.
+``--forward-impl`` / ``--backward-impl`` (``auto``, ``sm80``, ``sm90``) name the kernels, as
+:class:`natten_jax.FusedConfig` fields; left out, the default configuration's (the documented
+environment variables ``NATTEN_JAX_FNA_IMPL`` / ``NATTEN_JAX_FNA_BWD_IMPL``, else ``auto``: the
+sm90 kernels on a Hopper GPU). The sm90 (wgmma) kernels cover the head dim 64 and 128 cases
+(head dim 32 stays on sm80). Outputs are poisoned with NaN before the kernels run. Each line
+names the kernels the case ran (the custom calls' ``impl`` attributes). Exit status 1 if an
+output or a gradient has a non-finite element.
 """
+import argparse
 import os
+import sys
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 import natten_jax  # noqa: E402
-from natten_jax import autotune, tiles  # noqa: E402
+from natten_jax import tiles  # noqa: E402
+from natten_jax.backends import fused  # noqa: E402
+from natten_jax.checks import check_na_call  # noqa: E402
+from natten_jax.config import default_config  # noqa: E402
 
 CASES = [
     (natten_jax.na1d, (70,), 9, 2, 3, True, 64),
     (natten_jax.na2d, (13, 19), (5, 4), (2, 1), (1, 3), (False, True), 32),
     (natten_jax.na3d, (5, 6, 9), (3, 3, 4), (1, 2, 1), (1, 2, 2), (True, False, False), 128),
 ]
-for i, (f, sp, k, s, d, c, D) in enumerate(CASES):
-    key = jax.random.split(jax.random.PRNGKey(i), 3)
-    q = jax.random.normal(key[0], (2, *sp, 4, D)).astype(jnp.bfloat16)
-    kk = jax.random.normal(key[1], (2, *sp, 2, D)).astype(jnp.bfloat16)
-    v = jax.random.normal(key[2], (2, *sp, 2, D)).astype(jnp.bfloat16)
-    out = f(q, kk, v, k, s, d, c, backend="fused").block_until_ready()
-    grads = jax.grad(lambda q, kk, v: jnp.sum(f(q, kk, v, k, s, d, c, backend="fused").astype(
-        jnp.float32) ** 2), argnums=(0, 1, 2))(q, kk, v)
-    finite = all(bool(jnp.isfinite(g.astype(jnp.float32)).all()) for g in (out, *grads))
-    print(f"rank {len(sp)} ok", out.shape, "finite:", finite, f"(head dim {D}: forward setting "
-          f"{tiles.impl_setting()}, backward {autotune.bwd_impl(D)})")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--forward-impl", choices=("auto",) + tiles.IMPLS)
+    ap.add_argument("--backward-impl", choices=("auto",) + tiles.IMPLS)
+    a = ap.parse_args()
+    chosen = {"forward_impl": a.forward_impl, "backward_impl": a.backward_impl}
+    config = default_config().replace(backward="kernel",
+                                      **{k: v for k, v in chosen.items() if v is not None})
+    fused.POISON_OUTPUTS = True  # an element a kernel does not write stays NaN
+    ok = True
+    for i, (f, sp, k, s, d, c, D) in enumerate(CASES):
+        key = jax.random.split(jax.random.PRNGKey(i), 3)
+        q = jax.random.normal(key[0], (2, *sp, 4, D)).astype(jnp.bfloat16)
+        kk = jax.random.normal(key[1], (2, *sp, 2, D)).astype(jnp.bfloat16)
+        v = jax.random.normal(key[2], (2, *sp, 2, D)).astype(jnp.bfloat16)
+        na = lambda q, kk, v: f(q, kk, v, k, s, d, c, backend="fused",  # noqa: E731
+                                backend_config=config)
+        out = na(q, kk, v).block_until_ready()
+        grads = jax.grad(lambda q, kk, v: jnp.sum(na(q, kk, v).astype(jnp.float32) ** 2),
+                         argnums=(0, 1, 2))(q, kk, v)
+        finite = all(bool(jnp.isfinite(g.astype(jnp.float32)).all()) for g in (out, *grads))
+        ok &= finite
+        p = check_na_call(len(sp), q, kk, v, k, s, d, c, None, backend_config=config)
+        impls = [tiles.IMPLS[int(np.asarray(fused._attrs(p, backward=b)["impl"]))]
+                 for b in (False, True)]
+        print(f"rank {len(sp)} head dim {D}: forward {impls[0]}, backward {impls[1]}; "
+              f"all elements finite: {finite}", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -197,3 +197,76 @@ def dense_masked_attention(q, k, v, kernel_size, stride=1, dilation=1, is_causal
     out = jnp.einsum("bhqk,bkhe->bqhe", p, vals)
     return (out.reshape((B,) + S + (H, Dv)),
             jnp.moveaxis(lse, 1, -1).reshape((B,) + S + (H,)))
+
+
+# --------------------------------------------------------------------------------------------
+# Per-element comparison against a float64 reference (FlashAttention's rule).
+# --------------------------------------------------------------------------------------------
+
+# FlashAttention's tests (hopper/test_flash_attn.py) accept a kernel whose error against a
+# reference computed in high precision is at most RTOL_FACTOR times the error of the same
+# computation in the inputs' precision, plus twice the rounding error of one addition to the
+# reference in that precision (`fwd_atol = 2 * (out_ref + 0.3 - 0.3 - out_ref).abs().max()`,
+# `rtol = 2`). FlashAttention compares the largest errors of whole tensors; here the bound holds
+# for every element.
+RTOL_FACTOR = 2.0
+
+
+def rounding_atol(ref64, dtype) -> float:
+    """FlashAttention's atol: ``2 * max |fl(fl(r + 0.3) - 0.3) - r|``, ``r`` the reference
+    rounded to ``dtype`` and both operations in ``dtype`` (the rounding error that any
+    arithmetic on the reference makes in that precision; about one unit in the last place of
+    the reference's largest element, at least that of 0.3)."""
+    dt = np.dtype(dtype)
+    r64 = np.asarray(ref64, np.float64)
+    r64 = r64[np.isfinite(r64)]
+    if r64.size == 0:
+        return 0.0
+    r = r64.astype(dt)
+    c = np.asarray(0.3, dt)
+    moved = ((r + c) - c).astype(np.float64)  # ml_dtypes / numpy: each operation in `dt`
+    return 2.0 * float(np.max(np.abs(moved - r.astype(np.float64))))
+
+
+def assert_close_to_ref64(x, ref64, ref_lowp, *, m: float = RTOL_FACTOR, atol=None,
+                          name: str = "x") -> None:
+    """Assert ``|x - ref64| <= m * |ref_lowp - ref64| + atol`` for every element.
+
+    ``ref64``: the float64 reference; ``ref_lowp``: the same computation in the precision the
+    computation under test works in (its dtype sets the default ``atol``,
+    :func:`rounding_atol`). Non-finite elements of ``x`` fail (the fused tests fill outputs
+    with NaN before the kernels run, so an element a kernel does not write fails here) unless
+    ``ref64`` has the same infinity there. On failure the message names the worst element (the
+    largest excess over its bound): its index, the three values, its error and bound, and how
+    many elements fail.
+    """
+    x64 = np.asarray(x, np.float64)
+    r64 = np.asarray(ref64, np.float64)
+    lowp = np.asarray(ref_lowp)
+    if atol is None:
+        atol = rounding_atol(r64, lowp.dtype)
+    l64 = lowp.astype(np.float64)
+    if not (x64.shape == r64.shape == l64.shape):
+        raise AssertionError(f"{name}: shapes differ: x {x64.shape}, ref64 {r64.shape}, "
+                             f"ref_lowp {l64.shape}")
+    if x64.size == 0:
+        raise AssertionError(f"{name}: nothing to compare (empty arrays)")
+    same_inf = np.isinf(r64) & (x64 == r64)
+    with np.errstate(invalid="ignore"):  # inf - inf where both are the same infinity
+        err = np.where(same_inf, 0.0, np.abs(x64 - r64))
+        lowp_err = np.where(np.isinf(r64) & (l64 == r64), 0.0, np.abs(l64 - r64))
+    bound = m * lowp_err + atol
+    bad = ~(err <= bound)  # NaN (an unwritten element) fails
+    if not bad.any():
+        return
+    excess = np.where(np.isnan(err), np.inf, err - bound)
+    i = np.unravel_index(int(np.argmax(np.where(bad, excess, -np.inf))), x64.shape)
+    finite = np.isfinite(err)
+    raise AssertionError(
+        f"{name}: {int(bad.sum())} of {bad.size} elements exceed |x - ref64| <= m * "
+        f"|ref_lowp - ref64| + atol (m={m:g}, atol={atol:.3g}); worst at index "
+        f"{tuple(int(j) for j in i)}: x={float(x64[i])!r}, ref64={float(r64[i])!r}, "
+        f"ref_lowp={float(l64[i])!r}, "
+        f"|x - ref64|={err[i]:.3g} > bound {bound[i]:.3g}; non-finite x elements: "
+        f"{int((~np.isfinite(x64) & ~same_inf).sum())}; largest finite |x - ref64|: "
+        f"{float(np.max(err[finite])) if finite.any() else float('nan'):.3g}")

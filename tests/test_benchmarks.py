@@ -1,11 +1,11 @@
-"""CPU tests of benchmarks/: problems, work counts, peers' masks, timing, the quick CLI."""
+"""CPU tests of the benchmark harness (benchmarks/harness/) and bench_na: the problem set, the
+work model, the peers' masks, the timing loop, the fused config of each row, and the records
+the docs' tables are generated from."""
 
 import importlib.util
 import itertools
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,19 +13,18 @@ import numpy as np
 import pytest
 
 import natten_jax
-from benchmarks import peers, problems
-from benchmarks.problems import Problem, make_problem
-from benchmarks.timing import _loop, time_jax
+from benchmarks import bench_na, peers
+from benchmarks.harness import cli, flops, problems, results
+from benchmarks.harness.problems import Problem, make_problem
+from benchmarks.harness.timing import _loop, time_jax
 from natten_jax.window import is_neighbor_1d
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 
 
-def _p(spatial, kernel, stride=None, dilation=None, causal=None, heads=2, heads_kv=None,
-       batch=1, head_dim=8):
+def _p(spatial, kernel, stride=None, dilation=None, causal=None, heads=2, heads_kv=None):
     r = len(spatial)
-    spec = dict(batch=batch, heads=heads, spatial=spatial, kernel=kernel, head_dim=head_dim,
+    spec = dict(batch=1, heads=heads, spatial=spatial, kernel=kernel, head_dim=8,
                 stride=stride or [1] * r, dilation=dilation or [1] * r,
                 is_causal=causal or [False] * r)
     return make_problem("t", spec, heads_kv=heads_kv)
@@ -54,205 +53,196 @@ def _brute_mask(p: Problem) -> np.ndarray:
     return m
 
 
-# ------------------------------------------------------------------------------------ problems
-def test_problems_load():
-    names = [p.name for p in problems.load()]
-    for n in ["2d_gen", "3d_video", "1d_long", "2d_nat_t", "2d_gen_dilated", "2d_nat_t_dilated",
-              "3d_video_causal", "1d_long_causal", "2d_gen_gqa4", "2d_gen_gqa1", "3d_video_gqa4",
-              "3d_video_gqa1"]:
-        assert n in names
-    assert len(names) == len(set(names))
+# ------------------------------------------------------------------------- problems, work model
+def test_problem_set():
     by = {p.name: p for p in problems.load()}
+    assert list(by)[:4] == ["2d_gen", "3d_video", "1d_long", "2d_nat_t"]
+    assert set(by) == {"2d_gen", "3d_video", "1d_long", "2d_nat_t", "2d_gen_dilated",
+                       "2d_nat_t_dilated", "3d_video_causal", "1d_long_causal", "2d_gen_gqa4",
+                       "2d_gen_gqa1", "3d_video_gqa4", "3d_video_gqa1"}
     assert by["2d_gen"].heads_kv == by["2d_gen"].heads == 24
     assert by["2d_gen_gqa4"].heads_kv == 4 and by["3d_video_gqa1"].heads_kv == 1
     assert by["2d_gen_dilated"].dilation == (2, 2) and by["2d_gen_dilated"].kernel == (31, 31)
     assert by["3d_video_causal"].causal == (True, False, False)
-    assert by["1d_long"].stride == (1,) and by["1d_long"].causal == (False,)
-    quick = {p.name for p in problems.load(quick=True)}
-    assert {"q1d", "q1d_causal", "q2d_dilated", "q2d_gqa1", "q3d_causal"} <= quick
+    assert Problem.from_json(json.loads(json.dumps(by["3d_video_causal"].to_json()))) == \
+        by["3d_video_causal"]
+    if os.path.exists(problems.SHARED_JSON):  # the copy that travels must equal the shared file
+        with open(problems.SHARED_JSON, "rb") as a, open(problems.LOCAL_JSON, "rb") as b:
+            assert a.read() == b.read(), "benchmarks/problems.json differs from the shared copy"
+    with pytest.raises(SystemExit, match="--problems"):
+        problems.select(problems.load(quick=True), "q1d,nope")
 
 
-def test_local_copy_matches_shared():
-    if not os.path.exists(problems.SHARED_JSON):
-        pytest.skip(f"no shared copy at {problems.SHARED_JSON}")
-    with open(problems.SHARED_JSON, "rb") as a, open(problems.LOCAL_JSON, "rb") as b:
-        assert a.read() == b.read(), "benchmarks/problems.json differs from the shared copy"
-
-
-def test_local_copy_is_valid():
-    with open(problems.LOCAL_JSON) as f:
-        data = json.load(f)
-    assert set(data["problems"]) == {"2d_gen", "3d_video", "1d_long", "2d_nat_t"}
-
-
-def test_useful_flops_non_causal_formula():
-    ps = [p for p in problems.load() + problems.load(quick=True) + SMALL if not any(p.causal)]
-    assert len(ps) >= 10
-    for p in ps:
-        expect = 4 * p.batch * p.heads * p.tokens * int(np.prod(p.kernel)) * p.head_dim
-        assert problems.useful_flops(p) == expect, p.name
-
-
-def test_useful_flops_causal_exact():
-    for p in [q for q in SMALL if any(q.causal)] + [problems.select(
-            problems.load(quick=True), "q1d_causal")[0]]:
-        pairs = int(_brute_mask(p).sum())
-        assert problems.useful_flops(p) == 4 * p.batch * p.heads * pairs * p.head_dim
-    big = {p.name: p for p in problems.load()}
-    # 1-D causal, stride 1: query i sees min(i + 1, k) keys.
-    p = big["1d_long_causal"]
-    L, k = p.spatial[0], p.kernel[0]
-    pairs = sum(min(i + 1, k) for i in range(L))
-    assert problems.useful_flops(p) == 4 * p.batch * p.heads * pairs * p.head_dim
-
-
-def test_min_bytes():
+def test_useful_flops_and_bytes():
+    for p in problems.load() + problems.load(quick=True) + SMALL:
+        if p.tokens < 1000:
+            pairs = int(_brute_mask(p).sum())
+        else:  # per axis (neighborhoods are separable): L * k keys, or causal with stride 1:
+            pairs = 1  # query i sees min(i + 1, k) keys
+            for L, k, s, c in zip(p.spatial, p.kernel, p.stride, p.causal):
+                assert s == 1 or not c
+                pairs *= sum(min(i + 1, k) for i in range(L)) if c else L * k
+        assert flops.useful_flops(p) == 4 * p.batch * p.heads * pairs * p.head_dim, p.name
     p = {q.name: q for q in problems.load()}["2d_gen_gqa4"]
-    per_head = p.batch * p.tokens * p.head_dim * 2
-    assert problems.min_bytes(p, 2) == per_head * (24 + 4 + 4 + 24)
+    assert flops.min_bytes(p, 2) == p.batch * p.tokens * p.head_dim * 2 * (24 + 4 + 4 + 24)
 
 
-# --------------------------------------------------------------------------------------- masks
-@pytest.mark.parametrize("i", range(len(SMALL)))
-def test_dense_mask_matches_window(i):
-    p = SMALL[i]
-    np.testing.assert_array_equal(peers.dense_mask(p), _brute_mask(p))
+def test_derive_floor_and_rates():
+    p = _p([13], [4])
+    work, nbytes = flops.useful_flops(p), flops.min_bytes(p, 2)
+    row = {"fwd": {"ms": 2.0}, "fwd_bwd": {"ms": 5.0}, "other": {"ms": 1.0}}
+    flops.derive(row, p, 2, visited=3 * work)
+    f, b = row["fwd"], row["fwd_bwd"]
+    assert f["useful_tflops"] == pytest.approx(work / 2e-3 / 1e12)
+    assert f["visited_tflops"] == pytest.approx(3 * f["useful_tflops"])
+    floor_f = max(work / 630e12, nbytes / 3e12)  # the H100 figures
+    assert f["floor_ms"] == pytest.approx(floor_f * 1e3)
+    assert f["pct_floor"] == pytest.approx(100 * floor_f / 2e-3)
+    assert b["useful_tflops"] == pytest.approx(3.5 * work / 5e-3 / 1e12)
+    assert b["floor_ms"] == pytest.approx(max(3.5 * work / 630e12, 3 * nbytes / 3e12) * 1e3)
+    assert "visited_tflops" not in b and row["other"] == {"ms": 1.0}
 
 
-@pytest.mark.parametrize("i", range(len(SMALL)))
-def test_mask_mod_formula_numpy(i):
-    """The flex mask_mod's integer formula, evaluated with NumPy, equals window.py's mask."""
-    p = SMALL[i]
-    mm = peers.na_mask_mod(p, np.minimum, np.maximum)
-    t = np.arange(p.tokens)
-    got = mm(0, 0, t[:, None], t[None, :])
-    np.testing.assert_array_equal(got, peers.dense_mask(p))
+# ----------------------------------------------------------------------------------- peers
+def test_peer_masks_match_the_window():
+    """The XLA peer's mask and the flex mask_mod's integer formula (evaluated with NumPy, and
+    torch where importable) equal window.py's neighborhoods."""
+    for p in SMALL:
+        want = _brute_mask(p)
+        np.testing.assert_array_equal(peers.dense_mask(p), want)
+        t = np.arange(p.tokens)
+        mm = peers.na_mask_mod(p, np.minimum, np.maximum)
+        np.testing.assert_array_equal(mm(0, 0, t[:, None], t[None, :]), want)
+        if HAS_TORCH:
+            import torch
+
+            t = torch.arange(p.tokens, dtype=torch.int32)
+            got = peers.torch_na_mask_mod(p)(torch.tensor(0), torch.tensor(0), t[:, None],
+                                             t[None, :])
+            np.testing.assert_array_equal(got.numpy(), want)
 
 
-@pytest.mark.skipif(not HAS_TORCH, reason="torch not importable")
-@pytest.mark.parametrize("i", range(len(SMALL)))
-def test_mask_mod_torch(i):
-    import torch
-
-    p = SMALL[i]
-    mm = peers.torch_na_mask_mod(p)
-    t = torch.arange(p.tokens, dtype=torch.int32)
-    got = mm(torch.tensor(0), torch.tensor(0), t[:, None], t[None, :]).numpy()
-    np.testing.assert_array_equal(got, peers.dense_mask(p))
-
-
-# --------------------------------------------------------------------------------- XLA peer
 @pytest.mark.parametrize("i", range(len(SMALL)))
 def test_xla_peer_matches_reference(i):
     p = SMALL[i]
-    keys = jax.random.split(jax.random.PRNGKey(i), 3)
-    shp = lambda h: (p.batch,) + p.spatial + (h, p.head_dim)  # noqa: E731
-    q = jax.random.normal(keys[0], shp(p.heads), jnp.float32)
-    k = jax.random.normal(keys[1], shp(p.heads_kv), jnp.float32)
-    v = jax.random.normal(keys[2], shp(p.heads_kv), jnp.float32)
+    q, k, v, _ = (jax.random.normal(jax.random.PRNGKey(10 * i + j), s, jnp.float32)
+                  for j, s in enumerate(p.shapes()))
     got = jax.jit(peers.xla_fn(p))(q, k, v)
-    na = getattr(natten_jax, f"na{p.rank}d")
-    want = na(q, k, v, backend="reference", **p.na_kwargs())
+    want = getattr(natten_jax, f"na{p.rank}d")(q, k, v, backend="reference", **p.na_kwargs())
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
 
 
-def test_xla_peer_too_big():
-    p = {q.name: q for q in problems.load()}["3d_video"]
-    with pytest.raises(peers.PeerSkipped, match="too big"):
-        peers.xla_fn(p)
-
-
-# -------------------------------------------------------------------------------------- timing
-def test_loop_keeps_every_call():
-    """The timing loop must not let XLA drop or hoist the timed calls."""
+# ---------------------------------------------------------------------------------- timing
+def test_timing_loop_keeps_every_call():
+    """The timed loop must not let XLA drop or hoist calls; its per-call time is the
+    headline."""
     f = lambda a, b: jnp.tanh(a @ b)  # noqa: E731
     sets = tuple((jnp.full((32, 32), float(i)), jnp.ones((32, 32))) for i in range(2))
     outs = tuple(jnp.zeros((32, 32)) for _ in sets)
     hlo = jax.jit(_loop(f, 4)).lower(sets, outs).compile().as_text()
     assert hlo.count(" dot(") >= len(sets)
-    (new_sets, new_outs) = jax.jit(_loop(f, 4))(sets, outs)
+    _, new_outs = jax.jit(_loop(f, 4))(sets, outs)
     np.testing.assert_allclose(np.asarray(new_outs[1]), np.tanh(np.full((32, 32), 32.0)))
+    r = time_jax(f, list(sets), reps=3, budget_s=5.0, loop_target_s=0.005)
+    assert r["reps"] == 3 and r["ms_min"] <= r["ms_call"] <= r["ms_max"]
+    assert r["ms"] == r["ms_loop"] > 0 and r["loop_calls"] % len(sets) == 0
 
 
-def test_time_jax_keys():
-    f = lambda a, b: jnp.tanh(a @ b)  # noqa: E731
-    sets = [(jax.random.normal(jax.random.PRNGKey(i), (64, 64)), jnp.ones((64, 64)))
-            for i in range(2)]
-    r = time_jax(f, sets, reps=3, budget_s=5.0, loop_target_s=0.005)
-    assert r["reps"] == 3 and r["ms_call"] > 0 and r["ms_min"] <= r["ms_call"] <= r["ms_max"]
-    assert r.get("ms_loop", 0) > 0 and r["ms"] == r["ms_loop"], r
+# ------------------------------------------------------------------------ fused configuration
+def test_fused_config_option():
+    base = natten_jax.FusedConfig(backward="reference")
+    got = cli.fused_config("forward_impl=sm90, q_tile=64,cache_dir=/tmp/x", base)
+    assert got == base.replace(forward_impl="sm90", q_tile=64, cache_dir="/tmp/x")
+    assert cli.fused_config("", base) == base
+    assert cli.fused_config("sm80_occupancy=none", base.replace(sm80_occupancy=5)) == base
+    for bad, what in (("forward_impl", "field=value"), ("tiles=3", "field=value"),
+                      ("q_tile=big", "q_tile takes an integer"), ("q_tile=96", "q_tile"),
+                      ("autotune=always", "autotune")):
+        with pytest.raises(SystemExit, match=f"--fused-config: .*{what}"):
+            cli.fused_config(bad, base)
 
 
-# ------------------------------------------------------------------------------------ the CLI
-def _run(args, timeout=300):
-    env = dict(os.environ, PYTHONPATH=REPO)
-    return subprocess.run([sys.executable, "-m"] + args, cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+def test_bench_rows_pass_their_config_and_leave_the_environment(monkeypatch):
+    seen = []
+    monkeypatch.setattr(natten_jax, "na1d", lambda q, k, v, **kw: seen.append(kw))
+    env = dict(os.environ)
+    base = natten_jax.FusedConfig(backward="reference", q_tile=64)
+    for name in bench_na.BACKENDS:
+        bench_na.ours_fn(SMALL[0], name, base)(None, None, None)
+    assert os.environ == env
+    assert [kw["backend"] for kw in seen] == ["fused"] * 4 + ["reference"]
+    assert [kw.get("backend_config") for kw in seen] == [
+        base, base.replace(forward_impl="sm80", backward_impl="sm80"),
+        base.replace(forward_impl="sm90"),
+        base.replace(forward_impl="sm90", backward_impl="sm90"), None]
 
 
-def test_bench_quick_cli(tmp_path):
-    out, md = tmp_path / "bench.json", tmp_path / "bench.md"
-    peer_list = "xla,cudnn" if HAS_TORCH else "xla,cudnn,flex"  # real flex: minutes of compiling
-    r = _run(["benchmarks.bench_na", "--quick", "--backends", "reference", "--peers", peer_list,
-              "--time-limit-s", "0", "--out", str(out), "--md", str(md)])
-    assert r.returncode == 0, r.stderr[-3000:]
-    lines = r.stdout.strip().splitlines()
-    last = problems.load(quick=True)[-1].name
-    assert lines[-1].startswith(f"| {last} | reference |")  # the table comes last
-    assert md.read_text().strip().splitlines()[-1] == lines[-1]
-    rep = json.loads(out.read_text())
-    assert rep["env"]["jax"] == jax.__version__ and rep["env"]["device"]
-    n = len(problems.load(quick=True))
-    assert len(rep["rows"]) == (1 + len(peer_list.split(","))) * n
-    for row in rep["rows"]:
-        if row["impl"] in ("reference", "peer:xla"):
-            for mode in ("fwd", "fwd_bwd"):
-                t = row[mode]
-                assert t["ms"] > 0 and t["useful_tflops"] > 0 and t["pct_floor"] > 0, row
-            assert f"| {row['problem']} | {row['impl']} | " in r.stdout
-        elif row["impl"] == "peer:flex" and not HAS_TORCH:
-            assert "torch" in row["skipped"]
+# ----------------------------------------------------------------------------------- records
+def test_device_names():
+    for kind, slug in (("NVIDIA H200", "h200"), ("NVIDIA H100 80GB HBM3", "h100"),
+                       ("NVIDIA A100-SXM4-80GB", "a100"), ("NVIDIA GeForce RTX 4090", "rtx4090"),
+                       ("cpu", "cpu")):
+        assert results.device_slug(kind) == slug
+    with pytest.raises(ValueError, match="no file name"):
+        results.device_slug("NVIDIA")
 
 
-def test_flex_child_reports_errors():
-    """The flex child parses a problem and always prints a result line."""
-    if HAS_TORCH:
-        pytest.skip("torch importable: the child would run the real peer")
-    p = SMALL[4]
-    r = _run(["benchmarks.peers", "flex", json.dumps(p.to_json()), "--reps", "1"], timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    res = json.loads(r.stdout.strip().splitlines()[-1][len(peers.RESULT_PREFIX):])
-    assert "torch" in res["error"]
+def test_records_merge(tmp_path):
+    run = [{"problem": "a", "impl": "fused", "fused_config": {"q_tile": 64},
+            "fwd": {"ms": 1.0, "spread_pct": 3.0, "floor_ms": 0.1}, "fwd_bwd": {"error": "x"}},
+           {"problem": "a", "impl": "peer:cudnn", "fwd": {"ms": 2.0}, "fwd_bwd": {"ms": 5.0}},
+           {"problem": "a", "impl": "reference", "skipped": "not run: time limit"},
+           {"problem": "b", "impl": "fused_sm80", "fwd": {"ms": 3.0}}]
+    recs = results.records(run, "bfloat16", "c1")
+    assert [(r["problem"], r["impl"], r["mode"], r["ms"]) for r in recs] == [
+        ("a", "natten_jax", "fwd", 1.0), ("a", "cudnn", "fwd", 2.0), ("a", "cudnn", "fwdbwd", 5.0),
+        ("b", "natten_jax/fused_sm80", "fwd", 3.0)]
+    assert recs[0]["spread_pct"] == 3.0 and "floor_ms" not in recs[0]
+    assert recs[0]["fused_config"] == {"q_tile": 64} and recs[1]["backend"] == "peer:cudnn"
+    assert {(r["dtype"], r["commit"]) for r in recs} == {("bfloat16", "c1")}
+    path = str(tmp_path / "h200.json")
+    with open(path, "w") as fh:  # a file with rows of another source and a description
+        json.dump({"device": "GPU X", "commit": "c0", "date": "2026-01-01", "command": "by hand",
+                   "about": "how", "rows": [{"problem": "a", "impl": "natten", "mode": "fwd",
+                                             "ms": 9.0},
+                                            {"problem": "a", "impl": "cudnn", "mode": "fwd",
+                                             "ms": 8.0}]}, fh)
+    data = results.merge(path, "GPU X", "c1", "python -m benchmarks.bench_na", recs)
+    assert data == json.loads(open(path).read())
+    assert [(r["impl"], r["mode"], r["ms"]) for r in data["rows"]] == [
+        ("natten", "fwd", 9.0), ("cudnn", "fwd", 2.0), ("natten_jax", "fwd", 1.0),
+        ("cudnn", "fwdbwd", 5.0), ("natten_jax/fused_sm80", "fwd", 3.0)]
+    assert data["about"] == "how" and data["commit"] == "c1" and data["date"] != "2026-01-01"
+    assert data["command"] == "by hand; python -m benchmarks.bench_na"
+    data = results.merge(path, "GPU X", "c2", "python -m benchmarks.bench_na",
+                         results.records(run[:1], "bfloat16", "c2"))
+    assert data["command"] == "by hand; python -m benchmarks.bench_na" and len(data["rows"]) == 5
+    assert [r.get("commit") for r in data["rows"]] == [None, "c1", "c2", "c1", "c1"]
+    with pytest.raises(SystemExit, match="holds 'GPU X' rows"):
+        results.merge(path, "GPU Y", "c2", "x", recs)
+    with pytest.raises(SystemExit, match="one dtype per file"):
+        results.merge(path, "GPU X", "c2", "x", results.records(run, "float16", "c2"))
 
 
-def test_bench_time_limit(capsys):
-    from benchmarks import bench_na
+def test_bench_quick_writes_records_the_docs_read(tmp_path):
+    """bench_na --quick (reference and the XLA peer on CPU) into a records folder: the file is
+    named after the device and loads in the docs' generator."""
+    from benchmarks import results_docs
 
-    rep = bench_na.main(["--quick", "--problems", "q1d,q2d", "--peers", "xla",
-                         "--time-limit-s", "1e-9"])
-    assert [r["problem"] for r in rep["rows"]] == ["q1d", "q1d", "q1d", "q2d", "q2d", "q2d"]
-    assert all(r["skipped"] == "not run: time limit" for r in rep["rows"])
-    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("| q2d | reference |")
-
-
-def test_fused_sm90_backend_forces_the_impl_only_while_it_runs(monkeypatch):
-    from benchmarks import bench_na
-    from natten_jax import tiles
-
-    monkeypatch.delenv(tiles.IMPL_ENV, raising=False)
-    monkeypatch.delenv(tiles.BWD_IMPL_ENV, raising=False)
-    forced = bench_na._forced_impl("fused_sm90")
-    assert tiles.impl_setting() == "sm90"
-    forced.close()
-    assert tiles.impl_setting() == "auto" and tiles.BWD_IMPL_ENV not in os.environ
-    forced = bench_na._forced_impl("fused_sm90_bwd")
-    assert tiles.impl_setting() == "sm90" and tiles.bwd_impl_setting() == "sm90"
-    forced.close()
-    assert tiles.bwd_impl_setting() == "auto" and tiles.BWD_IMPL_ENV not in os.environ
-    monkeypatch.setenv(tiles.IMPL_ENV, "auto")
-    bench_na._forced_impl("fused").close()
-    assert tiles.impl_setting() == "auto"
-    forced = bench_na._forced_impl("fused_sm90")
-    forced.close()
-    forced.close()
-    assert tiles.impl_setting() == "auto"
+    out = tmp_path / "bench.json"
+    rep = bench_na.main(["--quick", "--problems", "q1d,q2d_dilated", "--backends", "reference",
+                         "--peers", "xla", "--time-limit-s", "0", "--out", str(out),
+                         "--results", str(tmp_path) + os.sep, "--commit", "abc1234"])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(rep))
+    path = tmp_path / f"{results.device_slug(rep['env']['device'])}.json"
+    data = results_docs.load_results(str(path))
+    assert data["device"] == rep["env"]["device"] and data["commit"] == "abc1234"
+    assert data["command"].startswith("python -m benchmarks.bench_na --quick")
+    got = {(r["problem"], r["impl"], r["mode"]): r["ms"] for r in data["rows"]}
+    want = {(r["problem"], {"reference": "natten_jax/reference", "peer:xla": "xla"}[r["impl"]],
+             m2): r[m1]["ms"] for r in rep["rows"] for m1, m2 in (("fwd", "fwd"),
+                                                                   ("fwd_bwd", "fwdbwd"))}
+    assert got == want and len(got) == 8 and all(ms > 0 for ms in got.values())
+    rep = bench_na.main(["--quick", "--problems", "q1d", "--peers", "xla", "--time-limit-s",
+                         "1e-9"])
+    assert [r["skipped"] for r in rep["rows"]] == ["not run: time limit"] * 3

@@ -1,9 +1,11 @@
-"""The sm90 (Hopper, wgmma) fused forward kernel against the float64 reference.
+"""The sm90 (Hopper, wgmma) fused forward kernel against the float64 reference, per element.
 
 GPU tests (marked ``gpu``) run the case grid of ``test_fused.py`` through the sm90 kernel
-(``NATTEN_JAX_FNA_IMPL=sm90``), outputs poisoned, at the head dims it implements (64, 128); they
-skip where the GPU is not compute capability 9.0 or the module lacks sm_90a code. The CPU tests
-check the implementation switch (environment, autotuner keys, custom-call attributes).
+(``FusedConfig(forward_impl="sm90")``), outputs poisoned, at the head dims it implements (64,
+128), with the per-element rule of ``test_fused.py``; they skip where the GPU is not compute
+capability 9.0 or the module lacks sm_90a code. The CPU tests check which forward kernel the
+configuration selects (``auto`` on a GPU where sm90 runs or not; the custom call's attribute);
+tests/test_config.py checks the attributes of explicit configs.
 """
 
 import itertools
@@ -13,13 +15,14 @@ import numpy as np
 import pytest
 
 import natten_jax
-from natten_jax import _ffi, autotune, tiles
+from natten_jax import FusedConfig, _ffi, autotune, tiles
 from natten_jax.backends import fused
 from natten_jax.checks import check_na_call
 from natten_jax.tiles import _candidates
-from test_fused import CASES, TOL, _check, _inputs, _rel  # also sets fused.POISON_OUTPUTS
+from test_fused import (CASES, _inputs, check_forward, check_forward_case,  # POISON_OUTPUTS
+                        reference_forward)
 
-IMPL_ENV = tiles.IMPL_ENV
+SM90 = FusedConfig(forward_impl="sm90")
 
 
 def _sm90_ready():
@@ -33,11 +36,10 @@ def _sm90_ready():
 
 
 @pytest.fixture
-def sm90(monkeypatch):
+def sm90():
     ok, why = _sm90_ready()
     if not ok:
         pytest.skip(why)
-    monkeypatch.setenv(IMPL_ENV, "sm90")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,9 +56,12 @@ def test_forward_matches_reference(sm90, case, dtype):
     H, Hkv = [(4, 4), (4, 2), (4, 1)][case % 3]
     q, k, v = _inputs(jax.random.PRNGKey(2000 + case), spatial, 2, H, Hkv, D, dtype)
     f = getattr(natten_jax, f"na{rank}d")
-    out, lse = jax.jit(lambda q, k, v: f(q, k, v, kernel, stride, dilation, causal,
-                                         backend="fused", return_lse=True))(q, k, v)
-    _check(q, k, v, out, lse, spatial, kernel, stride, dilation, causal, dtype)
+    call = jax.jit(lambda q, k, v: f(q, k, v, kernel, stride, dilation, causal, backend="fused",
+                                     backend_config=SM90, return_lse=True))
+    assert f"impl = {tiles.impl_code('sm90')} : i64" in call.lower(q, k, v).as_text()
+    out, lse = call(q, k, v)
+    check_forward_case(q, k, v, out, lse, kernel, stride, dilation, causal,
+                       name=f"case {case} {dtype}")
 
 
 @pytest.mark.gpu
@@ -68,14 +73,15 @@ def test_every_tile_shape(sm90, rank, D):
     kernel = {1: 13, 2: (5, 6), 3: (3, 4, 5)}[rank]
     dilation = {1: 2, 2: (1, 2), 3: (2, 1, 1)}[rank]
     q, k, v = _inputs(jax.random.PRNGKey(10 + rank), spatial, 1, 2, 1, D, "bfloat16")
-    p = check_na_call(rank, q, k, v, kernel, 1, dilation, False, None)
+    p = check_na_call(rank, q, k, v, kernel, 1, dilation, False, None, backend_config=SM90)
+    refs = reference_forward(q, k, v, kernel, 1, dilation, False)
     pairs = list(itertools.product(_candidates(rank, 6) + _candidates(rank, 7),
                                    _candidates(rank, 6)))
     rng = np.random.default_rng(rank * 7 + D)
     for i in rng.choice(len(pairs), size=min(len(pairs), 12), replace=False):
         qt, kt = pairs[i]
         out, lse = fused._forward_call(p, q, k, v, tiles=(qt, kt), impl="sm90")
-        _check(q, k, v, out, lse, spatial, kernel, 1, dilation, False, "bfloat16")
+        check_forward(out, lse, refs, name=f"tiles {qt} {kt}")
 
 
 # Many boxes per tile (more than the pipeline's stages, so stages wrap around), warpgroups that
@@ -96,120 +102,77 @@ def test_large_windows(sm90, case, D):
     spatial, kernel, stride, dilation, causal = LARGE[case]
     rank = len(spatial)
     q, k, v = _inputs(jax.random.PRNGKey(300 + case), spatial, 1, 2, 1, D, "bfloat16")
-    p = check_na_call(rank, q, k, v, kernel, stride, dilation, causal, None)
+    p = check_na_call(rank, q, k, v, kernel, stride, dilation, causal, None, backend_config=SM90)
+    refs = reference_forward(q, k, v, kernel, stride, dilation, causal)
     for qn in (6, 7):  # both consumer-warpgroup variants, with the cost model's shapes
         tl = tiles._choose_tiles(tuple(spatial), p.kernel_size, p.stride, p.dilation,
                                  p.is_causal, D, (qn,), "sm90")
         out, lse = fused._forward_call(p, q, k, v, tiles=tl, impl="sm90")
-        _check(q, k, v, out, lse, spatial, kernel, stride, dilation, causal, "bfloat16")
+        check_forward(out, lse, refs, name=f"{1 << qn}-query tiles {tl}")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_sm90_matches_sm80(sm90, dtype):
-    """Same problem and tiles through both kernels: equal up to accumulation order."""
+def test_sm90_and_sm80_on_the_same_tiles(sm90, dtype):
+    """Same problem and tiles through both kernels: each within the rule."""
     spatial, kernel = (33, 45), (9, 11)
     q, k, v = _inputs(jax.random.PRNGKey(5), spatial, 2, 4, 2, 128, dtype)
     p = check_na_call(2, q, k, v, kernel, 1, 1, False, None)
+    refs = reference_forward(q, k, v, kernel)
     for qt in ((3, 3), (3, 4)):
-        a, la = fused._forward_call(p, q, k, v, tiles=(qt, (3, 3)), impl="sm80")
-        b, lb = fused._forward_call(p, q, k, v, tiles=(qt, (3, 3)), impl="sm90")
-        assert _rel(b.astype(np.float32), a.astype(np.float32)) < TOL[dtype] / 2
-        np.testing.assert_allclose(np.asarray(lb), np.asarray(la), atol=5e-3, rtol=1e-3)
+        for impl in ("sm80", "sm90"):
+            out, lse = fused._forward_call(p, q, k, v, tiles=(qt, (3, 3)), impl=impl)
+            check_forward(out, lse, refs, name=f"{impl} q tile {qt}")
 
 
 @pytest.mark.gpu
 def test_head_dim_32_falls_back_to_sm80(sm90):
     q, k, v = _inputs(jax.random.PRNGKey(6), (20, 20), 1, 2, 2, 32, "float16")
-    p = check_na_call(2, q, k, v, 5, 1, 1, False, None)
+    p = check_na_call(2, q, k, v, 5, 1, 1, False, None, backend_config=SM90)
     assert fused._attrs(p)["impl"] == tiles.impl_code("sm80")
-    out, lse = natten_jax.na2d(q, k, v, 5, backend="fused", return_lse=True)
-    _check(q, k, v, out, lse, (20, 20), 5, 1, 1, False, "float16")
+    out, lse = natten_jax.na2d(q, k, v, 5, backend="fused", backend_config=SM90, return_lse=True)
+    check_forward_case(q, k, v, out, lse, 5, name="head dim 32")
 
 
 # ---------------------------------------------------------------------------------------------
-# CPU: the implementation switch
+# CPU: which forward kernel a configuration selects
 
 
-def _problem(D=64):
-    q = np.zeros((1, 12, 10, 2, D), np.float32)
-    return check_na_call(2, q, q, q, (5, 3), 1, 1, False, None)
-
-
-def test_impl_setting(monkeypatch):
-    monkeypatch.delenv(IMPL_ENV, raising=False)
-    assert tiles.impl_setting() == "auto"
-    for s in ("sm80", "SM90", " auto "):
-        monkeypatch.setenv(IMPL_ENV, s)
-        assert tiles.impl_setting() == s.strip().lower()
-    monkeypatch.setenv(IMPL_ENV, "sm100")
-    with pytest.raises(ValueError, match=IMPL_ENV):
-        tiles.impl_setting()
-    assert [tiles.impl_code(i) for i in tiles.IMPLS] == [0, 1]
+def _problem(config, D=64, dtype=np.float16):
+    q = np.zeros((1, 12, 10, 2, D), dtype)
+    return check_na_call(2, q, q, q, (5, 3), 1, 1, False, None, backend_config=config)
 
 
 def test_impl_candidates(monkeypatch):
     monkeypatch.setattr(autotune, "sm90_runs", lambda: True)
-    monkeypatch.setenv(IMPL_ENV, "sm90")
-    assert autotune.impl_candidates(64) == ("sm90",)
-    assert autotune.impl_candidates(32) == ("sm80",)  # no sm90 kernel at head dim 32
-    monkeypatch.setenv(IMPL_ENV, "auto")
-    assert autotune.impl_candidates(128) == ("sm80", "sm90")
+    assert autotune.impl_candidates(64, SM90) == ("sm90",)
+    assert autotune.impl_candidates(32, SM90) == ("sm80",)  # no sm90 kernel at head dim 32
+    auto = FusedConfig(forward_impl="auto")
+    assert autotune.impl_candidates(128, auto) == ("sm80", "sm90")
     monkeypatch.setattr(autotune, "sm90_runs", lambda: False)
-    assert autotune.impl_candidates(128) == ("sm80",)
-    monkeypatch.setenv(IMPL_ENV, "sm80")
-    assert autotune.impl_candidates(128) == ("sm80",)
+    assert autotune.impl_candidates(128, auto) == ("sm80",)
+    assert autotune.impl_candidates(128, FusedConfig(forward_impl="sm80")) == ("sm80",)
 
 
-def test_attrs_carry_impl(monkeypatch):
-    monkeypatch.delenv(autotune.MODE_ENV, raising=False)
-    p = _problem()
-    monkeypatch.delenv(IMPL_ENV, raising=False)
-    monkeypatch.delenv(tiles.BWD_IMPL_ENV, raising=False)
-    monkeypatch.setattr(autotune, "sm90_runs", lambda: False)  # auto, where sm90 cannot run
-    assert fused._attrs(p)["impl"] == 0
-    assert fused._attrs(p, backward=True)["impl"] == 0
-    monkeypatch.setattr(autotune, "sm90_runs", lambda: True)  # auto on a Hopper GPU
-    assert fused._attrs(p)["impl"] == 1
-    assert fused._attrs(p, backward=True)["impl"] == 1
-    monkeypatch.setenv(tiles.BWD_IMPL_ENV, "sm80")
-    monkeypatch.setenv(IMPL_ENV, "sm90")
-    a = fused._attrs(p)
-    assert a["impl"] == 1
-    qt, kt = tiles.choose_tiles(p.spatial, p.kernel_size, p.stride, p.dilation, p.is_causal,
-                                p.head_dim, impl="sm90")
-    assert tuple(a["q_tile"]) == tuple(qt) and tuple(a["kv_tile"]) == tuple(kt)
-    assert fused._attrs(p, ((3, 3), (3, 3)))["impl"] == 1
-    assert fused._attrs(p, ((3, 3), (3, 3)), impl="sm80")["impl"] == 0
-    # The backward follows NATTEN_JAX_FNA_BWD_IMPL only (tests/test_fused_backward_sm90.py).
-    assert fused._attrs(p, backward=True)["impl"] == 0
+def test_auto_runs_sm90_only_where_it_runs(monkeypatch):
+    """``auto`` (forward and backward): the sm80 kernels where sm90 cannot run, the sm90 ones
+    (the cost model's choice for this problem) on a Hopper GPU with sm_90a code; the lowered
+    custom calls of jax.grad carry that choice."""
+    p = _problem(FusedConfig(forward_impl="auto", backward_impl="auto"))
+    q = np.zeros((1, 12, 10, 2, 64), np.float16)
 
+    def lowered_impls():
+        loss = lambda q, k, v: fused.run(p, q, k, v)[0].astype(np.float32).sum()  # noqa: E731
+        text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, q, q).lower(
+            lowering_platforms=("cuda",)).as_text()
+        calls = [ln for ln in text.splitlines() if "stablehlo.custom_call @natten_jax_fna" in ln]
+        assert len(calls) == 2, calls
+        return {ln.split("@")[1].split("(")[0]: int(ln.split("impl = ")[1].split()[0])
+                for ln in calls}
 
-def test_autotune_keys_and_config(monkeypatch, tmp_path):
-    monkeypatch.setenv(autotune.CACHE_DIR_ENV, str(tmp_path))
-    autotune.clear_memory_cache()
-    p = _problem()
-    k80 = autotune.problem_key(p, device="H100")
-    k90 = autotune.problem_key(p, device="H100", impl="sm90")
-    assert k80 != k90 and "impl=sm90" in k90 and "impl" not in k80
-    kb80 = autotune.problem_key(p, True, device="H100")
-    kb90 = autotune.problem_key(p, True, device="H100", impl="sm90")  # the sm90 backward
-    assert kb80 != kb90 and "impl=sm90" in kb90 and "impl" not in kb80 and kb90 != k90
+    monkeypatch.setattr(autotune, "sm90_runs", lambda: False)
+    assert fused._attrs(p)["impl"] == 0 and fused._attrs(p, backward=True)["impl"] == 0
+    assert lowered_impls() == {fused.TARGET: 0, fused.TARGET_BACKWARD: 0}
     monkeypatch.setattr(autotune, "sm90_runs", lambda: True)
-    monkeypatch.setattr(autotune, "device_kind", lambda: "H100")
-    monkeypatch.setenv(IMPL_ENV, "auto")
-    # Tuning off: the cost model (sm90's predicted per-pair cost is lower).
-    impl, t = autotune.select_config(p, mode="off")
-    assert impl == "sm90" and t == autotune._heuristic(p, False, "sm90")
-    # Tuning on: each implementation's candidates are timed; the faster winner is taken.
-    calls = []
-
-    def timer(p_, t_, backward):
-        calls.append(t_)
-        return 1.0 + 0.01 * len(calls)
-
-    impl, t = autotune.select_config(p, mode="on", timer=timer)
-    n = len(autotune.candidates(p, False, "on"))
-    assert len(calls) == n + len(autotune.candidates(p, False, "on", impl="sm90"))
-    assert impl == "sm80" and t == calls[0]  # the first timed candidate was the fastest
-    autotune.clear_memory_cache()
+    assert fused._attrs(p)["impl"] == 1 and fused._attrs(p, backward=True)["impl"] == 1
+    assert lowered_impls() == {fused.TARGET: 1, fused.TARGET_BACKWARD: 1}

@@ -11,6 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
+from natten_jax import FusedConfig
 from natten_jax.backends import fused
 from natten_jax.models import NAT
 
@@ -19,14 +20,15 @@ from train_nat_synthetic import make_images  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 CLASSES = 4
+KERNELS = FusedConfig(backward="kernel")  # the fused backward kernels, whatever the environment
 
 
 def _model(backend, seed=0):
     # head_dim 32 on every level (64 / 2, 128 / 4, 256 / 8): the fused kernels run every layer.
     return NAT(embed_dim=64, mlp_ratio=2.0, depths=(1, 2, 1), num_heads=(2, 4, 8), kernel_size=3,
                dilations=((1,), (1, 2), (1,)), drop_path_rate=0.0, layer_scale=None,
-               num_classes=CLASSES, rpb=False, backend=backend, dtype=jnp.bfloat16,
-               rngs=nnx.Rngs(seed))
+               num_classes=CLASSES, rpb=False, backend=backend, backend_config=KERNELS,
+               dtype=jnp.bfloat16, rngs=nnx.Rngs(seed))
 
 
 def _loss(model, x, y):
@@ -34,8 +36,7 @@ def _loss(model, x, y):
     return optax.softmax_cross_entropy(logits, jax.nn.one_hot(y, CLASSES)).mean()
 
 
-def test_nat_grads_match_reference_and_run_the_backward_kernel(monkeypatch):
-    monkeypatch.delenv(fused.BACKWARD_ENV, raising=False)  # the default: the kernels
+def test_nat_grads_match_reference_and_run_the_backward_kernel():
     rng = np.random.default_rng(0)
     x, y = (jnp.asarray(a) for a in make_images(rng, 8, 64, CLASSES))
     grads = {}
@@ -54,8 +55,7 @@ def test_nat_grads_match_reference_and_run_the_backward_kernel(monkeypatch):
     assert np.isfinite(num) and (num / den) ** 0.5 < 5e-2, (num / den) ** 0.5
 
 
-def test_nat_trains_with_fused_kernels(monkeypatch):
-    monkeypatch.delenv(fused.BACKWARD_ENV, raising=False)
+def test_nat_trains_with_fused_kernels():
     model = _model("fused", seed=1)
     optimizer = nnx.Optimizer(model, optax.adamw(2e-3, weight_decay=0.01), wrt=nnx.Param)
 
