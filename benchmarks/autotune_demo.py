@@ -3,14 +3,16 @@ reuses the on-disk cache without timing anything.
 
   python -m benchmarks.autotune_demo [--problems 2d_gen,3d_video,1d_long,2d_nat_t,2d_nat_t_dilated]
       [--dtype bfloat16] [--thorough 2d_nat_t] [--cache-dir DIR] [--time-limit-s 240]
-      [--out demo.json] [--md demo.md] [--quick]
+      [--fused-config FIELD=VALUE,...] [--out demo.json] [--md demo.md] [--quick]
 
-In a fresh cache directory (``$NATTEN_JAX_CACHE_DIR``, a new folder under --cache-dir or the
-temporary directory), per problem of benchmarks/problems.json:
+In a fresh cache directory (``FusedConfig.cache_dir``: a new folder under --cache-dir or the
+temporary directory), per problem of benchmarks/problems.json, with the fused backend's
+configuration of --fused-config and its ``autotune`` field set to each mode in turn (passed as
+``backend_config=``):
 
-1. ``NATTEN_JAX_AUTOTUNE=off``: the tiles of the cost model, read from the lowered program
-   (the fused custom call's ``q_tile`` / ``kv_tile`` attributes), and the time of the fused
-   forward (benchmarks.timing.time_jax);
+1. ``off``: the tiles of the cost model, read from the lowered program (the fused custom
+   call's ``q_tile`` / ``kv_tile`` attributes), and the time of the fused forward
+   (benchmarks.harness.timing.time_jax);
 2. ``on``: tracing the same call makes the tuner time its candidates (counted by
    :func:`natten_jax.autotune.timing_log`) and persist the winner; the tiles it picked, the
    tuner's own times of the cost model's and the winning tiles, and the call's time again
@@ -24,8 +26,9 @@ was reused iff it timed none and its tiles equal the first process's. ``--child-
 (a negative control) gives the second process an empty directory instead: it must re-time,
 and the demo must say so.
 
-``--quick``: CPU smoke test. Tiny problems; the tuner's timer is replaced by a deterministic
-mock (no kernel runs on a CPU) that makes a candidate other than the cost model's the fastest;
+``--quick``: CPU smoke test. Tiny problems; the timer the fused backend gives the tuner
+(``natten_jax.backends.fused.time_kernel``) is replaced by a deterministic mock (no kernel runs
+on a CPU) that makes a candidate other than the cost model's the fastest;
 tiles still come from lowering the fused custom call, times from the reference backend.
 Exit status: 0 when the second process behaved as expected (reused the cache; re-timed under
 --child-fresh-cache), 1 otherwise.
@@ -39,7 +42,6 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
@@ -51,7 +53,9 @@ from typing import Dict, List, Optional  # noqa: E402
 
 import jax  # noqa: E402
 
-from benchmarks import problems  # noqa: E402
+from benchmarks.harness import calls, cli, problems, results  # noqa: E402
+from benchmarks.harness.run import error_text, logger  # noqa: E402
+from benchmarks.harness.timing import random_inputs, time_jax  # noqa: E402
 from natten_jax import autotune  # noqa: E402
 
 DEFAULT_PROBLEMS = "2d_gen,3d_video,1d_long,2d_nat_t,2d_nat_t_dilated"
@@ -61,25 +65,14 @@ CHILD_START_S = 20.0  # the second process's start-up (JAX, device), reserved in
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def log(msg: str) -> None:
-    print(f"[autotune-demo {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = logger("autotune-demo")
 
 
 # ----------------------------------------------------------------------------------- helpers
-@contextlib.contextmanager
-def tuning_mode(mode: str):
-    """``$NATTEN_JAX_AUTOTUNE`` = ``mode`` inside (the tuner reads it whenever it is asked),
-    with JAX's caches cleared so that every call is traced again."""
-    old = os.environ.get(autotune.MODE_ENV)
-    os.environ[autotune.MODE_ENV] = mode
-    jax.clear_caches()
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(autotune.MODE_ENV, None)
-        else:
-            os.environ[autotune.MODE_ENV] = old
+def mode_config(args, mode: str):
+    """The fused config of tuning mode ``mode``: --fused-config with ``autotune=mode`` and
+    the demo's cache directory."""
+    return args.config.replace(autotune=mode, cache_dir=args.cache_path)
 
 
 def mock_timer(p, t, backward, **_):
@@ -92,7 +85,8 @@ def mock_timer(p, t, backward, **_):
 
 
 def shapes(p: problems.Problem):
-    return [(p.batch,) + p.spatial + (h, p.head_dim) for h in (p.heads, p.heads_kv, p.heads_kv)]
+    """Shapes of q, k, v."""
+    return p.shapes()[:3]
 
 
 def fused_runs_here() -> bool:
@@ -101,19 +95,25 @@ def fused_runs_here() -> bool:
     return _ffi.cuda_kernels_available()
 
 
-def forward_fn(p: problems.Problem, dtype: str):
-    """(q, k, v) -> out of the fused forward: the public call when the kernels run here, else
-    the custom call itself (it lowers on any platform; --quick reads its attributes)."""
-    from benchmarks.bench_na import ours_fn
-
-    if fused_runs_here():
-        return ours_fn(p, "fused")
-    from natten_jax.backends import fused
+def na_problem(p: problems.Problem, dtype: str, config):
+    """natten_jax's static problem of ``p`` with ``config``."""
     from natten_jax.checks import check_na_call
 
+    q, k, v = (jax.ShapeDtypeStruct(s, dtype) for s in shapes(p))
+    return check_na_call(p.rank, q, k, v, p.kernel, p.stride, p.dilation, p.causal, None,
+                         backend_config=config)
+
+
+def forward_fn(p: problems.Problem, config):
+    """(q, k, v) -> out of the fused forward with ``config``: the public call when the kernels
+    run here, else the custom call itself (it lowers on any platform; --quick reads its
+    attributes)."""
+    if fused_runs_here():
+        return calls.na_fn(p, "fused", config)
+    from natten_jax.backends import fused
+
     def f(q, k, v):
-        nap = check_na_call(p.rank, q, k, v, p.kernel, p.stride, p.dilation, p.causal, None)
-        return fused._forward_call(nap, q, k, v)[0]
+        return fused._forward_call(na_problem(p, q.dtype, config), q, k, v)[0]
 
     return f
 
@@ -139,10 +139,11 @@ def program_config(hlo: str, rank: int) -> Optional[dict]:
     return out if "q_tile" in out and "kv_tile" in out else None
 
 
-def lower_config(p: problems.Problem, dtype: str) -> Optional[dict]:
-    """Trace and lower the fused forward (the tuner runs here when it has to); its config."""
+def lower_config(p: problems.Problem, dtype: str, config) -> Optional[dict]:
+    """Trace and lower the fused forward with ``config`` (the tuner runs here when it has to);
+    the tiles (and kernel) of its program."""
     s = [jax.ShapeDtypeStruct(sh, dtype) for sh in shapes(p)]
-    return program_config(jax.jit(forward_fn(p, dtype)).lower(*s).as_text(), p.rank)
+    return program_config(jax.jit(forward_fn(p, config)).lower(*s).as_text(), p.rank)
 
 
 def impl_name(code: int) -> str:
@@ -164,67 +165,62 @@ def fmt_tiles(cfg: Optional[dict]) -> str:
     return s + (f" {impl_name(cfg['impl'])}" if "impl" in cfg else "")
 
 
-def cache_entries() -> Dict[str, dict]:
+def cache_entries(config) -> Dict[str, dict]:
+    """The entries of ``config``'s cache file."""
     try:
-        with open(autotune.cache_path()) as fh:
+        with open(autotune.cache_path(config)) as fh:
             return dict(json.load(fh).get("entries", {}))
     except (OSError, ValueError):
         return {}
 
 
-def time_call(p: problems.Problem, sets, args) -> dict:
-    """time_jax of the timed backend (fused on a GPU, reference under --quick)."""
-    from benchmarks.bench_na import ours_fn
-    from benchmarks.timing import time_jax
-
-    return time_jax(ours_fn(p, args.timed_backend), sets, args.reps, args.budget_s, loop=args.loop)
+def time_call(p: problems.Problem, sets, args, config) -> dict:
+    """time_jax of the timed backend (fused with ``config`` on a GPU, reference under
+    --quick)."""
+    return time_jax(calls.na_fn(p, args.timed_backend, config), sets, args.reps, args.budget_s,
+                    loop=args.loop)
 
 
 def _err(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}"[:400]
+    return error_text(e, 400)
 
 
 # ------------------------------------------------------------------------------ first process
 def tune_step(p: problems.Problem, mode: str, sets, args) -> dict:
-    """Trace in ``mode`` (tuning if needed), then time the call re-traced in the same mode."""
-    before = cache_entries()
+    """Trace in ``mode`` (tuning if needed), then time the call traced again in that mode."""
+    config = mode_config(args, mode)
+    before = cache_entries(config)
     n0 = len(autotune.timing_log())
     t0 = time.perf_counter()
-    with tuning_mode(mode):
-        cfg = lower_config(p, args.dtype)
-        out = {"config": cfg, "tune_s": round(time.perf_counter() - t0, 3),
-               "timed": len(autotune.timing_log()) - n0}
-        entry = {k: v for k, v in cache_entries().items() if before.get(k) != v}
-        out["cache_entries"] = entry
-        n1 = len(autotune.timing_log())
-        try:
-            out["timing"] = time_call(p, sets, args)
-            out["ms"] = out["timing"]["ms"]
-        except Exception as e:  # noqa: BLE001
-            out["error"] = _err(e)
-        out["retimed_when_called"] = len(autotune.timing_log()) - n1
+    cfg = lower_config(p, args.dtype, config)
+    out = {"config": cfg, "tune_s": round(time.perf_counter() - t0, 3),
+           "timed": len(autotune.timing_log()) - n0}
+    entry = {k: v for k, v in cache_entries(config).items() if before.get(k) != v}
+    out["cache_entries"] = entry
+    n1 = len(autotune.timing_log())
+    try:
+        out["timing"] = time_call(p, sets, args, config)
+        out["ms"] = out["timing"]["ms"]
+    except Exception as e:  # noqa: BLE001
+        out["error"] = _err(e)
+    out["retimed_when_called"] = len(autotune.timing_log()) - n1
     return out
 
 
 def run_problem(p: problems.Problem, args, left_s) -> dict:
-    from benchmarks.timing import random_inputs
-
     row = {"problem": p.name, "spec": p.to_json(), "dtype": args.dtype}
     sets = random_inputs(shapes(p), args.dtype, 2)
     try:
         t0 = time.perf_counter()
-        with tuning_mode("off"):
-            row["default"] = {"config": lower_config(p, args.dtype)}
-            t = time_call(p, sets, args)
-            row["default"].update(timing=t, ms=t["ms"], wall_s=time.perf_counter() - t0)
+        off = mode_config(args, "off")
+        row["default"] = {"config": lower_config(p, args.dtype, off)}
+        t = time_call(p, sets, args, off)
+        row["default"].update(timing=t, ms=t["ms"], wall_s=time.perf_counter() - t0)
         row["on"] = tune_step(p, "on", sets, args)
         row["mode"] = "on"
         if p.name in args.thorough_names:
             per = row["on"]["tune_s"] / max(1, row["on"]["timed"])
-            from natten_jax.checks import check_na_call
-
-            s = [jax.ShapeDtypeStruct(sh, args.dtype) for sh in shapes(p)]
-            nap = check_na_call(p.rank, *s, p.kernel, p.stride, p.dilation, p.causal, None)
+            nap = na_problem(p, args.dtype, mode_config(args, "thorough"))
             n = len(autotune.candidates(nap, False, "thorough"))
             est = per * n
             if est < left_s():
@@ -243,14 +239,14 @@ def run_problem(p: problems.Problem, args, left_s) -> dict:
 def run_child(args, names: List[str], modes: Dict[str, str], cache_dir: str) -> dict:
     """The second process: same problems and modes, ``cache_dir`` as its cache."""
     cmd = [sys.executable, "-m", "benchmarks.autotune_demo", "--child", "--problems",
-           ",".join(names), "--child-modes", json.dumps(modes), "--dtype", args.dtype,
+           ",".join(names), "--child-modes", json.dumps(modes), "--child-cache-dir", cache_dir,
+           "--fused-config", args.fused_config, "--dtype", args.dtype,
            "--reps", str(args.reps), "--budget-s", str(args.budget_s)]
     if args.quick:
         cmd.append("--quick")
     if not args.loop:
         cmd.append("--no-loop")
     env = dict(os.environ)
-    env[autotune.CACHE_DIR_ENV] = cache_dir
     env["PYTHONPATH"] = os.pathsep.join(x for x in (REPO, env.get("PYTHONPATH", "")) if x)
     t0 = time.perf_counter()
     try:
@@ -293,20 +289,19 @@ def verdict(rows: List[dict], child: dict) -> dict:
 def child_main(args) -> int:
     probs = problems.select(problems.load(quick=args.quick), args.problems)
     modes = json.loads(args.child_modes or "{}")
-    out = {"pid": os.getpid(), "cache_dir": autotune.cache_dir(), "problems": {}}
-    from benchmarks.timing import random_inputs
-
+    out = {"pid": os.getpid(), "cache_dir": autotune.cache_dir(mode_config(args, "off")),
+           "problems": {}}
     for p in probs:
         mode = modes.get(p.name, "on")
+        config = mode_config(args, mode)
         n0 = len(autotune.timing_log())
         res = {"mode": mode}
         try:
-            with tuning_mode(mode):
-                res["config"] = lower_config(p, args.dtype)
-                res["timed"] = len(autotune.timing_log()) - n0
-                sets = random_inputs(shapes(p), args.dtype, 2)
-                res["ms"] = time_call(p, sets, args)["ms"]
-                del sets
+            res["config"] = lower_config(p, args.dtype, config)
+            res["timed"] = len(autotune.timing_log()) - n0
+            sets = random_inputs(shapes(p), args.dtype, 2)
+            res["ms"] = time_call(p, sets, args, config)["ms"]
+            del sets
         except Exception as e:  # noqa: BLE001
             res["error"] = _err(e)
         res["timed"] = len(autotune.timing_log()) - n0
@@ -324,10 +319,11 @@ def _ms(x) -> str:
 def markdown(report: dict) -> str:
     e, c = report["env"], report["config"]
     lines = [f"# Auto-tuner demo ({e['device']}, {c['dtype']}, {e['date']})", "",
-             f"Fresh cache `{report['cache_dir']}`. Default = NATTEN_JAX_AUTOTUNE=off (cost "
-             f"model); tuned = the mode named (on: the {autotune.TOP_K} best candidates by the "
-             "cost model, thorough: all). Tiles as read from each lowered program (tokens per "
-             f"axis). Call times: {c['timed_backend']} forward, median ms (benchmarks.timing)"
+             f"Fresh cache `{report['cache_dir']}`. Default = FusedConfig(autotune=\"off\") "
+             f"(cost model); tuned = the mode named (on: the {autotune.TOP_K} best candidates by "
+             "the cost model, thorough: all). Tiles as read from each lowered program (tokens per "
+             f"axis). Call times: {c['timed_backend']} forward, median ms "
+             "(benchmarks.harness.timing)"
              + ("; tuner times from a mocked timer (--quick, CPU)" if c["quick"] else "")
              + ". Tuner ms: its own timing of the cost model's tiles and of the winner.", "",
              "| problem | default tiles | default ms | mode | tuned tiles | tuned ms | speedup "
@@ -367,13 +363,9 @@ def markdown(report: dict) -> str:
 
 
 def write(report: dict, args) -> None:
-    for path, text in ((args.out, lambda: json.dumps(report, indent=1)),
-                       (args.md, lambda: markdown(report))):
-        if path:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            with open(path + ".tmp", "w") as fh:
-                fh.write(text())
-            os.replace(path + ".tmp", path)
+    results.write_json(args.out, report)
+    if args.md:
+        results.write_text(args.md, markdown(report))
 
 
 # -------------------------------------------------------------------------------------- main
@@ -403,13 +395,17 @@ def parse_args(argv=None):
     ap.add_argument("--child-fresh-cache", action="store_true",
                     help="negative control: the second process gets an empty cache (it must "
                     "re-time, and the demo must report it)")
+    cli.add_fused_config(ap)
     ap.add_argument("--out", help="JSON report")
     ap.add_argument("--md", help="markdown report")
     ap.add_argument("--quick", action="store_true", help="CPU smoke test (mocked tuner timer, "
                     "reference backend timings, tiny problems)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child-modes", help=argparse.SUPPRESS)
+    ap.add_argument("--child-cache-dir", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    a.config = cli.fused_config(a.fused_config)
+    a.cache_path = a.child_cache_dir  # the cache directory (main() makes a fresh one)
     a.problems = a.problems or (QUICK_PROBLEMS if a.quick else DEFAULT_PROBLEMS)
     if a.thorough is None:
         a.thorough = "q2d" if a.quick else "2d_nat_t"
@@ -423,20 +419,22 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.quick:  # no kernel runs on a CPU: the tuner times candidates with the mock
-        autotune.default_timer = mock_timer
+        from natten_jax.backends import fused
+
+        fused.time_kernel = mock_timer
     if args.child:
         return child_main(args)
-    from benchmarks.bench_na import env_info
 
     probs = problems.select(problems.load(quick=args.quick), args.problems)
     base = args.cache_dir or tempfile.gettempdir()
     os.makedirs(base, exist_ok=True)
     cache_dir = tempfile.mkdtemp(prefix="natten_jax_autotune_", dir=base)
-    os.environ[autotune.CACHE_DIR_ENV] = cache_dir
+    args.cache_path = cache_dir
     autotune.clear_memory_cache()
     if not args.quick and not fused_runs_here():
         log("the fused kernels do not run here; use --quick on a CPU")
-    report = {"env": env_info(), "argv": sys.argv[1:] if argv is None else list(argv),
+    report = {"env": results.env_info(), "argv": sys.argv[1:] if argv is None else list(argv),
+              "fused_config": cli.config_json(args.config),
               "config": {"dtype": args.dtype, "quick": args.quick, "reps": args.reps,
                          "budget_s": args.budget_s, "loop": args.loop,
                          "timed_backend": args.timed_backend, "thorough": args.thorough_names,

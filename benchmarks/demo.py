@@ -11,14 +11,15 @@ problem, then times it and prints one line per measurement.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import natten_jax
-from benchmarks import problems as problem_set
+from benchmarks.harness import flops, problems as problem_set
+from benchmarks.harness.calls import na_fn
+from benchmarks.harness.timing import time_jax
 from natten_jax import _ffi
 
 
@@ -70,19 +71,10 @@ def main(argv=None):
         p = problem_set.Problem(name="2d_small", batch=1, heads=4, heads_kv=4, spatial=(32, 32),
                                 kernel=(7, 7), dilation=(1, 1), stride=(1, 1),
                                 causal=(False, False), head_dim=64)
-    f = getattr(natten_jax, f"na{len(p.spatial)}d")
-    q, k, v = _inputs(jax.random.PRNGKey(1), p.batch, p.spatial, p.heads, p.heads_kv, p.head_dim,
-                      dtype)
-    run = jax.jit(lambda q, k, v: f(q, k, v, p.kernel, p.stride, p.dilation, p.causal,
-                                    backend=backend))
-    run(q, k, v).block_until_ready()
-    times = []
-    for _ in range(a.reps):
-        t = time.perf_counter()
-        run(q, k, v).block_until_ready()
-        times.append(time.perf_counter() - t)
-    ms = 1e3 * float(np.median(times))
-    tflops = problem_set.useful_flops(p) / (ms * 1e-3) / 1e12
+    inputs = _inputs(jax.random.PRNGKey(1), p.batch, p.spatial, p.heads, p.heads_kv, p.head_dim,
+                     dtype)
+    ms = time_jax(na_fn(p, backend), [inputs], reps=a.reps, loop=False)["ms_call"]
+    tflops = flops.useful_flops(p) / (ms * 1e-3) / 1e12
     print(f"{p.name}: batch {p.batch}, spatial {p.spatial}, heads {p.heads}/{p.heads_kv}, "
           f"head_dim {p.head_dim}, kernel {p.kernel}, {jnp.dtype(dtype).name}")
     print(f"| problem | backend | ms (median of {a.reps}) | useful TFLOP/s |")

@@ -3,7 +3,8 @@
   python -m benchmarks.model_throughput [--variants nat_mini,dinat_tiny]
       [--backends reference,naive,gemm,fused,dense] [--dtypes bf16,fp32] [--modes infer,train]
       [--batch 128] [--image-size 224] [--reps 10] [--time-limit-s 480]
-      [--reference-max-params-m 60] [--out tp.json] [--md tp.md] [--quick]
+      [--reference-max-params-m 60] [--fused-config FIELD=VALUE,...] [--out tp.json]
+      [--md tp.md] [--quick]
 
 Each row: one variant (natten_jax.models.CONFIGS, ImageNet-1k head, NHWC input, relative
 positional biases off so that every backend runs the same model), one attention backend, one
@@ -14,19 +15,20 @@ computation dtype (parameters stay float32), one mode:
   of the label-smoothed cross-entropy, AdamW update; stochastic depth on as in training).
 
 Backends: ``reference`` (pure JAX), ``naive`` / ``gemm`` (unfused CUDA operators; only where
-this natten_jax has them), ``fused`` (our fused kernels), and ``dense``: the same model with
-dense self-attention over every token (``dense_attention=`` of the models; cuDNN for
-fp16/bf16 on a GPU, XLA otherwise, or ``--dense-impl``). A backend is probed once per dtype on
-a tiny call; one that cannot run is listed with the reason and skipped.
+this natten_jax has them), ``fused`` (our fused kernels, configured by ``--fused-config``), and
+``dense``: the same model with dense self-attention over every token (``dense_attention=`` of
+the models; cuDNN for fp16/bf16 on a GPU, XLA otherwise, or ``--dense-impl``). A backend is
+probed once per dtype on a tiny call; one that cannot run is listed with the reason and skipped.
 
-Timing: compile and warm-up calls, then up to ``--reps`` calls each ended by
-``block_until_ready`` (at most ``--budget-s`` seconds of them); images/s = batch / median.
-Failures (out of memory, compile errors) are recorded in their row and the run goes on; a
-CUDA error that leaves the device unusable stops it. No new measurement starts after
-``--time-limit-s``. The JSON and the markdown are rewritten after every measurement, so a run
-killed from outside still leaves its tables. Order: variant by variant (smallest first), then
-dtype, mode, backend (fused, dense, gemm, naive, reference), so a time-limited run fills
-whole rows.
+Timing (benchmarks.harness.timing.time_calls): ahead-of-time compilation, warm-up calls, then
+up to ``--reps`` calls each ended by ``block_until_ready`` (at most ``--budget-s`` seconds of
+them); images/s = batch / median. Failures (out of memory, compile errors) are recorded in
+their row and the run goes on; a CUDA error that leaves the device unusable stops it. No new
+measurement starts after ``--time-limit-s``. The JSON and the markdown are rewritten after
+every measurement, so a run killed from outside still leaves its tables. Order: variant by
+variant (smallest first), then dtype, mode, backend (fused, dense, gemm, naive, reference), so
+a time-limited run fills whole rows. ``--resume`` / ``--shard`` / ``--merge``:
+benchmarks.harness.resume.
 
 ``--quick``: CPU smoke test (batch 2, 64x64, nat_mini with one layer per level, 1 rep).
 """
@@ -39,20 +41,20 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse  # noqa: E402
-import collections  # noqa: E402
-import contextlib  # noqa: E402
 import functools  # noqa: E402
 import gc  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
-from typing import Callable, List, Optional  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+
+from benchmarks.harness import cli, markdown as md, resume, results  # noqa: E402
+from benchmarks.harness.aot import Compiled  # noqa: E402
+from benchmarks.harness.flops import model_gmacs  # noqa: E402
+from benchmarks.harness.run import Deadline, error_text, is_fatal, logger  # noqa: E402
+from benchmarks.harness.timing import time_calls  # noqa: E402
 
 VARIANTS = ("nat_mini", "nat_tiny", "nat_small", "nat_base",
             "dinat_mini", "dinat_tiny", "dinat_small", "dinat_base", "dinat_large")
@@ -67,16 +69,7 @@ MODE_TITLES = {"infer": "Inference (jitted forward)",
 NUM_CLASSES = 1000
 LABEL_SMOOTHING = 0.1
 UNAVAILABLE = "backend unavailable"
-DEVICE_MARKS = ("†", "‡", "§", "¶")  # cells of a merged table's other devices
-SPREAD_MARK_PCT = 20.0  # cells whose timed calls spread more (max - min over the median): "~"
-
-
-def log(msg: str) -> None:
-    print(f"[throughput {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _err(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}"[:500]
+log = logger("throughput")
 
 
 # ----------------------------------------------------------------------------- model and work
@@ -92,30 +85,6 @@ def model_config(variant: str, max_depth: int = 0) -> dict:
         if cfg.get("dilations") is not None:
             cfg["dilations"] = tuple(tuple(dl[:n]) for dl, n in zip(cfg["dilations"], depths))
     return cfg
-
-
-def gmacs(cfg: dict, image_size: int = 224, num_classes: int = NUM_CLASSES,
-          in_chans: int = 3) -> float:
-    """Multiply-accumulates per image (G), the papers' "FLOPs" (fvcore counts one MAC as one
-    FLOP): convolutions, linear layers, and q.k and a.v over the kernel_size^2 neighbors of
-    every token; norms, softmax and activations left out. Exact at 224x224 (every feature map
-    at least kernel_size * dilation); smaller inputs pad feature maps, not counted here."""
-    C = int(cfg["embed_dim"])
-    ks = cfg.get("kernel_size", 7)
-    window = math.prod(ks) if isinstance(ks, (tuple, list)) else ks * ks
-    h = math.ceil(image_size / 2)
-    n = math.ceil(h / 2)
-    macs = h * h * 9 * in_chans * (C // 2) + n * n * 9 * (C // 2) * C  # tokenizer
-    depths = cfg["depths"]
-    for i, depth in enumerate(depths):
-        hidden = int(C * cfg["mlp_ratio"])
-        per_token = 4 * C * C + 2 * C * hidden + 2 * window * C  # qkv+proj, mlp, q.k + a.v
-        macs += depth * n * n * per_token
-        if i < len(depths) - 1:
-            n = math.ceil(n / 2)
-            macs += n * n * 9 * C * 2 * C  # downsampler
-            C *= 2
-    return (macs + C * num_classes) / 1e9
 
 
 def dense_impl(dtype: str, choice: str = "auto") -> str:
@@ -138,121 +107,37 @@ def build_model(variant: str, backend: str, dtype: str, args):
         kw["dense_attention"] = dense_impl(dtype, args.dense_impl)
     else:
         kw["backend"] = backend
+        if backend == "fused":
+            kw["backend_config"] = args.config
     return NAT(**kw, rngs=nnx.Rngs(0))
 
 
 def probe_backend(backend: str, dtype: str, args) -> str:
     """"" if ``backend`` runs a tiny 2-D attention call in ``dtype`` here, else why not."""
-    import natten_jax
+    from benchmarks.harness.calls import na_fn
+    from benchmarks.harness.problems import make_problem
 
-    key = jax.random.PRNGKey(0)
     try:
-        q = jax.random.normal(key, (1, 8, 8, 2, 32), jnp.dtype(dtype))
+        q = jax.random.normal(jax.random.PRNGKey(0), (1, 8, 8, 2, 32), jnp.dtype(dtype))
         if backend == "dense":
             impl = dense_impl(dtype, args.dense_impl)
             flat = q.reshape(1, 64, 2, 32)
             out = jax.jit(lambda x: jax.nn.dot_product_attention(x, x, x, implementation=impl))(
                 flat)
         else:
-            out = jax.jit(lambda x: natten_jax.na2d(x, x, x, 3, dilation=2, backend=backend))(q)
+            p = make_problem("probe", dict(batch=1, heads=2, spatial=[8, 8], kernel=[3, 3],
+                                           dilation=[2, 2], head_dim=32))
+            f = na_fn(p, backend, args.config)
+            out = jax.jit(lambda x: f(x, x, x))(q)
         if not bool(jnp.all(jnp.isfinite(out.astype(jnp.float32)))):
             return "probe call returned non-finite values"
         return ""
     except ValueError as e:
         if "`backend` must be" in str(e):
             return f"this natten_jax has no backend {backend!r}"
-        return _err(e)
+        return error_text(e)
     except Exception as e:  # noqa: BLE001 - NotImplementedError, missing kernels, cuDNN errors
-        return _err(e)
-
-
-# ---------------------------------------------------------------------------------- timing
-def time_calls(call: Callable[[], object], reps: int, warmup: int, budget_s: float,
-               gpu_lock: Optional[str] = None) -> dict:
-    """Compile, ``warmup`` untimed calls, then up to ``reps`` calls each ended by
-    ``block_until_ready`` until ``budget_s`` seconds of them; median and spread.
-
-    ``call`` may have a ``compile()`` method (ahead-of-time compilation: :class:`Compiled`);
-    then the compilation is timed on its own under a shared lock of ``gpu_lock`` (a file), and
-    the device calls, from the first to the last, under its exclusive lock: several processes
-    compile side by side, and while one of them times, nothing else compiles (XLA's autotuner
-    runs candidate kernels on the GPU, and a compilation's threads take the CPU that launches
-    the timed process's kernels). Without ``compile()`` the first call compiles (and runs) and
-    counts as the first warm-up call."""
-    t0 = time.perf_counter()
-    info = {}
-    if hasattr(call, "compile"):
-        with _file_lock(gpu_lock, shared=True):
-            t0 = time.perf_counter()
-            info = call.compile() or {}
-            compile_s = time.perf_counter() - t0
-        untimed = max(1, warmup)
-    with _file_lock(gpu_lock):
-        if not hasattr(call, "compile"):
-            jax.block_until_ready(call())
-            compile_s = time.perf_counter() - t0
-            untimed = max(0, warmup - 1)
-        for _ in range(untimed):
-            jax.block_until_ready(call())
-        times: List[float] = []
-        while len(times) < max(1, reps):
-            t0 = time.perf_counter()
-            jax.block_until_ready(call())
-            times.append(time.perf_counter() - t0)
-            if sum(times) > budget_s:
-                break
-    med = statistics.median(times)
-    return dict(ms=med * 1e3, ms_min=min(times) * 1e3, ms_max=max(times) * 1e3,
-                spread_pct=100.0 * (max(times) - min(times)) / med if med > 0 else 0.0,
-                reps=len(times), compile_s=compile_s, **info)
-
-
-@contextlib.contextmanager
-def _file_lock(path: Optional[str], shared: bool = False):
-    """flock on ``path`` (created if missing) for the duration, exclusive or shared; no-op for
-    None. A process waiting for the exclusive lock has priority over later shared ones: every
-    taker first passes the turnstile ``path + ".turn"``, which a waiting exclusive taker holds
-    until it has the lock (otherwise overlapping compilations could keep a timer waiting)."""
-    if not path:
-        yield
-        return
-    import fcntl
-
-    with open(path + ".turn", "a") as turn, open(path, "a") as fh:
-        fcntl.flock(turn, fcntl.LOCK_EX)
-        try:
-            fcntl.flock(fh, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
-        finally:
-            fcntl.flock(turn, fcntl.LOCK_UN)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-class Compiled:
-    """A jitted function and its next arguments: ``compile()`` lowers and compiles it ahead of
-    time (so that compilation can be timed, and locked, apart from the device calls) and
-    returns its memory analysis; calling runs the compiled executable (or, before compile(),
-    the jitted function) on ``args_fn()``, and hands the result to ``keep`` (the carried
-    training state)."""
-
-    def __init__(self, fn, args_fn, keep=None):
-        self.fn, self.args_fn, self.keep, self.exe = fn, args_fn, keep, None
-
-    def compile(self) -> dict:
-        self.exe = self.fn.lower(*self.args_fn(peek=True)).compile()
-        try:
-            mem = self.exe.memory_analysis()
-            return {"temp_bytes": int(mem.temp_size_in_bytes),
-                    "argument_bytes": int(mem.argument_size_in_bytes),
-                    "output_bytes": int(mem.output_size_in_bytes)}
-        except Exception:  # noqa: BLE001 - not every backend / version reports it
-            return {}
-
-    def __call__(self):
-        out = (self.exe or self.fn)(*self.args_fn())
-        return self.keep(out) if self.keep else out
+        return error_text(e)
 
 
 def inference_call(model, batches) -> Compiled:
@@ -332,7 +217,7 @@ def measure_dense_fallback(variant, backend, dtype, mode, batches, args, row) ->
 
 
 def measure(variant: str, backend: str, dtype: str, mode: str, batches, args) -> dict:
-    """One row's numbers: {"ms", "images_per_s", "timing", "params"} or {"error"}."""
+    """One row's numbers: {"ms", "images_per_s", "timing", "params"}."""
     from natten_jax.models import count_params
 
     model = build_model(variant, backend, dtype, args)
@@ -353,24 +238,16 @@ def _speedup(a, b) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
 
 
-def _device_marks(report: dict):
-    """(the device of most measured rows, {other device: its mark}): a merged table may hold
-    rows of several GPUs; each row names the device it ran on (older rows: their file's)."""
-    counts = collections.Counter(r.get("device", report["env"]["device"])
-                                 for r in report["rows"] if "ms" in r)
-    main_dev = counts.most_common(1)[0][0] if counts else report["env"]["device"]
-    others = sorted(d for d in counts if d != main_dev)
-    return main_dev, dict(zip(others, DEVICE_MARKS))
-
-
 def markdown(report: dict) -> str:
     """One table per (mode, dtype): the paper's layout (model, params, FLOPs, images/s per
     backend, speedups of fused over reference and over dense), notes below it. Cells measured
     on another device than most are marked (a speedup needs both cells from one device),
-    and cells whose timed calls spread more than SPREAD_MARK_PCT get a "~"."""
+    and cells whose timed calls spread widely get a "~" (benchmarks.harness.markdown)."""
     cfg, env = report["config"], report["env"]
     backends = [b for b in BACKENDS if b in report["backends"]]
-    main_dev, marks = _device_marks(report)
+    main_dev, marks = md.device_marks(r.get("device", env["device"])
+                                      for r in report["rows"] if "ms" in r)
+    main_dev = main_dev or env["device"]
     lines = [
         f"# NAT / DiNAT throughput ({main_dev}, batch {cfg['batch']}, "
         f"{cfg['image_size']}x{cfg['image_size']}, {env['date']})",
@@ -380,9 +257,9 @@ def markdown(report: dict) -> str:
         "without relative positional biases (every backend runs the same model); parameters "
         "float32, computation in the dtype named. GMACs: multiply-accumulates per image (the "
         "papers' FLOPs). dense: the same model with dense self-attention "
-        "(jax.nn.dot_product_attention). Fused backward: "
-        f"{cfg.get('fused_backward', '?')}." + (f" Layers per level capped at {cfg['max_depth']}."
-                                                if cfg.get("max_depth") else ""),
+        "(jax.nn.dot_product_attention). Fused backend: "
+        f"{_config_text(cfg.get('fused_config'))}."
+        + (f" Layers per level capped at {cfg['max_depth']}." if cfg.get("max_depth") else ""),
         "",
     ]
     skipped = {f"{b} ({DTYPE_SHORT.get(d, d)})": why for b, per in report["backends"].items()
@@ -400,9 +277,8 @@ def markdown(report: dict) -> str:
             impl = {r["backend"]: r.get("impl") for r in sel if r.get("impl")}
             head = [f"{b} ({impl[b]})" if b in impl else b for b in backends]
             lines += [f"## {MODE_TITLES[mode]}, {DTYPE_SHORT[dtype]}: images/s", "",
-                      "| model | params (M) | GMACs | " + " | ".join(head)
-                      + " | fused vs reference | fused vs dense |",
-                      "|---|---|---|" + "---|" * len(backends) + "---|---|"]
+                      *md.table(["model", "params (M)", "GMACs", *head, "fused vs reference",
+                                 "fused vs dense"], [])]
             notes = {}  # reason -> the cells it applies to
             for variant in report["variants"]:
                 by = {r["backend"]: r for r in sel if r["variant"] == variant}
@@ -416,11 +292,9 @@ def markdown(report: dict) -> str:
                          f"{next(iter(by.values()))['gmacs']:.2f}"]
                 for b in backends:
                     if rate.get(b):
-                        spread = by[b].get("timing", {}).get("spread_pct", 0.0)
-                        wide = spread > SPREAD_MARK_PCT
-                        any_wide = any_wide or wide
-                        cells.append(_fmt_rate(rate[b]) + ("~" if wide else "")
-                                     + marks.get(dev[b], ""))
+                        wide = md.spread_mark(by[b].get("timing"))
+                        any_wide = any_wide or bool(wide)
+                        cells.append(_fmt_rate(rate[b]) + wide + marks.get(dev[b], ""))
                         continue
                     cells.append("-")
                     why = (by.get(b) or {}).get("error") or (by.get(b) or {}).get("skipped")
@@ -428,18 +302,15 @@ def markdown(report: dict) -> str:
                         notes.setdefault(why[:160], []).append(f"{variant} {b}")
                 cells += [_speedup(rate.get("fused"), rate.get(b)) if dev.get("fused") == dev.get(b)
                           else "-" for b in ("reference", "dense")]
-                lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+                lines.append(md.row([variant, *cells]))
             lines.append("")
             if notes:
                 lines += ["Not measured: " + "; ".join(
-                    f"{', '.join(cells)}: {why}".replace("|", "/").replace("\n", " ")
-                    for why, cells in notes.items()), ""]
+                    md.cell(f"{', '.join(cells)}: {why}") for why, cells in notes.items()), ""]
     if any_wide:
-        lines += [f"~ = the timed calls spread more than {SPREAD_MARK_PCT:g}% (max - min over "
-                  "the median, which is reported).", ""]
+        lines += [md.SPREAD_NOTE, ""]
     if marks:
-        lines += ["Measured on another device: " + "; ".join(
-            f"{m} {d}" for d, m in marks.items()) + f" (unmarked: {main_dev}).", ""]
+        lines += [md.device_note(main_dev, marks), ""]
     st = report["status"]
     if report.get("merged"):
         n = sum("ms" in r for r in report["rows"])
@@ -452,27 +323,27 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+
+
+def _config_text(config) -> str:
+    """The fused backend's configuration of a run: the fields that differ from natten_jax's
+    defaults (or "default configuration")."""
+    if config is None:
+        return "not recorded"
+    from natten_jax import FusedConfig
+
+    default = cli.config_json(FusedConfig())
+    changed = [f"{k}={v}" for k, v in config.items() if default.get(k) != v]
+    return ", ".join(changed) or "default configuration"
+
+
 def write(report: dict, args) -> None:
-    """JSON and markdown, each through a temporary file and a rename."""
-    for path, text in ((args.out, lambda: json.dumps(report, indent=1)),
-                       (args.md, lambda: markdown(report))):
-        if not path:
-            continue
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path + ".tmp", "w") as fh:
-            fh.write(text())
-        os.replace(path + ".tmp", path)
+    results.write_json(args.out, report)
+    if args.md:
+        results.write_text(args.md, markdown(report))
 
 
 # -------------------------------------------------------------------------------------- main
-def _names(s: Optional[str], allowed, what, aliases=None) -> List[str]:
-    from benchmarks.bench_na import _names as names_of  # one parser for every CLI
-
-    aliases = aliases or {}
-    s = ",".join(aliases.get(x.strip(), x.strip()) for x in s.split(",")) if s else s
-    return names_of(s, allowed, what)
-
-
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -498,9 +369,11 @@ def parse_args(argv=None):
     ap.add_argument("--reference-max-params-m", type=float, default=0.0,
                     help="skip the reference backend on variants of more parameters than this "
                     "(millions; 0: no limit)")
-    ap.add_argument("--dense-impl", default="auto", choices=["auto", "cudnn", "xla", "cudnn_or_xla"],
+    ap.add_argument("--dense-impl", default="auto",
+                    choices=["auto", "cudnn", "xla", "cudnn_or_xla"],
                     help="implementation of the dense baseline (auto: cuDNN for fp16/bf16 on a "
                     "GPU, else XLA)")
+    cli.add_fused_config(ap)
     ap.add_argument("--max-depth", type=int, default=0,
                     help="keep at most this many layers per level (smoke tests; 0: all)")
     ap.add_argument("--only", default="", help="comma-separated variant:mode[:backend[:dtype]] "
@@ -528,16 +401,13 @@ def parse_args(argv=None):
         a.batch, a.image_size, a.reps, a.warmup = 2, 64, 1, 1
         a.budget_s, a.time_limit_s = 1.0, 0.0
         a.max_depth = a.max_depth or 1
-    a.variant_names = _names(a.variants, VARIANTS, "variants") if a.variants else list(VARIANTS)
-    a.backend_names = _names(a.backends, BACKENDS, "backends")
-    a.dtype_names = _names(a.dtypes, DTYPES, "dtypes", DTYPE_ALIASES)
-    a.mode_names = _names(a.modes, MODES, "modes")
+    a.variant_names = (cli.names(a.variants, VARIANTS, "--variants") if a.variants
+                       else list(VARIANTS))
+    a.backend_names = cli.names(a.backends, BACKENDS, "--backends")
+    a.dtype_names = cli.names(a.dtypes, DTYPES, "--dtypes", DTYPE_ALIASES)
+    a.mode_names = cli.names(a.modes, MODES, "--modes")
     a.only = [tuple(x.strip().split(":")) for x in a.only.split(",") if x.strip()]
-    try:
-        a.shard = tuple(int(x) for x in a.shard.split("/")) if a.shard else ()
-        assert not a.shard or (len(a.shard) == 2 and 0 <= a.shard[0] < a.shard[1])
-    except (ValueError, AssertionError):
-        raise SystemExit(f"--shard: expected i/n with 0 <= i < n, got {a.shard!r}") from None
+    a.shard = resume.parse_shard(a.shard)
     if a.merge and not a.resume:
         raise SystemExit("--merge needs --resume files")
     for o in a.only:
@@ -546,15 +416,13 @@ def parse_args(argv=None):
             raise SystemExit(f"--only: bad entry {':'.join(o)!r} (variant:mode[:backend[:dtype]])")
     if not (a.variant_names and a.backend_names and a.dtype_names and a.mode_names):
         raise SystemExit("need at least one variant, backend, dtype and mode")
+    a.config = cli.fused_config(a.fused_config)
     return a
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from benchmarks.bench_na import env_info
-    from benchmarks.sweep import FATAL_PATTERNS
-
-    env = env_info()
+    env = results.env_info()
     report = {
         "env": env, "argv": sys.argv[1:] if argv is None else list(argv),
         "config": {"batch": args.batch, "image_size": args.image_size, "reps": args.reps,
@@ -563,7 +431,7 @@ def main(argv=None) -> dict:
                    "dense_impl": args.dense_impl, "rpb": False,
                    "reference_max_params_m": args.reference_max_params_m,
                    "label_smoothing": LABEL_SMOOTHING,
-                   "fused_backward": os.environ.get("NATTEN_JAX_FUSED_BACKWARD", "default")},
+                   "fused_config": cli.config_json(args.config)},
         "variants": args.variant_names,
         "backends": {b: {} for b in args.backend_names},  # backend -> dtype -> "" or why not
         "rows": [],
@@ -572,16 +440,11 @@ def main(argv=None) -> dict:
     if args.shard:
         report["shard"] = "/".join(map(str, args.shard))
     order = [b for b in RUN_ORDER if b in args.backend_names]
-    kept = {}
-    for path in args.resume:
-        for key, row in resume_rows(path, args, with_errors=args.merge).items():
-            if key not in kept or ("ms" in row and "ms" not in kept[key]):
-                kept[key] = row
+    kept = resume.kept_rows(args.resume, row_key,
+                            {"batch": args.batch, "image_size": args.image_size},
+                            with_errors=args.merge)
     if args.merge:  # the table describes the machine the rows were measured on
-        parts = []
-        for path in args.resume:
-            with open(path) as f:
-                parts.append(json.load(f))
+        parts = [resume.load(path) for path in args.resume]
         report["env"] = parts[0]["env"]
         report["merged"] = {"files": args.resume, "elapsed_s": [
             p.get("status", {}).get("elapsed_s") for p in parts]}
@@ -592,7 +455,7 @@ def main(argv=None) -> dict:
         f"time limit {args.time_limit_s or 'none'} s"
         + (f"; shard {report['shard']}: {sum(t == 'mine' for _, t in grid)} to measure"
            if args.shard else "") + (f"; merging {len(kept)} rows" if args.merge else ""))
-    start = time.perf_counter()
+    deadline = Deadline(args.time_limit_s)
     stopped = None
     batches, batches_key = None, None
     for (variant, dtype, mode, backend), tag in grid:
@@ -603,15 +466,15 @@ def main(argv=None) -> dict:
             report["status"]["done"] += 1
             continue
         row = {"variant": variant, "backend": backend, "dtype": dtype, "mode": mode,
-               "gmacs": gmacs(model_config(variant, args.max_depth), args.image_size)}
+               "gmacs": model_gmacs(model_config(variant, args.max_depth), args.image_size,
+                                    NUM_CLASSES)}
         if backend == "dense":
             row["impl"] = dense_impl(dtype, args.dense_impl)
         report["rows"].append(row)
         if args.merge:
             row["skipped"] = "not measured in the merged runs"
             continue
-        if stopped is None and args.time_limit_s and \
-                time.perf_counter() - start > args.time_limit_s:
+        if stopped is None and deadline.passed():
             stopped = "time limit"
         if stopped:
             row["skipped"] = f"not run: {stopped}"
@@ -641,12 +504,12 @@ def main(argv=None) -> dict:
                 row.update(measure_dense_fallback(variant, backend, dtype, mode,
                                                   batches, args, row))
         except Exception as e:  # noqa: BLE001 - OOM, compile errors: record, go on
-            row["error"] = _err(e)
-            if any(p.lower() in row["error"].lower() for p in FATAL_PATTERNS):
+            row["error"] = error_text(e)
+            if is_fatal(row["error"]):
                 stopped = f"device error in {variant} {backend}: {row['error'][:200]}"
         row["wall_s"] = round(time.perf_counter() - t0, 2)
         report["status"]["done"] += 1
-        report["status"]["elapsed_s"] = round(time.perf_counter() - start, 1)
+        report["status"]["elapsed_s"] = round(deadline.elapsed_s(), 1)
         log(f"{variant} {backend} {dtype} {mode}: "
             + (f"{row['images_per_s']:.1f} img/s ({row['ms']:.2f} ms, compile "
                f"{row['timing']['compile_s']:.1f} s)" if "ms" in row
@@ -655,34 +518,20 @@ def main(argv=None) -> dict:
         jax.clear_caches()  # bounds host memory of the compiled programs
         write(report, args)
     report["status"]["stopped"] = stopped
-    report["status"]["elapsed_s"] = round(time.perf_counter() - start, 1)
+    report["status"]["elapsed_s"] = round(deadline.elapsed_s(), 1)
     write(report, args)
-    md = markdown(report)
-    print(md, flush=True)
+    print(markdown(report), flush=True)
     return report
 
 
-def resume_rows(path: str, args, with_errors: bool = False) -> dict:
-    """(variant, backend, dtype, mode) -> row of every measured row (``with_errors``: and every
-    failed one) of an earlier run's JSON, marked with where it came from and the device it ran
-    on (rows written before rows named theirs: the file's); refuses another batch or image
-    size."""
-    with open(path) as f:
-        old = json.load(f)
-    for key, mine in (("batch", args.batch), ("image_size", args.image_size)):
-        if old["config"].get(key) != mine:
-            raise SystemExit(f"--resume {path}: {key} {old['config'].get(key)}, this run's {mine}")
-    return {(r["variant"], r["backend"], r["dtype"], r["mode"]):
-            dict(r, resumed_from=r.get("resumed_from", path),
-                 device=r.get("device", old["env"]["device"]))
-            for r in old["rows"] if "ms" in r or (with_errors and "error" in r)}
+def row_key(r: dict) -> tuple:
+    return (r["variant"], r["backend"], r["dtype"], r["mode"])
 
 
 def plan(args, order, kept) -> list:
     """The grid in run order (variant by variant, smallest first; then dtype, mode, backend),
     each entry ``((variant, dtype, mode, backend), tag)``: "kept" (an earlier run's row),
-    "mine" (to measure here) or "other" (another shard's: ``--shard i/n`` measures every n-th
-    of the rows left to measure, starting at the i-th)."""
+    "mine" (to measure here) or "other" (another shard's)."""
     out, todo = [], 0
     for variant in args.variant_names:
         for dtype in args.dtype_names:
@@ -694,9 +543,8 @@ def plan(args, order, kept) -> list:
                     if (variant, backend, dtype, mode) in kept:
                         out.append((key, "kept"))
                         continue
-                    mine = not args.shard or todo % args.shard[1] == args.shard[0]
+                    out.append((key, "mine" if resume.mine(todo, args.shard) else "other"))
                     todo += 1
-                    out.append((key, "mine" if mine else "other"))
     return out
 
 

@@ -9,8 +9,8 @@
   indices. It runs in a subprocess (``python -m benchmarks.peers flex '<problem json>'``) so that a
   torch failure, a library clash with JAX, or torch's memory pool cannot take the benchmark down.
 
-The JAX peers are functions ``(q, k, v) -> out`` for :func:`benchmarks.timing.time_jax`; the flex
-peer returns its timing dicts. Failures are reported as ``{"error": "..."}``, never raised.
+The JAX peers are functions ``(q, k, v) -> out`` for :func:`benchmarks.harness.timing.time_jax`;
+the flex peer returns its timing dicts. Failures are reported as ``{"error": "..."}``, never raised.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from typing import Callable
 
 import numpy as np
 
-from benchmarks.problems import Problem, make_problem
+from benchmarks.harness.problems import Problem
+from benchmarks.harness.run import error_text
 from natten_jax.window import is_neighbor_1d
 
 XLA_DENSE_MAX_BYTES = 8e9
@@ -194,7 +195,7 @@ def flex_run(p: Problem, dtype: str, reps: int, budget_s: float, fwd_only: bool)
     import torch
     from torch.nn.attention.flex_attention import flex_attention
 
-    from benchmarks.timing import time_torch
+    from benchmarks.harness.timing import time_torch
 
     if not torch.cuda.is_available():
         raise PeerSkipped("torch has no CUDA device")
@@ -223,7 +224,7 @@ def flex_run(p: Problem, dtype: str, reps: int, budget_s: float, fwd_only: bool)
     try:
         out["fwd"] = time_torch(lambda q, k, v, ct: attn(q, k, v), sets, reps, budget_s)
     except Exception as e:  # noqa: BLE001
-        out["fwd"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+        out["fwd"] = {"error": error_text(e)}
     if not fwd_only:
         gsets = [tuple(x.requires_grad_(i < 3) for i, x in enumerate(s)) for s in sets]
 
@@ -233,7 +234,7 @@ def flex_run(p: Problem, dtype: str, reps: int, budget_s: float, fwd_only: bool)
         try:
             out["fwd_bwd"] = time_torch(fwd_bwd, gsets, reps, budget_s)
         except Exception as e:  # noqa: BLE001
-            out["fwd_bwd"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+            out["fwd_bwd"] = {"error": error_text(e)}
     return out
 
 
@@ -270,13 +271,11 @@ def _main(argv=None):
     ap.add_argument("--budget-s", type=float, default=20.0)
     ap.add_argument("--fwd-only", action="store_true")
     a = ap.parse_args(argv)
-    spec = json.loads(a.problem)
-    spec["is_causal"] = spec.pop("causal")
-    p = make_problem(spec.pop("name"), spec)
+    p = Problem.from_json(json.loads(a.problem))
     try:
         out = flex_run(p, a.dtype, a.reps, a.budget_s, a.fwd_only)
     except Exception as e:  # noqa: BLE001
-        out = {"error": f"{type(e).__name__}: {e}"[:500]}
+        out = {"error": error_text(e)}
     print(RESULT_PREFIX + json.dumps(out), flush=True)
 
 

@@ -1,7 +1,13 @@
-"""Paper-style tables and plots from a sweep JSON (benchmarks/sweep.py).
+"""Paper-style tables and plots from a sweep JSON (benchmarks/sweep.py), and the generated
+tables of docs/benchmarks.md.
 
-  python -m benchmarks.report sweep.json [--md docs/sweep.md] [--plots docs/plots/]
-      [--tolerance-pct 0]
+  python -m benchmarks.report sweep.json [--md sweep.md] [--plots plots/] [--tolerance-pct 0]
+  python -m benchmarks.report --docs      # rewrite docs/benchmarks.md's tables and docs/plots/
+                                          # from benchmarks/results/*.json
+  python -m benchmarks.report --check     # exit 1 if they differ from what --docs would write
+
+``--docs`` and ``--check``: :mod:`benchmarks.results_docs` (the results format and the doc's
+block markers).
 
 * Table 1 style: for each pair of implementations (A, B) and mode (fwd, fwd+bwd), the share of
   problems, per dtype and rank, where A is at least as fast as B (t_A <= t_B * (1 + tolerance)),
@@ -422,12 +428,36 @@ def plots(report: dict, outdir: str) -> List[str]:
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("json", help="sweep JSON (benchmarks/sweep.py --out)")
+    ap.add_argument("json", nargs="?", help="sweep JSON (benchmarks/sweep.py --out)")
+    ap.add_argument("--docs", action="store_true",
+                    help="rewrite the generated tables of docs/benchmarks.md and docs/plots/*.svg "
+                         "from benchmarks/results/*.json")
+    ap.add_argument("--check", action="store_true",
+                    help="exit with status 1 if --docs would change a file")
     ap.add_argument("--md", help="write the markdown here (else print it)")
     ap.add_argument("--plots", help="folder for the PNG plots")
     ap.add_argument("--tolerance-pct", type=float, default=0.0,
                     help="A 'matches' B when t_A <= t_B * (1 + this / 100) (default 0)")
     a = ap.parse_args(argv)
+    if a.docs or a.check:
+        from benchmarks import results_docs
+
+        if a.json:
+            ap.error("--docs and --check take no sweep JSON")
+        if a.check:
+            changed = results_docs.stale()
+            for p in changed:
+                print(f"[report] out of date: {os.path.relpath(p, results_docs.REPO)}",
+                      file=sys.stderr)
+            if changed:
+                print("[report] run: python -m benchmarks.report --docs", file=sys.stderr)
+                sys.exit(1)
+            return ""
+        for p in results_docs.write_docs():
+            print(f"[report] wrote {os.path.relpath(p, results_docs.REPO)}", file=sys.stderr)
+        return ""
+    if not a.json:
+        ap.error("give a sweep JSON, or --docs / --check")
     report = load(a.json)
     md = markdown(report, a.tolerance_pct)
     if a.md:

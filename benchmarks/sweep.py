@@ -2,7 +2,8 @@
 
   python -m benchmarks.sweep [--rank 1,2,3] [--dtype float16,bfloat16] [--backends fused,gemm,naive,reference]
       [--peers cudnn] [--size small|medium|paper] [--fwd-only] [--time-limit-s N]
-      [--out sweep.json] [--md docs/sweep.md] [--plots docs/plots/] [--quick] [--list]
+      [--fused-config FIELD=VALUE,...] [--out sweep.json] [--md sweep.md] [--plots plots/]
+      [--resume sweep.json] [--quick] [--list]
 
 The grid: per rank, problems drawn with a fixed seed from lists of batch sizes, spatial extents,
 heads (and key/value heads: multi-head, grouped or multi-query), head dims 32/64/128, kernel sizes
@@ -11,12 +12,12 @@ heads) under the size's caps on elements (B*T*H*D) and dense work (4*B*H*T^2*D, 
 The same arguments always give the same grid (it is stored in the JSON too). Ranks are
 interleaved (1-D, 2-D, 3-D, 1-D, ...) so that a time-limited run still covers every rank.
 
-Per problem and dtype every implementation runs on the same inputs: our backends (fused, gemm,
-and naive and reference on problems up to --reference-max-gflop) and the peers of benchmarks/peers.py (cuDNN
-dense, XLA masked dense, torch Flex). Timing through benchmarks.timing.time_jax (jitted loop of
-calls when it fits the budget). Every failure is recorded in its row and the run goes on; a CUDA
-error that leaves the device unusable (illegal address, launch failure) stops the run. No new
-problem starts after --time-limit-s. The JSON (--out) is rewritten after every problem; the
+Per problem and dtype every implementation runs on the same inputs: our backends (fused with
+--fused-config, gemm, and naive and reference on problems up to --reference-max-gflop) and the
+peers of benchmarks/peers.py (cuDNN dense, XLA masked dense, torch Flex). Timing through
+benchmarks.harness.timing.time_jax (jitted loop of calls when it fits the budget). Every failure
+is recorded in its row and the run goes on; a CUDA error that leaves the device unusable
+(illegal address, launch failure) stops the run. No new problem starts after --time-limit-s. The JSON (--out) is rewritten after every problem; the
 tables and plots (benchmarks/report.py) are written last.
 
 Sizes (H100, fused vs cuDNN, forward): small ~1 min, medium ~5 min, paper ~1 h; --quick: a tiny
@@ -38,8 +39,10 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from typing import Dict, List, Sequence  # noqa: E402
 
-from benchmarks import problems  # noqa: E402
-from benchmarks.problems import Problem, make_problem  # noqa: E402
+from benchmarks.harness import cli, resume  # noqa: E402
+from benchmarks.harness.problems import Problem, make_problem  # noqa: E402
+from benchmarks.harness.results import write_json  # noqa: E402
+from benchmarks.harness.run import error_text, is_fatal, logger  # noqa: E402
 from benchmarks.report import IMPL_ORDER  # noqa: E402  (run order = table order)
 from natten_jax.window import num_neighbors  # noqa: E402
 
@@ -49,10 +52,6 @@ CAPPED_BACKENDS = ("naive", "reference")
 PEERS = ("cudnn", "xla", "flex")
 DTYPES = ("float16", "bfloat16", "float32")
 REFERENCE_MAX_GFLOP = 20.0
-# Errors after which the CUDA context is gone: every later call would fail too.
-FATAL_PATTERNS = ("illegal memory access", "illegal address", "ILLEGAL_ADDRESS",
-                  "unspecified launch failure", "LAUNCH_FAILED", "misaligned address",
-                  "device-side assert", "CUDA_ERROR_ASSERT", "an illegal instruction")
 
 # ------------------------------------------------------------------------------------- grid
 # Per size: seed, caps (elements B*T*H*D, dense work 4*B*H*T^2*D: what cuDNN does) and a floor on
@@ -185,8 +184,7 @@ def sweep_problems(ranks: Sequence[int], size: str, max_problems: int = 0) -> Li
 
 
 # ------------------------------------------------------------------------------------ running
-def log(msg: str) -> None:
-    print(f"[sweep {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = logger("sweep")
 
 
 class Progress:
@@ -220,14 +218,11 @@ class Progress:
             self.bar.close()
 
 
-def _err(e: BaseException) -> dict:
-    return {"error": f"{type(e).__name__}: {e}"[:500]}
-
-
 def _fatal(row: dict) -> str:
+    """The first error of a row that leaves the device unusable ('' if none)."""
     for part in [row] + [row.get(m) or {} for m in ("fwd", "fwd_bwd")]:
         for msg in (part.get("error"), part.get("skipped")):
-            if msg and any(pat.lower() in msg.lower() for pat in FATAL_PATTERNS):
+            if is_fatal(msg):
                 return msg
     return ""
 
@@ -240,14 +235,9 @@ def resume_rows(path: str, report: dict) -> set:
     """Copies into ``report`` the rows of the earlier run in ``path`` for every (problem, dtype)
     it finished (all implementations run or skipped, no device error), and returns those pairs;
     refuses a run of another grid, implementations, dtypes or modes."""
-    with open(path) as f:
-        old = json.load(f)
-    for key in RESUME_KEYS:
-        if old.get(key) != json.loads(json.dumps(report[key])):  # as JSON has it (lists)
-            raise SystemExit(f"--resume {path}: its {key} differ from this run's")
-    if old["constants"].get("size") != report["constants"]["size"]:
-        raise SystemExit(f"--resume {path}: grid size {old['constants'].get('size')!r}, this "
-                         f"run's {report['constants']['size']!r}")
+    old = resume.load(path)
+    resume.require_same(path, old, report, RESUME_KEYS)
+    resume.require_same(path, old["constants"], report["constants"], ("size",))
     by_pair = {}
     for r in old["rows"]:
         by_pair.setdefault((r["problem"], r["dtype"]), []).append(r)
@@ -260,37 +250,22 @@ def resume_rows(path: str, report: dict) -> set:
     return done
 
 
-def write_json(report: dict, path: str) -> None:
-    if not path:
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(report, fh, indent=1)
-    os.replace(tmp, path)
-
-
 def run_impl(kind: str, name: str, p: Problem, dtype: str, sets, args, left_s: float) -> dict:
     """One implementation on one problem: {"fwd": ..., "fwd_bwd": ...} or {"skipped": why}."""
-    from benchmarks import bench_na, peers
+    from benchmarks import peers
+    from benchmarks.harness import calls
 
     if name == "flex":
         out = peers.flex_subprocess(p, dtype, args.reps, args.budget_s, args.fwd_only,
                                     min(args.flex_timeout_s, max(left_s, 30.0)))
         return {"skipped": out.pop("error")} if "error" in out else out
     try:
-        fn = bench_na.ours_fn(p, name) if kind == "ours" else peers.jax_peer_fn(name, p)
-        return bench_na.measure_jax(fn, sets, args)
+        fn = calls.na_fn(p, name, args.config) if kind == "ours" else peers.jax_peer_fn(name, p)
+        return calls.measure(fn, sets, args.reps, args.budget_s, args.loop, args.fwd_only)
     except peers.PeerSkipped as e:
         return {"skipped": str(e)}
     except Exception as e:  # noqa: BLE001
-        return {"skipped": _err(e)["error"]}
-
-
-def _names(s, allowed, what) -> List[str]:
-    from benchmarks.bench_na import _names as names_of  # one parser for both CLIs
-
-    return names_of(s, allowed, what)
+        return {"skipped": error_text(e)}
 
 
 def parse_args(argv=None):
@@ -320,6 +295,7 @@ def parse_args(argv=None):
                     default=float(os.environ.get("SWEEP_TIME_LIMIT_S", 300)),
                     help="start no new problem after this many seconds (0: no limit; default "
                     "$SWEEP_TIME_LIMIT_S or 300)")
+    cli.add_fused_config(ap)
     ap.add_argument("--max-problems", type=int, default=0,
                     help="only the first N problems of the interleaved grid (0: all)")
     ap.add_argument("--out", help="JSON file (rewritten after every problem)")
@@ -333,12 +309,13 @@ def parse_args(argv=None):
     ap.add_argument("--list", action="store_true", help="print the grid and exit")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     a = ap.parse_args(argv)
-    a.ranks = [int(r) for r in _names(a.rank, ("1", "2", "3"), "ranks")]
-    a.dtypes = _names(a.dtype, DTYPES, "dtypes")
-    a.backend_names = _names(a.backends, BACKENDS, "backends")
-    a.peer_names = _names(a.peers, PEERS, "peers")
+    a.ranks = [int(r) for r in cli.names(a.rank, ("1", "2", "3"), "--rank")]
+    a.dtypes = cli.names(a.dtype, DTYPES, "--dtype")
+    a.backend_names = cli.names(a.backends, BACKENDS, "--backends")
+    a.peer_names = cli.names(a.peers, PEERS, "--peers")
     if not a.ranks or not a.dtypes or not (a.backend_names or a.peer_names):
         raise SystemExit("need at least one rank, one dtype and one implementation")
+    a.config = cli.fused_config(a.fused_config)
     a.grid_size = "quick" if a.quick else a.size
     if a.quick:
         a.reps = min(a.reps, 3)
@@ -357,21 +334,16 @@ def main(argv=None) -> dict:
 
     import jax
 
-    from benchmarks import bench_na
-    from benchmarks.timing import random_inputs
+    from benchmarks.harness import calls, flops, results
 
     jobs = [(("ours" if n in BACKENDS else "peer"), n) for n in IMPL_ORDER
             if n in args.backend_names + args.peer_names]
-    env = bench_na.env_info()
-    from natten_jax import tiles
-    from natten_jax.backends import fused
-
-    env["fused_backward"] = fused.backward_mode()
-    env["fused_impls"] = {"forward": tiles.impl_setting(), "backward": tiles.bwd_impl_setting()}
+    env = results.env_info()
+    env["fused_backward"] = args.config.backward  # the header of benchmarks/report.py's tables
     report = {
         "env": env, "argv": sys.argv[1:] if argv is None else list(argv),
-        "constants": {"peak_tflops": bench_na.PEAK_TFLOPS, "peak_tbps": bench_na.PEAK_TBPS,
-                      "bwd_factor": bench_na.BWD_FACTOR, "time_limit_s": args.time_limit_s,
+        "fused_config": cli.config_json(args.config),
+        "constants": {**flops.constants(), "time_limit_s": args.time_limit_s,
                       "size": args.grid_size, "reps": args.reps, "budget_s": args.budget_s,
                       "loop": args.loop, "reference_max_gflop": args.reference_max_gflop},
         "impls": [n for _, n in jobs], "dtypes": args.dtypes, "ranks": args.ranks,
@@ -397,21 +369,18 @@ def main(argv=None) -> dict:
                 break
             t0 = time.perf_counter()
             dtype = jax.numpy.dtype(dt)
-            shapes = [(p.batch,) + p.spatial + (h, p.head_dim)
-                      for h in (p.heads, p.heads_kv, p.heads_kv, p.heads)]
-            nbytes = sum(math.prod(s) for s in shapes) * dtype.itemsize
             sets, input_error = None, None
             try:
-                sets = random_inputs(shapes, dtype, 3 if nbytes < 1e9 else 2, seed=i)
+                sets = calls.input_sets(p, dtype, seed=i, max_bytes_for_three=1e9)
             except Exception as e:  # noqa: BLE001
-                input_error = "inputs: " + _err(e)["error"]
-                if _fatal({"skipped": input_error}):
+                input_error = "inputs: " + error_text(e)
+                if is_fatal(input_error):
                     stopped = f"device error making inputs of {p.name} {dt}: {input_error[:200]}"
-            useful = problems.useful_flops(p)
+            useful = flops.useful_flops(p)
             for kind, name in jobs:
                 row = {"problem": p.name, "rank": p.rank, "dtype": dt, "impl": name,
                        "spec": p.to_json(), "window": math.prod(p.kernel), "tokens": p.tokens,
-                       "useful_flops": useful, "min_bytes": problems.min_bytes(p, dtype.itemsize)}
+                       "useful_flops": useful, "min_bytes": flops.min_bytes(p, dtype.itemsize)}
                 report["rows"].append(row)
                 if input_error:
                     row["skipped"] = input_error
@@ -424,10 +393,11 @@ def main(argv=None) -> dict:
                 left = (args.time_limit_s - (t1 - start)) if args.time_limit_s else 1e9
                 row.update(run_impl(kind, name, p, dt, sets, args, left))
                 timed = "ms" in (row.get("fwd") or {})
-                visited = bench_na.visited_flops(p) if name == "fused" and timed else None
+                visited = flops.visited_flops(p, args.config) if name == "fused" and timed \
+                    else None
                 if visited:
                     row["visited_flops"] = visited
-                bench_na.derive(row, p, dtype.itemsize, visited)
+                flops.derive(row, p, dtype.itemsize, visited)
                 row["wall_s"] = round(time.perf_counter() - t1, 3)
                 fatal = _fatal(row)
                 if fatal:
@@ -436,7 +406,7 @@ def main(argv=None) -> dict:
             del sets
             report["status"]["done"] += 1
             report["status"]["elapsed_s"] = round(time.perf_counter() - start, 1)
-            write_json(report, args.out)
+            write_json(args.out, report)
             cells = []
             for r in report["rows"]:
                 if r["problem"] == p.name and r["dtype"] == dt:
@@ -451,17 +421,14 @@ def main(argv=None) -> dict:
     progress.close()
     report["status"]["stopped"] = stopped
     report["status"]["elapsed_s"] = round(time.perf_counter() - start, 1)
-    write_json(report, args.out)
+    write_json(args.out, report)
     log(f"{report['status']['done']} of {report['status']['planned']} problem x dtype runs in "
         f"{report['status']['elapsed_s']} s" + (f"; stopped: {stopped}" if stopped else ""))
 
     from benchmarks import report as rep
 
     md = rep.markdown(report)
-    if args.md:
-        os.makedirs(os.path.dirname(os.path.abspath(args.md)), exist_ok=True)
-        with open(args.md, "w") as fh:
-            fh.write(md)
+    results.write_text(args.md, md)
     if args.plots:
         for path in rep.plots(report, args.plots):
             log(f"plot {path}")

@@ -2,13 +2,14 @@
 
   python -m benchmarks.unfused_bench [--dtypes float16,float32] [--impls naive,gemm,fused]
       [--modes fwd,fwd_bwd] [--time-limit-s 240] [--budget-s 1.0] [--reps 10]
-      [--out unfused.json] [--md unfused.md] [--quick] [--problems name,name] [--no-loop]
+      [--fused-config FIELD=VALUE,...] [--out unfused.json] [--md unfused.md] [--quick]
+      [--problems name,name] [--no-loop]
 
 A sweep of problems (batch, extents, heads, head_dim, kernel, dilation; ranks 1-3), each in
 float16 and float32, forward (``na*d``: qk -> softmax -> av) and forward+backward (the VJP of
 q, k, v with a random cotangent). ``naive`` and ``gemm`` are ``na*d(..., backend=...)`` over our
-unfused CUDA operators; ``fused`` is ``backend="fused"`` where it supports the problem (else the
-row says why). Per dtype and mode the summary gives the average / min / max improvement of gemm
+unfused CUDA operators; ``fused`` is ``backend="fused"`` (with --fused-config) where it supports
+the problem (else the row says why). Per dtype and mode the summary gives the average / min / max improvement of gemm
 over naive (t_naive / t_gemm) and of fused over gemm (t_gemm / t_fused), and the share of
 problems where gemm beats naive (the issue's target: >= 90% of the float32 problems).
 
@@ -25,47 +26,28 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import datetime  # noqa: E402
-import json  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from typing import List, Optional, Tuple  # noqa: E402
+from typing import List, Optional  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-import natten_jax  # noqa: E402
-from benchmarks.timing import random_inputs, time_jax  # noqa: E402
+from benchmarks.harness import calls, cli, results  # noqa: E402
+from benchmarks.harness import markdown as md  # noqa: E402
+from benchmarks.harness.problems import Problem, make_problem  # noqa: E402
+from benchmarks.harness.run import Deadline, error_text, logger  # noqa: E402
+from benchmarks.harness.timing import random_inputs, time_jax  # noqa: E402
 from natten_jax import _ffi  # noqa: E402
 
 IMPLS = ("naive", "gemm", "fused")
 MODES = ("fwd", "fwd_bwd")
 
 
-@dataclasses.dataclass(frozen=True)
-class Problem:
-    name: str
-    batch: int
-    spatial: Tuple[int, ...]
-    heads: int
-    head_dim: int
-    kernel: Tuple[int, ...]
-    dilation: Tuple[int, ...]
-
-    @property
-    def rank(self) -> int:
-        return len(self.spatial)
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def _p(name, batch, spatial, heads, head_dim, kernel, dilation=1):
+def _p(name, batch, spatial, heads, head_dim, kernel, dilation=1) -> Problem:
     r = len(spatial)
-    t = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v,) * r  # noqa: E731
-    return Problem(name, batch, tuple(spatial), heads, head_dim, t(kernel), t(dilation))
+    t = lambda v: list(v) if isinstance(v, (tuple, list)) else [v] * r  # noqa: E731
+    return make_problem(name, dict(batch=batch, spatial=list(spatial), heads=heads,
+                                   head_dim=head_dim, kernel=t(kernel), dilation=t(dilation)))
 
 
 # The sweep: NAT / DiNAT-like 2-D layers, long 1-D sequences, small videos; small to large
@@ -91,34 +73,22 @@ QUICK = [
 ]
 
 
-def log(msg: str) -> None:
-    print(f"[unfused-bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = logger("unfused-bench")
 
 
-def _fn(p: Problem, backend: str, mode: str):
-    na = getattr(natten_jax, f"na{p.rank}d")
-
-    def fwd(q, k, v):
-        return na(q, k, v, p.kernel, dilation=p.dilation, backend=backend)
-
-    if mode == "fwd":
-        return fwd
-
-    def fwd_bwd(q, k, v, ct):
-        out, vjp = jax.vjp(fwd, q, k, v)
-        return (out,) + tuple(vjp(ct))
-
-    return fwd_bwd
+def _fn(p: Problem, backend: str, mode: str, config=None):
+    fwd = calls.na_fn(p, backend, config)
+    return fwd if mode == "fwd" else calls.fwd_bwd(fwd)
 
 
-def _can_run(p: Problem, impl: str, dtype: str) -> str:
+def _can_run(p: Problem, impl: str, dtype: str, config=None) -> str:
     """Why ``impl`` cannot run ``p`` ("" if it can)."""
     from natten_jax.backends import fused, unfused_cuda
     from natten_jax.checks import check_na_call
 
-    shp = lambda h: jax.ShapeDtypeStruct((p.batch,) + p.spatial + (h, p.head_dim), dtype)  # noqa
-    prob = check_na_call(p.rank, shp(p.heads), shp(p.heads), shp(p.heads), p.kernel, 1,
-                         p.dilation, False, None)
+    q, k, v, _ = (jax.ShapeDtypeStruct(s, dtype) for s in p.shapes())
+    prob = check_na_call(p.rank, q, k, v, p.kernel, p.stride, p.dilation, p.causal, None,
+                         backend_config=config)
     if impl == "reference":
         return ""
     if impl == "fused":
@@ -160,7 +130,7 @@ def _fmt_ratio(r, share=False):
 
 
 def markdown(rep) -> str:
-    lines = ["| problem | dtype | impl | fwd ms | fwd+bwd ms |", "|---|---|---|---|---|"]
+    lines = md.table(["problem", "dtype", "impl", "fwd ms", "fwd+bwd ms"], [])
     for r in rep["rows"]:
         cells = []
         for m in MODES:
@@ -170,10 +140,10 @@ def markdown(rep) -> str:
             elif "ms" in t:
                 cells.append(f"{t['ms']:.3f}")
             else:
-                cells.append(t.get("skipped") or t.get("error", "?")[:60])
-        lines.append(f"| {r['problem']} | {r['dtype']} | {r['impl']} | {cells[0]} | {cells[1]} |")
-    lines += ["", "| dtype | mode | gemm/naive avg | min | max | gemm beats naive | fused/gemm avg "
-              "| min | max |", "|---|---|---|---|---|---|---|---|---|"]
+                cells.append(md.cell(t.get("skipped") or t.get("error", "?")[:60]))
+        lines.append(md.row([r["problem"], r["dtype"], r["impl"], *cells]))
+    lines += ["", *md.table(["dtype", "mode", "gemm/naive avg", "min", "max", "gemm beats naive",
+                             "fused/gemm avg", "min", "max"], [])]
     for s in rep["summary"]:
         lines.append(f"| {s['dtype']} | {s['mode']} | {_fmt_ratio(s['gemm_over_naive'], True)} | "
                      f"{_fmt_ratio(s['fused_over_gemm'])} |")
@@ -187,9 +157,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--problems", default="", help="comma-separated names (default: all)")
     ap.add_argument("--time-limit-s", type=float,
-                    default=float(os.environ.get("BENCH_TIME_LIMIT_S", 240)))
+                    default=float(os.environ.get("BENCH_TIME_LIMIT_S", 240)),
+                    help="start no new measurement after this many seconds (0: none at all; "
+                    "default $BENCH_TIME_LIMIT_S or 240)")
     ap.add_argument("--budget-s", type=float, default=1.0, help="timed seconds per measurement")
     ap.add_argument("--reps", type=int, default=10)
+    cli.add_fused_config(ap)
     ap.add_argument("--no-loop", action="store_true",
                     help="per-call wall clock only (default: also a jitted loop of calls, whose "
                          "per-call time amortises dispatch and is the headline)")
@@ -198,65 +171,61 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
 
-    dtypes = [d for d in args.dtypes.split(",") if d]
-    modes = [m for m in args.modes.split(",") if m]
-    impls = [i for i in args.impls.split(",") if i]
+    dtypes = cli.names(args.dtypes, ("float16", "bfloat16", "float32"), "--dtypes")
+    modes = cli.names(args.modes, MODES, "--modes")
+    impls = cli.names(args.impls, IMPLS + ("reference",), "--impls")
+    config = cli.fused_config(args.fused_config)
     problems = QUICK if args.quick else SWEEP
     if args.problems:
-        want = set(args.problems.split(","))
-        problems = [p for p in problems if p.name in want]
+        problems = [p for p in problems if p.name in
+                    cli.names(args.problems, [p.name for p in problems], "--problems")]
     if args.quick and not _ffi.cuda_kernels_available():
         impls = ["reference"]  # CPU smoke test
         log(f"no CUDA kernels ({_ffi.unavailable_reason()}): timing the reference only")
 
-    rep = dict(env=dict(jax=jax.__version__, device=str(jax.devices()[0].device_kind),
-                        date=datetime.datetime.now().isoformat(timespec="seconds"),
-                        impls=impls, quick=args.quick),
+    rep = dict(env=dict(results.env_info(), impls=impls, quick=args.quick),
+               fused_config=cli.config_json(config),
                problems=[p.to_json() for p in problems], rows=[], summary=[])
 
     def save():
         rep["summary"] = summary(rep["rows"], dtypes, modes)
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(rep, f, indent=1)
+        results.write_json(args.out, rep)
 
-    t_start = time.perf_counter()
+    deadline = Deadline(args.time_limit_s if args.time_limit_s > 0 else 1e-9)
     for p in problems:
         for dt in dtypes:
-            shapes = [(p.batch,) + p.spatial + (p.heads, p.head_dim)] * 4
             sets = None
             for impl in impls:
                 row = dict(problem=p.name, dtype=dt, impl=impl)
                 rep["rows"].append(row)
-                why = _can_run(p, impl, dt)
+                why = _can_run(p, impl, dt, config)
                 for m in modes:
-                    if time.perf_counter() - t_start > args.time_limit_s:
+                    if deadline.passed():
                         row[m] = dict(skipped="not run: time limit")
                         continue
                     if why:
                         row[m] = dict(skipped=f"cannot run: {why}"[:200])
                         continue
                     if sets is None:
-                        sets = random_inputs(shapes, jnp.dtype(dt), 2, seed=len(rep["rows"]))
+                        sets = random_inputs(p.shapes(), jnp.dtype(dt), 2, seed=len(rep["rows"]))
                     ins = [s if m == "fwd_bwd" else s[:3] for s in sets]
                     try:
-                        t = time_jax(_fn(p, impl, m), ins, reps=args.reps, budget_s=args.budget_s,
-                                     loop=not args.no_loop, loop_target_s=0.05)
+                        t = time_jax(_fn(p, impl, m, config), ins, reps=args.reps,
+                                     budget_s=args.budget_s, loop=not args.no_loop,
+                                     loop_target_s=0.05)
                         row[m] = dict(ms=t["ms"], ms_call=t["ms_call"], ms_min=t["ms_min"],
                                       ms_max=t["ms_max"], ms_loop=t.get("ms_loop"),
                                       reps=t["reps"], compile_s=t["compile_s"])
                         log(f"{p.name} {dt} {impl} {m}: {t['ms']:.3f} ms")
                     except Exception as e:  # noqa: BLE001 - record it and go on
-                        row[m] = dict(error=f"{type(e).__name__}: {e}"[:400])
+                        row[m] = dict(error=error_text(e, 400))
                         log(f"{p.name} {dt} {impl} {m}: {row[m]['error']}")
                 save()
             del sets
     save()
-    md = markdown(rep)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(md + "\n")
-    print(md)
+    text = markdown(rep)
+    results.write_text(args.md, text + "\n")
+    print(text)
     return rep
 
 

@@ -13,12 +13,12 @@
 #             fused,gemm,naive --peers cudnn,xla (forward and forward+backward; naive only on
 #             small problems), with its plots (SWEEP_ARGS, SWEEP_LIMIT_S); the whole medium grid
 #             with every backend takes ~30 device minutes: add `--resume <earlier sweep.json>`
-#             (e.g. docs/sweep-s4-all-backends-h100.json) to SWEEP_ARGS to go on where a run stopped
+#             to SWEEP_ARGS to go on where a run stopped
 #   models    python -m benchmarks.model_throughput: NAT/DiNAT images/s (MODELS_ARGS,
 #             MODELS_LIMIT_S; default nat_mini,dinat_tiny,nat_tiny x fused,dense,reference x bf16
 #             x infer,train at batch 128; `--only variant:mode[:backend[:dtype]]` picks rows and
-#             `--resume <earlier model_throughput.json>` keeps rows measured before, e.g. the
-#             docs/model-throughput-s4-*.json files); MODELS_WORKERS=n runs n processes side
+#             `--resume <earlier model_throughput.json>` keeps rows measured before);
+#             MODELS_WORKERS=n runs n processes side
 #             by side (--shard i/n, each 0.92/n of GPU memory; they compile in parallel and
 #             take turns on the GPU: --gpu-lock) and merges their tables;
 #             MODELS_PLAN="FRAC@ROWS;FRAC@ROWS;..." instead gives each worker its own share of GPU
@@ -38,7 +38,8 @@
 #   SKIP_BUILD=1 never build; otherwise, when natten_jax/_C*.so is missing, build it first
 #                through scripts/gpu_check.sh (tests collected, not run; its logs go to the
 #                detail log)
-#   NATTEN_JAX_FNA_IMPL, NATTEN_JAX_FUSED_BACKWARD: passed through to every step
+#   FUSED_CONFIG the fused backend's configuration of every step, as their --fused-config
+#                takes it (e.g. "forward_impl=sm90,backward_impl=sm90"; default: natten_jax's)
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -50,6 +51,7 @@ MARGIN=${HARD_MARGIN_S:-45}
 AUTOTUNE_LIMIT_S=${AUTOTUNE_LIMIT_S:-120}
 SWEEP_LIMIT_S=${SWEEP_LIMIT_S:-100}
 MODELS_LIMIT_S=${MODELS_LIMIT_S:-170}
+FUSED=(--fused-config "${FUSED_CONFIG:-}")
 AUTOTUNE_ARGS=${AUTOTUNE_ARGS:---problems 2d_nat_t,2d_gen,1d_long,3d_video,2d_nat_t_dilated \
   --thorough 2d_nat_t}
 SWEEP_ARGS=${SWEEP_ARGS:---size medium --dtype float16 --backends fused,gemm,naive --peers cudnn,xla}
@@ -116,14 +118,14 @@ run_step() {  # name, limit (s), command...
 # shellcheck disable=SC2086  # the *_ARGS are word lists
 if has_step autotune; then
   lim=$(step_limit "$AUTOTUNE_LIMIT_S")
-  run_step autotune "$lim" "$PY" -m benchmarks.autotune_demo $AUTOTUNE_ARGS \
+  run_step autotune "$lim" "$PY" -m benchmarks.autotune_demo $AUTOTUNE_ARGS "${FUSED[@]}" \
     --time-limit-s "$lim" --cache-dir "$WORK/autotune_cache" \
     --out "$OUT/autotune_demo.json" --md "$WORK/autotune_demo.md"
 fi
 # shellcheck disable=SC2086
 if has_step sweep; then
   lim=$(step_limit "$SWEEP_LIMIT_S")
-  run_step sweep "$lim" "$PY" -m benchmarks.sweep $SWEEP_ARGS --no-progress \
+  run_step sweep "$lim" "$PY" -m benchmarks.sweep $SWEEP_ARGS "${FUSED[@]}" --no-progress \
     --time-limit-s "$lim" --out "$OUT/sweep.json" --md "$WORK/sweep.md" --plots "$OUT"
 fi
 # shellcheck disable=SC2086
@@ -138,7 +140,8 @@ models_rows() {  # worker i, memory share, rows, limit: one process per row, in 
   for row in "${list[@]}"; do
     if (( SECONDS - start > lim )); then echo "not started (time limit): $row"; continue; fi
     XLA_PYTHON_CLIENT_PREALLOCATE=true XLA_PYTHON_CLIENT_MEM_FRACTION=$frac \
-      "$PY" -m benchmarks.model_throughput $MODELS_ARGS --only "$row" --time-limit-s "$lim" \
+      "$PY" -m benchmarks.model_throughput $MODELS_ARGS --fused-config "${FUSED_CONFIG:-}" \
+      --only "$row" --time-limit-s "$lim" \
       --gpu-lock "$WORK/gpu.lock" --out "$OUT/models_parts/$i.$k.json" 2>&1 | grep -v "^|"
     k=$((k + 1))
   done
@@ -153,8 +156,8 @@ models_sharded() {  # worker processes (each a share of GPU memory), then their 
     else  # every n-th row, 0.92 / n of the memory each
       frac=$(awk -v n="$n" 'BEGIN { printf "%.2f", 0.92 / n }')
       XLA_PYTHON_CLIENT_PREALLOCATE=true XLA_PYTHON_CLIENT_MEM_FRACTION=$frac \
-        "$PY" -m benchmarks.model_throughput $MODELS_ARGS --time-limit-s "$lim" \
-        --shard "$i/$n" --gpu-lock "$WORK/gpu.lock" --out "$OUT/models_parts/$i.json" \
+        "$PY" -m benchmarks.model_throughput $MODELS_ARGS --fused-config "${FUSED_CONFIG:-}" \
+        --time-limit-s "$lim" --shard "$i/$n" --gpu-lock "$WORK/gpu.lock" --out "$OUT/models_parts/$i.json" \
         > "$OUT/models_parts/$i.log" 2>&1 &
     fi
     pids+=($!)
@@ -167,7 +170,8 @@ models_sharded() {  # worker processes (each a share of GPU memory), then their 
   local parts=()
   for f in "$OUT"/models_parts/*.json; do [ -f "$f" ] && parts+=(--resume "$f"); done
   [ ${#parts[@]} -gt 0 ] || { echo "no model rows measured"; return 1; }
-  "$PY" -m benchmarks.model_throughput $MODELS_ARGS --merge "${parts[@]}" \
+  "$PY" -m benchmarks.model_throughput $MODELS_ARGS --fused-config "${FUSED_CONFIG:-}" \
+    --merge "${parts[@]}" \
     --out "$OUT/model_throughput.json" --md "$WORK/model_throughput.md" || rc=$?
   return $rc
 }
@@ -175,10 +179,11 @@ if has_step models; then
   lim=$(step_limit "$MODELS_LIMIT_S")
   if { [ "${MODELS_WORKERS:-1}" -gt 1 ] || [ -n "${MODELS_PLAN:-}" ]; } && [ "$lim" != 0 ]; then
     export -f models_sharded models_rows
-    export MODELS_WORKERS=${MODELS_WORKERS:-1} MODELS_PLAN=${MODELS_PLAN:-} MODELS_ARGS PY WORK OUT
+    export MODELS_WORKERS=${MODELS_WORKERS:-1} MODELS_PLAN=${MODELS_PLAN:-} MODELS_ARGS PY WORK OUT \
+      FUSED_CONFIG=${FUSED_CONFIG:-}
     run_step models "$lim" bash -c 'models_sharded "$0"' "$lim"
   else
-    run_step models "$lim" "$PY" -m benchmarks.model_throughput $MODELS_ARGS \
+    run_step models "$lim" "$PY" -m benchmarks.model_throughput $MODELS_ARGS "${FUSED[@]}" \
       --time-limit-s "$lim" --out "$OUT/model_throughput.json" \
       --md "$WORK/model_throughput.md"
   fi

@@ -75,57 +75,25 @@ fi
 "$PY" -c "from natten_jax import _ffi; print('module:', _ffi.module_available(), sorted(_ffi.registrations()), _ffi.cuda_compiled_archs()); print('kernels available:', _ffi.cuda_kernels_available(), _ffi.unavailable_reason())" \
   2>&1 | tee "$OUT/module.log"
 
-# ---- (3) tests: PYTEST_SHARDS=n runs n pytest processes side by side (tests/conftest.py takes
-# every n-th test), each with on-demand GPU memory; TESTS=0 skips this step.
+# ---- (3) tests: PYTEST_SHARDS=n runs n pytest processes side by side (scripts/pytest_shards.sh;
+# tests/conftest.py takes every n-th test), each with on-demand GPU memory; TESTS=0 skips this.
 mark_args=()
 [ -n "$MARK" ] && mark_args=(-m "$MARK")
-SHARDS=${PYTEST_SHARDS:-1}
-rm -f "$OUT"/pytest*.xml "$OUT"/pytest*.log
 t0=$(now)
 test_rc=0
+test_counts="not run"
 if [ "${TESTS:-1}" = 0 ]; then
   test_rc=skipped
-elif [ "$SHARDS" -le 1 ]; then
-  # shellcheck disable=SC2086
-  "$PY" -m pytest -q -rfE ${mark_args[@]+"${mark_args[@]}"} --junitxml="$OUT/pytest.xml" \
-    ${PYTEST_ARGS:-} > "$OUT/pytest.log" 2>&1
-  test_rc=$?
-  tail -30 "$OUT/pytest.log"
 else
-  pids=()
-  for ((i = 0; i < SHARDS; i++)); do
-    # shellcheck disable=SC2086
-    NATTEN_JAX_TEST_SHARD="$i/$SHARDS" XLA_PYTHON_CLIENT_PREALLOCATE=false \
-      timeout "${PYTEST_LIMIT_S:-86400}" "$PY" -m pytest -q -rfE ${mark_args[@]+"${mark_args[@]}"} --junitxml="$OUT/pytest.$i.xml" \
-      ${PYTEST_ARGS:-} > "$OUT/pytest.$i.log" 2>&1 &
-    pids+=($!)
-  done
-  for ((i = 0; i < SHARDS; i++)); do
-    wait "${pids[$i]}"
-    rc_i=$?
-    echo "-- shard $i/$SHARDS: pytest exit $rc_i"
-    grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.$i.log" | tail -15
-    # exit 5 (nothing collected in this shard) is not a failure when others ran tests
-    [ "$rc_i" != 0 ] && [ "$rc_i" != 5 ] && test_rc=$rc_i
-  done
+  # shellcheck disable=SC2086
+  PY="$PY" OUT="$OUT" bash scripts/pytest_shards.sh ${mark_args[@]+"${mark_args[@]}"} \
+    ${PYTEST_ARGS:-} > "$OUT/shards.log" 2>&1
+  test_rc=$?
+  tail -40 "$OUT/shards.log" | head -39
+  test_counts=$(tail -1 "$OUT/shards.log")
 fi
 test_time=$(elapsed "$t0" "$(now)")
-test_counts=$("$PY" - "$OUT"/pytest*.xml <<'PYEOF'
-import sys, xml.etree.ElementTree as ET
-suites = []
-for path in sys.argv[1:]:
-    try:
-        root = ET.parse(path).getroot()
-    except Exception as e:  # no report
-        print(f"no junit report {path} ({type(e).__name__})"); sys.exit()
-    suites += [root] if root.tag == "testsuite" else list(root)
-if not suites:
-    print("no junit report"); sys.exit()
-n = lambda k: sum(int(s.get(k, 0)) for s in suites)
-total, fail, err, skip = n("tests"), n("failures"), n("errors"), n("skipped")
-print(f"{total - fail - err - skip} passed, {fail} failed, {err} errors, {skip} skipped")
-PYEOF
-)
+SHARDS=${PYTEST_SHARDS:-1}
 case $test_rc in
   0) test_status=ok ;;
   skipped) test_status="skipped (TESTS=0)" ;;

@@ -1,8 +1,8 @@
-"""Benchmark problems: problems.json (+ its dilated / causal variants) and GQA variants.
+"""The benchmark problems: problems.json (+ its dilated / causal variants) and GQA variants.
 
 ``problems.json`` is the shared file ``../shared/bench/problems.json`` (next to the repository)
-when it exists, else this directory's copy (the copy travels with the repository to the GPU
-machine; a test checks the two are identical).
+when it exists, else ``benchmarks/problems.json`` (the copy travels with the repository to the
+GPU machine; a test checks the two are identical).
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ import json
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from natten_jax.window import num_neighbors, prod
+from natten_jax.window import prod
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-LOCAL_JSON = os.path.join(HERE, "problems.json")
-SHARED_JSON = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "bench", "problems.json"))
+BENCH_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOCAL_JSON = os.path.join(BENCH_DIR, "problems.json")
+SHARED_JSON = os.path.normpath(os.path.join(BENCH_DIR, "..", "..", "shared", "bench",
+                                            "problems.json"))
 
 # Key/value head counts of the GQA variants, per base problem (named e.g. "2d_gen_gqa4").
 GQA = {"2d_gen": (4, 1), "3d_video": (4, 1)}
@@ -64,8 +65,20 @@ class Problem:
         return dict(kernel_size=self.kernel, stride=self.stride, dilation=self.dilation,
                     is_causal=self.causal)
 
+    def shapes(self) -> List[Tuple[int, ...]]:
+        """Shapes of q, k, v and the output's cotangent."""
+        return [(self.batch,) + self.spatial + (h, self.head_dim)
+                for h in (self.heads, self.heads_kv, self.heads_kv, self.heads)]
+
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Problem":
+        """The inverse of :meth:`to_json`."""
+        spec = dict(d)
+        spec["is_causal"] = spec.pop("causal")
+        return make_problem(spec.pop("name"), spec)
 
 
 def make_problem(name: str, spec: dict, heads_kv: Optional[int] = None) -> Problem:
@@ -119,17 +132,5 @@ def select(problems: List[Problem], names: Optional[str]) -> List[Problem]:
     wanted = [n.strip() for n in names.split(",") if n.strip()]
     unknown = [n for n in wanted if n not in by_name]
     if unknown:
-        raise SystemExit(f"unknown problem(s) {unknown}; known: {sorted(by_name)}")
+        raise SystemExit(f"--problems: unknown problem(s) {unknown}; known: {sorted(by_name)}")
     return [by_name[n] for n in wanted]
-
-
-def useful_flops(p: Problem) -> int:
-    """4 * B * H * (sum over queries of #neighbors) * head_dim: the forward's useful work."""
-    pairs = num_neighbors(p.spatial, p.kernel, p.stride, p.dilation, p.causal)
-    return 4 * p.batch * p.heads * pairs * p.head_dim
-
-
-def min_bytes(p: Problem, itemsize: int) -> int:
-    """Bytes of Q, K, V and O, each touched once (K and V with heads_kv heads)."""
-    per_head = p.batch * p.tokens * p.head_dim * itemsize
-    return per_head * (2 * p.heads + 2 * p.heads_kv)

@@ -1,10 +1,12 @@
-"""Timing helpers: JAX callables (wall clock around block_until_ready, plus a jitted loop that
-amortises dispatch) and torch CUDA callables (CUDA events).
+"""Timing: JAX callables (wall clock around block_until_ready, plus a jitted loop that amortises
+dispatch), torch CUDA callables (CUDA events), and argument-less calls such as a model's step
+(:func:`time_calls`, ahead-of-time compiled under the GPU lock).
 
-Every helper rotates among the given input sets (so repeated calls do not re-read one set from
-cache), caps its repetitions to a time budget, and returns a dict:
-``ms`` (the headline per-call time), ``ms_call`` / ``ms_min`` / ``ms_max`` / ``spread_pct``
-(per-call statistics), ``reps``, ``compile_s`` and, where known, ``ms_loop``, ``peak_bytes``.
+:func:`time_jax` and :func:`time_torch` rotate among the given input sets (so repeated calls do
+not re-read one set from cache) and cap their repetitions to a time budget. Every helper returns
+a dict: ``ms`` (the headline per-call time), ``ms_call`` / ``ms_min`` / ``ms_max`` /
+``spread_pct`` (per-call statistics: median, extremes, (max - min) / median), ``reps``,
+``compile_s`` and, where known, ``ms_loop``, ``peak_bytes``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import math
 import statistics
 import time
 import warnings
-from typing import Callable, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
+
+from benchmarks.harness.gpu_lock import file_lock
 
 
 def _stats(times_s: Sequence[float]) -> dict:
@@ -167,4 +171,46 @@ def time_torch(fn: Callable, input_sets: Sequence[tuple], reps: int = 20,
     res = _stats(times)
     res.update(compile_s=compile_s, ms=res["ms_call"],
                peak_bytes=int(torch.cuda.max_memory_allocated()))
+    return res
+
+
+def time_calls(call: Callable[[], object], reps: int, warmup: int, budget_s: float,
+               gpu_lock: Optional[str] = None) -> dict:
+    """Compile, ``warmup`` untimed calls, then up to ``reps`` calls each ended by
+    ``block_until_ready`` until ``budget_s`` seconds of them; their median and spread.
+
+    ``call`` may have a ``compile()`` method (:class:`benchmarks.harness.aot.Compiled`); then
+    the compilation is timed on its own under a shared lock of ``gpu_lock`` (a file), and the
+    device calls, from the first to the last, under its exclusive lock: several processes
+    compile side by side, and while one of them times, nothing else compiles (XLA's autotuner
+    runs candidate kernels on the GPU, and a compilation's threads take the CPU that launches
+    the timed process's kernels). Without ``compile()`` the first call compiles (and runs) and
+    counts as the first warm-up call. The result also holds what ``compile()`` returned."""
+    import jax
+
+    t0 = time.perf_counter()
+    info = {}
+    aot = hasattr(call, "compile")
+    if aot:
+        with file_lock(gpu_lock, shared=True):
+            t0 = time.perf_counter()
+            info = call.compile() or {}
+            compile_s = time.perf_counter() - t0
+        untimed = max(1, warmup)
+    with file_lock(gpu_lock):
+        if not aot:
+            jax.block_until_ready(call())
+            compile_s = time.perf_counter() - t0
+            untimed = max(0, warmup - 1)
+        for _ in range(untimed):
+            jax.block_until_ready(call())
+        times: List[float] = []
+        while len(times) < max(1, reps):
+            t0 = time.perf_counter()
+            jax.block_until_ready(call())
+            times.append(time.perf_counter() - t0)
+            if sum(times) > budget_s:
+                break
+    res = _stats(times)
+    res.update(ms=res["ms_call"], compile_s=compile_s, **info)
     return res
