@@ -18,33 +18,17 @@ namespace fna {
 namespace sm90 {
 namespace bwd {
 
+// Resident: K and V; stage s: Q tile, dO tile, then (at kMetaOff from the stage start) lse[64]
+// and delta[64] (fp32; padded to keep the tiles 1 KB aligned). The stage count is even: stage s
+// belongs to consumer s % 2. One CTA per SM.
 template <int D>
-struct DkvConfig {
-  static_assert(D == 64 || D == 128, "head dim 64 or 128");
-  static constexpr int kThreads = 3 * kWG;
-  static constexpr int kMinBlocks = 1;
-  static constexpr int kTileBytes = kTile * D * 2;
-  static constexpr int kStages = D == 128 ? 4 : 6;  // even: stage s belongs to consumer s % 2
+struct DkvConfig : BwdLayout<D, 2, 1, D == 128 ? 4 : 6, 1024, 56, 224> {
   static constexpr int kKOff = 0;
-  static constexpr int kVOff = kTileBytes;
-  static constexpr int kStageOff = 2 * kTileBytes;
-  // Stage: Q tile, dO tile, then (at kMetaOff from the stage start) lse[64] and delta[64] (fp32;
-  // padded to keep the tiles 1 KB aligned).
-  static constexpr int kMetaOff = 2 * kTileBytes;
-  static constexpr int kStageBytes = 2 * kTileBytes + 1024;
-  // Per consumer thread, its key rows' query intervals (qlo, qhi: 2 rows x 3 axes x 2 ints),
-  // as [12][2 * kWG] ints (read only on boxes that need a mask; kept out of registers).
-  static constexpr int kIvOff = kStageOff + kStages * kStageBytes;
-  static constexpr int kBarOff = kIvOff + 12 * 2 * kWG * 4;
-  static constexpr int kSmemBytes = kBarOff + (2 * kStages + 1) * 8;
-  static constexpr int kProducerRegs = 56;
-  static constexpr int kConsumerRegs = 224;
-  static_assert(kProducerRegs * kWG + 2 * kConsumerRegs * kWG <=
-                    (65536 / kMinBlocks / kThreads) / 8 * 8 * kThreads,
-                "register reallocation exceeds the launch budget");
-  static_assert(kSmemBytes + 1024 <= 233472, "shared memory per SM");
+  static constexpr int kVOff = DkvConfig::kTileBytes;
+  static constexpr int kMetaOff = 2 * DkvConfig::kTileBytes;
   // The final reduction: one fp32 accumulator per consumer warpgroup in the stage region.
-  static_assert(2 * kWG * (D / 2) * 4 <= kStages * kStageBytes, "reduction buffer");
+  static_assert(2 * kWG * (D / 2) * 4 <= DkvConfig::kStages * DkvConfig::kStageBytes,
+                "reduction buffer");
 };
 
 struct DkvWork {

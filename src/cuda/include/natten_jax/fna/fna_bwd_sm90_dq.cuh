@@ -16,30 +16,12 @@ namespace fna {
 namespace sm90 {
 namespace bwd {
 
+// Resident: Q and dO; stage s: K, then V. Two CTAs per SM.
 template <int D>
-struct DqConfig {
-  static_assert(D == 64 || D == 128, "head dim 64 or 128");
-  static constexpr int kThreads = 2 * kWG;
-  static constexpr int kMinBlocks = 2;
-  static constexpr int kTileBytes = kTile * D * 2;
-  static constexpr int kStages = D == 128 ? 2 : 4;
+struct DqConfig : BwdLayout<D, 1, 2, D == 128 ? 2 : 4, 0, 64, 192> {
   static constexpr int kQOff = 0;
-  static constexpr int kDoOff = kTileBytes;
-  static constexpr int kStageOff = 2 * kTileBytes;      // stage s: K, then V
-  static constexpr int kStageBytes = 2 * kTileBytes;
-  // Per consumer thread, its key rows' query intervals (qlo, qhi: 2 rows x 3 axes x 2 ints),
-  // as [12][2 * kWG] ints (read only on boxes that need a mask; kept out of registers).
-  static constexpr int kIvOff = kStageOff + kStages * kStageBytes;
-  static constexpr int kBarOff = kIvOff + 12 * 2 * kWG * 4;
-  static constexpr int kSmemBytes = kBarOff + (2 * kStages + 1) * 8;
-  static constexpr int kProducerRegs = 64;
-  static constexpr int kConsumerRegs = 192;
-  static_assert(kProducerRegs * kWG + kConsumerRegs * kWG <=
-                    (65536 / kMinBlocks / kThreads) / 8 * 8 * kThreads,
-                "register reallocation exceeds the launch budget");
-  static_assert(kMinBlocks * (kSmemBytes + 1024) <= 233472, "shared memory per SM");
+  static constexpr int kDoOff = DqConfig::kTileBytes;
 };
-
 
 using DqWork = QTileWork;
 
