@@ -3,11 +3,12 @@
 from natten_jax.config import FusedConfig
 from natten_jax.context_parallel import na_context_parallel
 from natten_jax.functional import na1d, na2d, na3d
+from natten_jax.merge import merge_attentions
 from natten_jax.unfused import na1d_av, na1d_qk, na2d_av, na2d_qk, na3d_av, na3d_qk
 
 __version__ = "0.1.0"
 __all__ = ["na1d", "na2d", "na3d", "na1d_qk", "na2d_qk", "na3d_qk", "na1d_av", "na2d_av",
-           "na3d_av", "na_context_parallel", "FusedConfig", "__version__"]
+           "na3d_av", "na_context_parallel", "merge_attentions", "FusedConfig", "__version__"]
 
 # Flax layers and models, imported on first access (PEP 562) so that Flax stays optional:
 # `import natten_jax` imports no Flax; `natten_jax.nnx.NeighborhoodAttention2D` works once it is

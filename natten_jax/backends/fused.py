@@ -32,6 +32,7 @@ from natten_jax.checks import NAProblem
 from natten_jax.reference import na_reference
 from natten_jax import tiles as tiles_mod
 from natten_jax.config import FusedConfig, default_config
+from natten_jax.merge import merge_attentions
 from natten_jax.tiles import choose_tiles  # noqa: F401 (benchmarks use it)
 
 TARGET = "natten_jax_fna_forward"
@@ -227,10 +228,7 @@ def _merge_extra(p: NAProblem, q, out, lse, extra_k, extra_v):
                        extra_v.astype(f32))
     lse_e = lse_e.reshape(lse.shape)
     out_e = out_e.reshape(out.shape)
-    lse_all = jnp.logaddexp(lse, lse_e)
-    w_na = jnp.exp(lse - lse_all)[..., None]
-    w_e = jnp.exp(lse_e - lse_all)[..., None]
-    merged = out.astype(f32) * w_na + out_e * w_e
+    merged, lse_all = merge_attentions([out.astype(f32), out_e], [lse, lse_e])
     return merged.astype(q.dtype), lse_all
 
 
