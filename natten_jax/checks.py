@@ -192,19 +192,8 @@ def check_na_call(rank: int, query, key, value, kernel_size, stride, dilation, i
     if any(s < 1 for s in spatial) or qs[-1] < 1 or vs[-1] < 1 or qs[0] < 1 or heads < 1:
         raise ValueError(f"empty dimensions are not supported, got query {qs}, value {vs}.")
 
-    ks_ = per_axis_ints("kernel_size", kernel_size, rank, 1)
-    st_ = per_axis_ints("stride", stride, rank, 1)
-    di_ = per_axis_ints("dilation", dilation, rank, 1)
-    ca_ = per_axis_bools("is_causal", is_causal, rank)
-    for a in range(rank):
-        if ks_[a] * di_[a] > spatial[a]:
-            raise ValueError(
-                f"`kernel_size` * `dilation` must not exceed the extent on every axis, got "
-                f"kernel_size={ks_}, dilation={di_} for spatial shape {spatial}.")
-        if st_[a] > ks_[a]:
-            raise ValueError(
-                f"`stride` must not exceed `kernel_size` on any axis, got stride={st_}, "
-                f"kernel_size={ks_}.")
+    ks_, st_, di_, ca_ = check_window_args(rank, spatial, kernel_size, stride, dilation,
+                                           is_causal)
 
     if scale is None:
         scale = float(qs[-1]) ** -0.5
@@ -279,16 +268,26 @@ def _check_unfused_array(op: str, name: str, x, rank: int, layout: str) -> None:
                          f"{tuple(x.shape)}.")
 
 
-def _check_unfused_window(op: str, rank: int, spatial, kernel_size, dilation, is_causal):
+def check_window_args(rank: int, spatial, kernel_size, stride, dilation, is_causal,
+                      op: str = ""):
+    """Per-axis ``kernel_size``, ``stride`` (the unfused operators pass 1), ``dilation`` and
+    ``is_causal``, checked against the spatial extents (``op``: the operator named in the
+    errors)."""
+    pre = f"{op}: " if op else ""
     ks = per_axis_ints("kernel_size", kernel_size, rank, 1)
+    st = per_axis_ints("stride", stride, rank, 1)
     di = per_axis_ints("dilation", dilation, rank, 1)
     ca = per_axis_bools("is_causal", is_causal, rank)
     for a in range(rank):
         if ks[a] * di[a] > spatial[a]:
             raise ValueError(
-                f"{op}: `kernel_size` * `dilation` must not exceed the extent on every axis, got "
+                f"{pre}`kernel_size` * `dilation` must not exceed the extent on every axis, got "
                 f"kernel_size={ks}, dilation={di} for spatial shape {tuple(spatial)}.")
-    return ks, di, ca
+        if st[a] > ks[a]:
+            raise ValueError(
+                f"{pre}`stride` must not exceed `kernel_size` on any axis, got stride={st}, "
+                f"kernel_size={ks}.")
+    return ks, st, di, ca
 
 
 def _check_unfused_heads(op: str, a_name: str, heads: int, b_name: str, heads_kv: int) -> None:
@@ -339,7 +338,8 @@ def check_qk_call(rank: int, query, key, kernel_size, dilation, is_causal, rpb,
         raise ValueError(f"{op}: `key` head_dim {kss[-1]} must equal `query` head_dim "
                          f"{qs[-1]}.")
     _check_unfused_heads(op, "query", qs[-2], "key", kss[-2])
-    ks, di, ca = _check_unfused_window(op, rank, qs[1:-2], kernel_size, dilation, is_causal)
+    ks, _, di, ca = check_window_args(rank, qs[1:-2], kernel_size, 1, dilation, is_causal,
+                                      op)
     if rpb is not None:
         _check_rpb(op, rpb, qs[-2], ks, ca)
     return UnfusedCall(rank=rank, batch=qs[0], spatial=qs[1:-2], heads=qs[-2], heads_kv=kss[-2],
@@ -360,7 +360,8 @@ def check_av_call(rank: int, attn, value, kernel_size, dilation, is_causal,
         raise ValueError(f"{op}: `attn` {as_} and `value` {vs} must match in batch and spatial "
                          f"shape.")
     _check_unfused_heads(op, "attn", as_[-2], "value", vs[-2])
-    ks, di, ca = _check_unfused_window(op, rank, as_[1:-2], kernel_size, dilation, is_causal)
+    ks, _, di, ca = check_window_args(rank, as_[1:-2], kernel_size, 1, dilation, is_causal,
+                                      op)
     W = int(np.prod(ks))
     if as_[-1] != W:
         raise ValueError(

@@ -17,7 +17,6 @@ import pytest
 
 import natten_jax
 import oracle
-from natten_jax import unfused
 from natten_jax.unfused import na1d_av, na1d_qk, na2d_av, na2d_qk, na3d_av, na3d_qk
 
 QK = {1: na1d_qk, 2: na2d_qk, 3: na3d_qk}

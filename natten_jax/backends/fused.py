@@ -33,7 +33,6 @@ from natten_jax.reference import na_reference
 from natten_jax import tiles as tiles_mod
 from natten_jax.config import FusedConfig, default_config
 from natten_jax.merge import merge_attentions
-from natten_jax.tiles import choose_tiles  # noqa: F401 (benchmarks use it)
 
 TARGET = "natten_jax_fna_forward"
 TARGET_BACKWARD = "natten_jax_fna_backward"

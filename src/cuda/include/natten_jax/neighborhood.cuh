@@ -28,12 +28,6 @@
 
 #include "natten_jax/window.cuh"
 
-#if defined(__CUDACC__)
-#define NJ_DEVICE __device__ __forceinline__
-#else
-#define NJ_DEVICE inline
-#endif
-
 namespace natten_jax {
 
 // In-group indices [lo, hi) on one axis (empty when hi <= lo).

@@ -60,11 +60,15 @@ inline std::string fna_kernel_unsupported(bool backward, Impl impl, int head_dim
     return "q_tile must hold " + std::string(backward ? "64" : "64 or 128") + " tokens, got " +
            std::to_string(q_tokens);
   bool occ_ok = occupancy == 0 || occupancy == kDefaultSm80Occupancy;
-#define NJ_OCC(N) occ_ok = occ_ok || occupancy == N;
+  std::string occupancies = std::to_string(kDefaultSm80Occupancy);
+#define NJ_OCC(N)                   \
+  occ_ok = occ_ok || occupancy == N; \
+  occupancies += ", " + std::to_string(N);
   NJ_FNA_SM80_OCCUPANCY_VARIANTS(NJ_OCC)
 #undef NJ_OCC
   if (!occ_ok)
-    return "sm80_occupancy must be 0 (default), 4, 5 or 6, got " + std::to_string(occupancy);
+    return "sm80_occupancy must be 0 (the default) or one of " + occupancies + ", got " +
+           std::to_string(occupancy);
   return "";
 }
 
