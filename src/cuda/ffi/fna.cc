@@ -3,8 +3,11 @@
 // Attributes (names equal the Python kwargs): kernel_size, stride, dilation, is_causal (int64,
 // one per spatial axis), q_tile, kv_tile (int64 log2 tile extents per axis), scale (f32),
 // poison (int64; nonzero fills the outputs with NaN before the kernel runs, for tests), impl
-// (int64: 0 the sm80 kernels, 1 the sm90 wgmma kernels); the forward also takes sm80_occupancy
-// (int64: 0 the default, else a variant of kernel_table.h).
+// (int64: 0 the sm80 kernels, 1 the sm90 wgmma kernels), precision (int64, float32 inputs: 0
+// logits by 3xTF32 and other products by one TF32 pass, 1 every product by 3xTF32; 16-bit
+// inputs ignore it); the forward also takes sm80_occupancy
+// (int64: 0 the default, else a variant of kernel_table.h). Both take an optional trailing
+// operand after their tensors: valid_extent, int32 [batch, rank] (ragged batches).
 //
 // Every call is checked here against the shapes, the window rules and kernel_table.h before
 // anything is launched: an unsupported combination is an InvalidArgument that names it.
@@ -54,8 +57,11 @@ ffi::Error fill_params(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const f
     dtype = fna::DType::kFloat16;
   } else if (q.element_type() == ffi::DataType::BF16) {
     dtype = fna::DType::kBFloat16;
+  } else if (q.element_type() == ffi::DataType::F32) {
+    dtype = fna::DType::kFloat32;
   } else {
-    return ffi::Error::InvalidArgument("natten_jax fna: dtype must be float16 or bfloat16");
+    return ffi::Error::InvalidArgument(
+        "natten_jax fna: dtype must be float16, bfloat16 or float32");
   }
 
   p = fna::FnaFwdParams{};
@@ -122,11 +128,47 @@ ffi::Error check_kernel(bool backward, int64_t impl, const fna::FnaFwdParams& p,
   const int q_tokens = 1 << (p.q_tile_log2[0] + p.q_tile_log2[1] + p.q_tile_log2[2]);
   const int kv_tokens = 1 << (p.kv_tile_log2[0] + p.kv_tile_log2[1] + p.kv_tile_log2[2]);
   std::string why = fna::fna_kernel_unsupported(backward, out, p.head_dim, q_tokens, kv_tokens,
-                                                static_cast<int>(occupancy));
+                                                static_cast<int>(occupancy),
+                                                dtype == fna::DType::kFloat32);
+  if (why.empty() && dtype == fna::DType::kFloat32) {
+    int device = 0, major = 0;
+    NJ_CUDA_CHECK(cudaGetDevice(&device));
+    NJ_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    why = fna::fna_float32_unsupported_on(p.head_dim, major);
+  }
   if (why.empty() && out == fna::Impl::kSm90)
     why = backward ? fna::fna_backward_sm90_unavailable_reason(p.head_dim, dtype)
                    : fna::fna_forward_sm90_unavailable_reason(p.head_dim, dtype);
   if (!why.empty()) return ffi::Error::InvalidArgument("natten_jax fna: " + why);
+  return ffi::Error::Success();
+}
+
+// The optional trailing operand of both handlers: int32 valid extents [batch, rank] of a ragged
+// batch (absent: every sample spans the tensor). The kernels clamp each value to
+// [kernel * dilation, extent] (neighborhood.cuh: sample_extent).
+ffi::Error bind_valid_extent(const ffi::RemainingArgs& rest, int rank, fna::FnaFwdParams& p) {
+  p.valid_extent = nullptr;
+  p.valid_rank = 0;
+  if (rest.size() == 0) return ffi::Error::Success();
+  NJ_FFI_CHECK(rest.size() == 1, "fna: at most one operand (valid_extent) after the tensors");
+  auto ve = rest.get<ffi::AnyBuffer>(0);
+  if (!ve.has_value()) return ve.error();
+  auto d = ve->dimensions();
+  NJ_FFI_CHECK(ve->element_type() == ffi::DataType::S32 && d.size() == 2 && d[0] == p.batch &&
+                   d[1] == rank,
+               "fna: valid_extent must be int32 [batch, rank] = [" + std::to_string(p.batch) +
+                   ", " + std::to_string(rank) + "]");
+  p.valid_extent = static_cast<const int*>(ve->untyped_data());
+  p.valid_rank = rank;
+  return ffi::Error::Success();
+}
+
+// The attribute `precision` (float32 inputs: 0 "default", 1 "highest"; see FnaFwdParams).
+ffi::Error bind_precision(int64_t precision, fna::FnaFwdParams& p) {
+  NJ_FFI_CHECK(precision == 0 || precision == 1,
+               "fna: precision must be 0 (default) or 1 (highest), got " +
+                   std::to_string(precision));
+  p.precision = static_cast<int>(precision);
   return ffi::Error::Success();
 }
 
@@ -137,17 +179,20 @@ ffi::Error poison_output(void* data, size_t bytes, cudaStream_t stream) {
 }
 
 ffi::Error FnaForwardImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
-                          ffi::AnyBuffer v, ffi::Result<ffi::AnyBuffer> o,
+                          ffi::AnyBuffer v, ffi::RemainingArgs rest, ffi::Result<ffi::AnyBuffer> o,
                           ffi::Result<ffi::Buffer<ffi::F32>> lse,
                           ffi::Span<const int64_t> kernel_size, ffi::Span<const int64_t> stride,
                           ffi::Span<const int64_t> dilation, ffi::Span<const int64_t> is_causal,
                           ffi::Span<const int64_t> q_tile, ffi::Span<const int64_t> kv_tile,
-                          float scale, int64_t poison, int64_t impl, int64_t sm80_occupancy) {
+                          float scale, int64_t poison, int64_t impl, int64_t precision,
+                          int64_t sm80_occupancy) {
   fna::FnaFwdParams p;
   fna::DType dtype;
   fna::Impl kernel;
   NJ_RETURN_IF_ERROR(fill_params(q, k, v, kernel_size, stride, dilation, is_causal, q_tile,
                                  kv_tile, scale, p, dtype));
+  NJ_RETURN_IF_ERROR(bind_valid_extent(rest, static_cast<int>(q.dimensions().size()) - 3, p));
+  NJ_RETURN_IF_ERROR(bind_precision(precision, p));
   NJ_FFI_CHECK(o->element_type() == q.element_type() && o->element_count() == q.element_count(),
                "output must match q");
   NJ_FFI_CHECK(lse->element_count() == q.element_count() / p.head_dim,
@@ -167,17 +212,21 @@ ffi::Error FnaForwardImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
 
 ffi::Error FnaBackwardImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
                            ffi::AnyBuffer v, ffi::AnyBuffer dout, ffi::Buffer<ffi::F32> lse,
-                           ffi::Buffer<ffi::F32> delta, ffi::Result<ffi::AnyBuffer> dq,
+                           ffi::Buffer<ffi::F32> delta, ffi::RemainingArgs rest,
+                           ffi::Result<ffi::AnyBuffer> dq,
                            ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
                            ffi::Span<const int64_t> kernel_size, ffi::Span<const int64_t> stride,
                            ffi::Span<const int64_t> dilation, ffi::Span<const int64_t> is_causal,
                            ffi::Span<const int64_t> q_tile, ffi::Span<const int64_t> kv_tile,
-                           float scale, int64_t poison, int64_t impl) {
+                           float scale, int64_t poison, int64_t impl, int64_t precision) {
   fna::FnaBwdParams bp{};
   fna::DType dtype;
   fna::Impl kernel;
   NJ_RETURN_IF_ERROR(fill_params(q, k, v, kernel_size, stride, dilation, is_causal, q_tile,
                                  kv_tile, scale, bp.f, dtype));
+  NJ_RETURN_IF_ERROR(
+      bind_valid_extent(rest, static_cast<int>(q.dimensions().size()) - 3, bp.f));
+  NJ_RETURN_IF_ERROR(bind_precision(precision, bp.f));
   NJ_FFI_CHECK(dout.element_type() == q.element_type() && dq->element_type() == q.element_type() &&
                    dk->element_type() == q.element_type() &&
                    dv->element_type() == q.element_type(),
@@ -222,7 +271,8 @@ auto fna_attrs(Binding b) {
       .template Attr<AxisAttr>("kv_tile")
       .template Attr<float>("scale")
       .template Attr<int64_t>("poison")
-      .template Attr<int64_t>("impl");
+      .template Attr<int64_t>("impl")
+      .template Attr<int64_t>("precision");
 }
 
 }  // namespace
@@ -230,6 +280,7 @@ auto fna_attrs(Binding b) {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenJaxFnaForward, natten_jax::FnaForwardImpl,
                               natten_jax::fna_attrs(natten_jax::bind_qkv()
+                                                        .RemainingArgs()  // [valid_extent]
                                                         .Ret<ffi::AnyBuffer>()           // output
                                                         .Ret<ffi::Buffer<ffi::F32>>())   // lse
                                   .Attr<int64_t>("sm80_occupancy"),
@@ -240,6 +291,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NattenJaxFnaBackward, natten_jax::FnaBackwardImpl,
                                                         .Arg<ffi::AnyBuffer>()          // d(out)
                                                         .Arg<ffi::Buffer<ffi::F32>>()   // lse
                                                         .Arg<ffi::Buffer<ffi::F32>>()   // delta
+                                                        .RemainingArgs()  // [valid_extent]
                                                         .Ret<ffi::AnyBuffer>()          // dq
                                                         .Ret<ffi::AnyBuffer>()          // dk
                                                         .Ret<ffi::AnyBuffer>()),        // dv

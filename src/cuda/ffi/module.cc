@@ -77,6 +77,8 @@ nb::dict fused_kernels() {
   d["sm90_head_dims"] = sm90;
   d["sm80_occupancies"] = occupancies;
   d["kv_tile_tokens"] = natten_jax::fna::kKvTileTokens;
+  d["float32_max_head_dim_before_90"] = natten_jax::fna::kFloat32MaxHeadDimBefore90;
+  d["float32_q_tile_tokens"] = natten_jax::fna::kFloat32QTileTokens;
   return d;
 }
 
@@ -93,5 +95,5 @@ NB_MODULE(_C, m) {
   m.attr("cuda_version") = NATTEN_JAX_CUDA_VERSION_STR;
   m.def("fused_kernels", &fused_kernels,
         "dict: the fused kernels of this build (head dims per implementation, sm80 forward "
-        "occupancies, KV tile tokens), from kernel_table.h.");
+        "occupancies, KV tile tokens, the float32 rules), from kernel_table.h.");
 }

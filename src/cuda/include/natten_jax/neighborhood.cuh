@@ -18,8 +18,10 @@
 // natten_jax_window_bounds test target. Kernels keep their own loop structure and fragment
 // layouts; the arithmetic of windows and masks lives here.
 //
-// Extension points (each one addition here): a per-sample extent (ragged batches) is a
-// Neighborhood built from that sample's extent; a query / KV offset (context parallelism) shifts
+// Ragged batches: a sample's Neighborhood is built from its own extent (sample_extent), so every
+// window, union and inverse stays inside the sample; kernels store up to the tensor's extent
+// (zeros past the sample's). Extension points (each one addition here): a query / KV offset
+// (context parallelism) shifts
 // the coordinates `start` and `end` see; a score bias (RPB) is a function of the (query, key)
 // in-group offsets that the kernels add where they apply the mask.
 #pragma once
@@ -29,6 +31,13 @@
 #include "natten_jax/window.cuh"
 
 namespace natten_jax {
+
+// The extent of a sample of a ragged batch on one axis: its valid extent clamped to
+// [kernel * dilation, extent] (the smallest extent the window rules allow, and the tensor's).
+// Python: window.sample_extent.
+NJ_HOST_DEVICE int sample_extent(int valid, int kernel, int dilation, int extent) {
+  return window_detail::imin(window_detail::imax(valid, kernel * dilation), extent);
+}
 
 // In-group indices [lo, hi) on one axis (empty when hi <= lo).
 struct Interval {

@@ -1,6 +1,7 @@
 // Warp-level tensor-core primitives shared by the sm80-class kernels (fused forward/backward and
 // the GEMM-based unfused operators): mma.sync m16n8k16 with fp16 / bf16 inputs and fp32
-// accumulators, ldmatrix, and packing two fp32 values into one fragment register.
+// accumulators, ldmatrix, and packing two fp32 values into one fragment register; mma.sync
+// m16n8k8 with TF32 inputs for float32.
 //
 // Fragment layouts (PTX ISA, m16n8k16): lane l, group g = l / 4, t = l % 4;
 //   A (16 x 16, row-major):  reg0 = (g, 2t..2t+1), reg1 = (g+8, 2t..), reg2 = (g, 2t+8..),
@@ -41,6 +42,32 @@ struct WarpMma;
 NJ_WARP_MMA(__half, "f16", __floats2half2_rn, __half2)
 NJ_WARP_MMA(__nv_bfloat16, "bf16", __floats2bfloat162_rn, __nv_bfloat162)
 #undef NJ_WARP_MMA
+
+// TF32 (mma.sync m16n8k8, fp32 accumulators) for float32 inputs. Fragment layouts (PTX ISA):
+//   A (16 x 8):  reg0 = (g, t), reg1 = (g+8, t), reg2 = (g, t+4), reg3 = (g+8, t+4)
+//   B (8 x 8):   reg0 = (k t, n g), reg1 = (k t+4, n g)
+//   C (16 x 8):  as m16n8k16.
+// Operands are TF32 bit patterns (tf32_rna: float32 rounded to TF32, to nearest).
+__device__ __forceinline__ void mma_tf32(float* c, uint32_t a0, uint32_t a1, uint32_t a2,
+                                         uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, "
+               "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+// float32 -> TF32 (round to nearest, ties away; a pure function: not volatile, so repeated
+// conversions of one register are merged).
+__device__ __forceinline__ uint32_t tf32_rna(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+  return r;
+}
+// x = big + small + O(2^-22 |x|): both TF32 (3xTF32 products: big * big + big * small +
+// small * big are float32-accurate).
+__device__ __forceinline__ void tf32_split(float x, uint32_t& big, uint32_t& small) {
+  big = tf32_rna(x);
+  small = tf32_rna(x - __uint_as_float(big));
+}
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));

@@ -1,4 +1,5 @@
-// Fused neighborhood attention backward, tensor-core path (mma.sync m16n8k16): two
+// Fused neighborhood attention backward, tensor-core path (mma.sync: m16n8k16 for fp16 / bf16,
+// TF32 m16n8k8 for float32; sm80_frag.cuh): two
 // deterministic kernels (no atomics), both recomputing P = exp(scale * Q K^T - lse):
 //
 // * dQ (query-stationary, the forward's structure): a CTA owns a 64-query tile and visits the
@@ -7,7 +8,9 @@
 //   query head of its group (GQA: the sum over the group), the Q boxes covering the tile's
 //   inverse neighborhood (the queries whose windows reach it); dV += P^T dO, dK += scale dS^T Q.
 //
-// delta = rowsum(dO * O) - d(lse) comes from the caller (one fused XLA reduction).
+// delta = rowsum(dO * O) - d(lse) comes from the caller (one fused XLA reduction). Ragged
+// batches: windows of the sample's extent (padded rows get P = 0, so zero gradients), tiles
+// outside the sample store zeros.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -42,8 +45,9 @@ template <typename T, int D>
 __device__ __forceinline__ void store_tile(T* base, const T* smem, const int64_t* tok_stride,
                                            const int* dil, const int* origin, const int* limit,
                                            const int* l2, int tid) {
-  constexpr int kChunks = D / 8;
-  constexpr int kPitch = D + 8;
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte chunk
+  constexpr int kChunks = D / kVec;
+  constexpr int kPitch = tile_pitch<T, D>();
 #pragma unroll
   for (int i = 0; i < (kTileKV * kChunks) / kThreads; ++i) {
     int idx = tid + i * kThreads;
@@ -57,38 +61,21 @@ __device__ __forceinline__ void store_tile(T* base, const T* smem, const int64_t
       valid = valid && x[a] < limit[a];
     }
     if (valid)
-      *reinterpret_cast<uint4*>(base + token_offset(x, dil, tok_stride) + chunk * 8) =
-          *reinterpret_cast<const uint4*>(smem + row * kPitch + chunk * 8);
+      *reinterpret_cast<uint4*>(base + token_offset(x, dil, tok_stride) + chunk * kVec) =
+          *reinterpret_cast<const uint4*>(smem + row * kPitch + chunk * kVec);
   }
 }
 
-// A-operand fragment (16 rows x 16 of the k dim) at (row0, col0) of a shared-memory tile.
-template <int kPitch, typename T>
-__device__ __forceinline__ void load_a(uint32_t* f, const T* s, int row0, int col0, int lane) {
-  ldmatrix_x4(f, s + (row0 + (lane % 8) + ((lane / 8) % 2) * 8) * kPitch + col0 +
-                     (lane / 16) * 8);
-}
-// B-operand fragments of two n8 tiles (rows n0..n0+15 of a [n][k] tile, k chunk col0).
-template <int kPitch, typename T>
-__device__ __forceinline__ void load_b(uint32_t* f, const T* s, int n0, int col0, int lane) {
-  ldmatrix_x4(f, s + (n0 + (lane % 8) + ((lane / 8) / 2) * 8) * kPitch + col0 +
-                     ((lane / 8) % 2) * 8);
-}
-// B-operand fragments of two n8 tiles from a [k][n] tile (k rows k0..k0+15, n cols n0..n0+15).
-template <int kPitch, typename T>
-__device__ __forceinline__ void load_b_trans(uint32_t* f, const T* s, int k0, int n0, int lane) {
-  ldmatrix_x4_trans(f, s + (k0 + (lane % 8) + ((lane / 8) % 2) * 8) * kPitch + n0 +
-                           ((lane / 8) / 2) * 8);
-}
-
 // ------------------------------------------------------------------------------------------
-// dQ kernel.
-template <typename T, int D>
+// dQ kernel (kPrec: see Passes in sm80_frag.cuh; float32 only).
+template <typename T, int D, int kPrec = 0>
 __global__ void __launch_bounds__(kThreads, 2)
     fna_bwd_dq_kernel(const __grid_constant__ FnaBwdParams bp) {
-  using Mma = WarpMma<T>;
+  using F = Frag<T>;
+  using Pass = Passes<kPrec>;
   const FnaFwdParams& p = bp.f;
-  constexpr int kPitch = D + 8;
+  const SoftmaxUnits<T> units(p.scale_log2);  // P recomputed in the forward's units
+  constexpr int kPitch = tile_pitch<T, D>();
   constexpr int kDTiles = D / 8;
   constexpr int kKChunks = D / 16;
   constexpr int kNTiles = kTileKV / 8;
@@ -101,7 +88,10 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   QTileWork tile;
-  if (!tile.init(p)) return;
+  if (!tile.init(p)) {
+    if (tile.padded) tile.store_zeros<T, D>(p, bp.dq, nullptr, tid, kThreads);
+    return;
+  }
   const int b = tile.b, h = tile.h;
   const Neighborhood& gi = tile.nb;
   const int(&q0)[3] = tile.q0;
@@ -142,7 +132,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
       for (int a = 0; a < 3; ++a)
         off += static_cast<int64_t>(gi.g[a] + x[a] * gi.dil[a]) * p.lse_token_stride[a];
-      lse2[r] = p.lse[off] * kLog2e;
+      lse2[r] = units.lse_units(p.lse[off]);
       delta[r] = bp.delta[off];
     }
   }
@@ -201,18 +191,18 @@ __global__ void __launch_bounds__(kThreads, 2)
         for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
 #pragma unroll
       for (int kc = 0; kc < kKChunks; ++kc) {
-        uint32_t qa[4], da[4];
-        load_a<kPitch>(qa, sQ, warp * 16, kc * 16, lane);
-        load_a<kPitch>(da, sdO, warp * 16, kc * 16, lane);
+        uint32_t qa[F::kA], da[F::kA];
+        F::load_a(qa, sQ, kPitch, warp * 16, kc * 16, lane);
+        F::load_a(da, sdO, kPitch, warp * 16, kc * 16, lane);
 #pragma unroll
         for (int np = 0; np < kNTiles / 2; ++np) {
-          uint32_t kb[4], vb[4];
-          load_b<kPitch>(kb, k_s, np * 16, kc * 16, lane);
-          load_b<kPitch>(vb, v_s, np * 16, kc * 16, lane);
-          Mma::mma(s[2 * np], qa, kb[0], kb[1]);
-          Mma::mma(s[2 * np + 1], qa, kb[2], kb[3]);
-          Mma::mma(dp[2 * np], da, vb[0], vb[1]);
-          Mma::mma(dp[2 * np + 1], da, vb[2], vb[3]);
+          uint32_t kb[F::kB], vb[F::kB];
+          F::load_b(kb, k_s, kPitch, np * 16, kc * 16, lane);
+          F::load_b(vb, v_s, kPitch, np * 16, kc * 16, lane);
+          F::template mma<Pass::kScores>(s[2 * np], qa, kb, 0);
+          F::template mma<Pass::kScores>(s[2 * np + 1], qa, kb, 1);
+          F::template mma<Pass::kScores>(dp[2 * np], da, vb, 0);
+          F::template mma<Pass::kScores>(dp[2 * np + 1], da, vb, 1);
         }
       }
       // P and dS = P * (dP - delta), masked outside the windows: one loop, instantiated for
@@ -225,7 +215,8 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
               // exp first, then a select: a predicated MUFU, not a branch around it
-              const float ev = fast_exp2(fmaf(s[n][2 * r + e], p.scale_log2, -lse2[r]));
+              const float ev =
+                  units.backward_exp(s[n][2 * r + e], lse2[r]);
               const float pv = in_window(n, r, e) ? ev : 0.f;
               dp[n][2 * r + e] = pv * (dp[n][2 * r + e] - delta[r]);
             }
@@ -252,17 +243,14 @@ __global__ void __launch_bounds__(kThreads, 2)
       // dQ += dS K.
 #pragma unroll
       for (int kk = 0; kk < kTileKV / 16; ++kk) {
-        uint32_t a[4];
-        a[0] = Mma::pack(dp[2 * kk][0], dp[2 * kk][1]);
-        a[1] = Mma::pack(dp[2 * kk][2], dp[2 * kk][3]);
-        a[2] = Mma::pack(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
-        a[3] = Mma::pack(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
+        uint32_t a[F::kA];
+        F::pack_a(a, dp[2 * kk], dp[2 * kk + 1]);
 #pragma unroll
         for (int dn = 0; dn < kDTiles / 2; ++dn) {
-          uint32_t kb[4];
-          load_b_trans<kPitch>(kb, k_s, kk * 16, dn * 16, lane);
-          Mma::mma(acc[2 * dn], a, kb[0], kb[1]);
-          Mma::mma(acc[2 * dn + 1], a, kb[2], kb[3]);
+          uint32_t kb[F::kB];
+          F::load_bt(kb, k_s, kPitch, kk * 16, dn * 16, lane);
+          F::template mma<Pass::kOther>(acc[2 * dn], a, kb, 0);
+          F::template mma<Pass::kOther>(acc[2 * dn + 1], a, kb, 1);
         }
       }
     }
@@ -276,11 +264,13 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       int row = warp * 16 + lane / 4 + r * 8;
-      *reinterpret_cast<uint32_t*>(sQ + row * kPitch + d * 8 + 2 * (lane % 4)) =
-          Mma::pack(acc[d][2 * r] * scale, acc[d][2 * r + 1] * scale);
+      F::store2(sQ + row * kPitch + d * 8 + 2 * (lane % 4), acc[d][2 * r] * scale,
+                acc[d][2 * r + 1] * scale);
     }
   __syncthreads();
-  store_tile<T, D>(static_cast<T*>(bp.dq) + qoff, sQ, p.q_token_stride, gi.dil, q0, gi.glen,
+  int span[3];
+  group_span(p, gi, span);
+  store_tile<T, D>(static_cast<T*>(bp.dq) + qoff, sQ, p.q_token_stride, gi.dil, q0, span,
                    p.q_tile_log2, tid);
 }
 
@@ -292,12 +282,14 @@ __host__ __device__ constexpr int dkdv_step_q() {
   return D > 64 ? 32 : 64;  // queries per step: S^T, dP^T and both accumulators in registers
 }
 
-template <typename T, int D>
+template <typename T, int D, int kPrec = 0>
 __global__ void __launch_bounds__(kThreads, 2)
     fna_bwd_dkdv_kernel(const __grid_constant__ FnaBwdParams bp) {
-  using Mma = WarpMma<T>;
+  using F = Frag<T>;
+  using Pass = Passes<kPrec>;
   const FnaFwdParams& p = bp.f;
-  constexpr int kPitch = D + 8;
+  const SoftmaxUnits<T> units(p.scale_log2);  // P recomputed in the forward's units
+  constexpr int kPitch = tile_pitch<T, D>();
   constexpr int kDTiles = D / 8;
   constexpr int kKChunks = D / 16;
   constexpr int kStepQ = dkdv_step_q<D>();
@@ -315,16 +307,22 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int b = blockIdx.z;
   const int hkv = blockIdx.y % p.heads_kv;
-  const Neighborhood gi(p.extent, p.kernel, p.stride, p.dilation, p.causal,
-                        blockIdx.y / p.heads_kv);
+  int ext[3], span[3];
+  sample_extents(p, b, ext);
+  const Neighborhood gi(ext, p.kernel, p.stride, p.dilation, p.causal, blockIdx.y / p.heads_kv);
+  group_span(p, gi, span);
   const int group_heads = p.heads / p.heads_kv;
   int k0[3], k1[3];
   tile_origin(blockIdx.x, bp.num_kv_tiles, p.kv_tile_log2, k0);
-#pragma unroll
-  for (int a = 0; a < 3; ++a) {
-    if (k0[a] >= gi.glen[a]) return;
-    k1[a] = gi.tile_last(a, k0[a], p.kv_tile_log2[a]) + 1;
+  if (k0[0] >= span[0] || k0[1] >= span[1] || k0[2] >= span[2]) return;
+  if (k0[0] >= gi.glen[0] || k0[1] >= gi.glen[1] || k0[2] >= gi.glen[2]) {
+    // Outside the sample (ragged batch): zero gradients.
+    store_kv_zeros<T, D>(p, bp.dk, gi, span, b, hkv, k0, tid, kThreads);
+    store_kv_zeros<T, D>(p, bp.dv, gi, span, b, hkv, k0, tid, kThreads);
+    return;
   }
+#pragma unroll
+  for (int a = 0; a < 3; ++a) k1[a] = gi.tile_last(a, k0[a], p.kv_tile_log2[a]) + 1;
 
   // Inverse neighborhood per axis (the queries whose windows meet keys [k0, k1)), covered by Q
   // boxes from ilo.
@@ -400,7 +398,7 @@ __global__ void __launch_bounds__(kThreads, 2)
           w[2 * a + 1] = win.hi - win.lo;
           off += static_cast<int64_t>(gi.g[a] + x[a] * gi.dil[a]) * p.lse_token_stride[a];
         }
-        l2 = p.lse[off] * kLog2e;
+        l2 = units.lse_units(p.lse[off]);
         dl = bp.delta[off];
       } else {
 #pragma unroll
@@ -440,18 +438,18 @@ __global__ void __launch_bounds__(kThreads, 2)
         for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
 #pragma unroll
       for (int kc2 = 0; kc2 < kKChunks; ++kc2) {
-        uint32_t ka[4], va[4];
-        load_a<kPitch>(ka, sK, warp * 16, kc2 * 16, lane);
-        load_a<kPitch>(va, sV, warp * 16, kc2 * 16, lane);
+        uint32_t ka[F::kA], va[F::kA];
+        F::load_a(ka, sK, kPitch, warp * 16, kc2 * 16, lane);
+        F::load_a(va, sV, kPitch, warp * 16, kc2 * 16, lane);
 #pragma unroll
         for (int np = 0; np < kNTiles / 2; ++np) {
-          uint32_t qb[4], db[4];
-          load_b<kPitch>(qb, q_s, q0 + np * 16, kc2 * 16, lane);
-          load_b<kPitch>(db, do_s, q0 + np * 16, kc2 * 16, lane);
-          Mma::mma(s[2 * np], ka, qb[0], qb[1]);
-          Mma::mma(s[2 * np + 1], ka, qb[2], qb[3]);
-          Mma::mma(dp[2 * np], va, db[0], db[1]);
-          Mma::mma(dp[2 * np + 1], va, db[2], db[3]);
+          uint32_t qb[F::kB], db[F::kB];
+          F::load_b(qb, q_s, kPitch, q0 + np * 16, kc2 * 16, lane);
+          F::load_b(db, do_s, kPitch, q0 + np * 16, kc2 * 16, lane);
+          F::template mma<Pass::kScores>(s[2 * np], ka, qb, 0);
+          F::template mma<Pass::kScores>(s[2 * np + 1], ka, qb, 1);
+          F::template mma<Pass::kScores>(dp[2 * np], va, db, 0);
+          F::template mma<Pass::kScores>(dp[2 * np + 1], va, db, 1);
         }
       }
       // P^T (masked) and dS^T = P^T * (dP^T - delta).
@@ -467,7 +465,7 @@ __global__ void __launch_bounds__(kThreads, 2)
             // & (not &&) and exp before the select: predicated code, no branch per element
             const bool in = in_window(kc[r][0], w[0], w[1]) & in_window(kc[r][1], w[2], w[3]) &
                             in_window(kc[r][2], w[4], w[5]);
-            const float ev = fast_exp2(fmaf(s[n][2 * r + e], p.scale_log2, -l2));
+            const float ev = units.backward_exp(s[n][2 * r + e], l2);
             const float pv = in ? ev : 0.f;
             s[n][2 * r + e] = pv;
             dp[n][2 * r + e] = pv * (dp[n][2 * r + e] - dl);
@@ -477,24 +475,18 @@ __global__ void __launch_bounds__(kThreads, 2)
       // dV += P^T dO and dK += dS^T Q (k dim = queries).
 #pragma unroll
       for (int kk = 0; kk < kStepQ / 16; ++kk) {
-        uint32_t pa[4], sa[4];
-        pa[0] = Mma::pack(s[2 * kk][0], s[2 * kk][1]);
-        pa[1] = Mma::pack(s[2 * kk][2], s[2 * kk][3]);
-        pa[2] = Mma::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-        pa[3] = Mma::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-        sa[0] = Mma::pack(dp[2 * kk][0], dp[2 * kk][1]);
-        sa[1] = Mma::pack(dp[2 * kk][2], dp[2 * kk][3]);
-        sa[2] = Mma::pack(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
-        sa[3] = Mma::pack(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
+        uint32_t pa[F::kA], sa[F::kA];
+        F::pack_a(pa, s[2 * kk], s[2 * kk + 1]);
+        F::pack_a(sa, dp[2 * kk], dp[2 * kk + 1]);
 #pragma unroll
         for (int dn = 0; dn < kDTiles / 2; ++dn) {
-          uint32_t db[4], qb[4];
-          load_b_trans<kPitch>(db, do_s, q0 + kk * 16, dn * 16, lane);
-          load_b_trans<kPitch>(qb, q_s, q0 + kk * 16, dn * 16, lane);
-          Mma::mma(acc_dv[2 * dn], pa, db[0], db[1]);
-          Mma::mma(acc_dv[2 * dn + 1], pa, db[2], db[3]);
-          Mma::mma(acc_dk[2 * dn], sa, qb[0], qb[1]);
-          Mma::mma(acc_dk[2 * dn + 1], sa, qb[2], qb[3]);
+          uint32_t db[F::kB], qb[F::kB];
+          F::load_bt(db, do_s, kPitch, q0 + kk * 16, dn * 16, lane);
+          F::load_bt(qb, q_s, kPitch, q0 + kk * 16, dn * 16, lane);
+          F::template mma<Pass::kOther>(acc_dv[2 * dn], pa, db, 0);
+          F::template mma<Pass::kOther>(acc_dv[2 * dn + 1], pa, db, 1);
+          F::template mma<Pass::kOther>(acc_dk[2 * dn], sa, qb, 0);
+          F::template mma<Pass::kOther>(acc_dk[2 * dn + 1], sa, qb, 1);
         }
       }
     }
@@ -512,29 +504,29 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       int off = (warp * 16 + lane / 4 + r * 8) * kPitch + d * 8 + 2 * (lane % 4);
-      *reinterpret_cast<uint32_t*>(sQ + off) =
-          Mma::pack(acc_dk[d][2 * r] * scale, acc_dk[d][2 * r + 1] * scale);
-      *reinterpret_cast<uint32_t*>(sdO + off) = Mma::pack(acc_dv[d][2 * r], acc_dv[d][2 * r + 1]);
+      F::store2(sQ + off, acc_dk[d][2 * r] * scale, acc_dk[d][2 * r + 1] * scale);
+      F::store2(sdO + off, acc_dv[d][2 * r], acc_dv[d][2 * r + 1]);
     }
   __syncthreads();
-  store_tile<T, D>(static_cast<T*>(bp.dk) + kvoff, sQ, p.kv_token_stride, gi.dil, k0, gi.glen,
+  store_tile<T, D>(static_cast<T*>(bp.dk) + kvoff, sQ, p.kv_token_stride, gi.dil, k0, span,
                    p.kv_tile_log2, tid);
-  store_tile<T, D>(static_cast<T*>(bp.dv) + kvoff, sdO, p.kv_token_stride, gi.dil, k0, gi.glen,
+  store_tile<T, D>(static_cast<T*>(bp.dv) + kvoff, sdO, p.kv_token_stride, gi.dil, k0, span,
                    p.kv_tile_log2, tid);
 }
 
-template <typename T, int D>
+template <typename T, int D, int kPrec = 0>
 cudaError_t launch_backward(const FnaBwdParams& bp, cudaStream_t stream) {
   const FnaFwdParams& p = bp.f;
-  constexpr int kPitchBytes = (D + 8) * static_cast<int>(sizeof(T));
+  constexpr int kPitchBytes = tile_pitch<T, D>() * static_cast<int>(sizeof(T));
   constexpr int kDqBytes = 6 * kTileKV * kPitchBytes;
   constexpr int kDkvBytes = kDqBytes + 2 * kTileKV * (6 * static_cast<int>(sizeof(int)) + 2 * 4);
-  cudaError_t err = launch_kernel(fna_bwd_dq_kernel<T, D>, q_tile_grid(p), kThreads, kDqBytes,
-                                  false, bp, stream);
+  cudaError_t err = launch_kernel(fna_bwd_dq_kernel<T, D, kPrec>, q_tile_grid(p), kThreads,
+                                  kDqBytes, false, bp, stream);
   if (err != cudaSuccess) return err;
   const dim3 grid(bp.num_kv_tiles[0] * bp.num_kv_tiles[1] * bp.num_kv_tiles[2],
                   p.heads_kv * p.dilation[0] * p.dilation[1] * p.dilation[2], p.batch);
-  return launch_kernel(fna_bwd_dkdv_kernel<T, D>, grid, kThreads, kDkvBytes, false, bp, stream);
+  return launch_kernel(fna_bwd_dkdv_kernel<T, D, kPrec>, grid, kThreads, kDkvBytes, false, bp,
+                       stream);
 }
 
 }  // namespace sm80

@@ -5,7 +5,8 @@
 // (wgmma m64n64k16, all operands K-major in shared memory), P and dS = P (dP - delta) in
 // registers (masked where the box is not inside every window of the warp's rows), dQ += dS K
 // (wgmma m64nDk16, dS from registers, K as the MN-major B). dQ = scale * acc, rows past the
-// extent not written.
+// extent not written. Ragged batches: padded rows (zero Q and dO, lse and delta 0) give dS = 0,
+// so their dQ rows store zeros; a tile outside its sample stores zeros without computing.
 #pragma once
 
 #include "natten_jax/fna/q_tile.cuh"
@@ -167,9 +168,11 @@ __device__ __forceinline__ void dq_consume(const FnaBwdParams& bp, const Neighbo
   int64_t goff_q = 0;
 #pragma unroll
   for (int a = 0; a < 3; ++a) goff_q += static_cast<int64_t>(gi.g[a]) * p.q_token_stride[a];
+  int span[3];
+  group_span(p, gi, span);
   store_tile<T, D, kBlockBytes>(
       static_cast<T*>(bp.dq) + c.b * p.q_batch_stride + goff_q + c.h * p.q_head_stride,
-      sbase + Cfg::kQOff, p.q_token_stride, gi.dil, c.q0, gi.glen, c.ql, 0, t);
+      sbase + Cfg::kQOff, p.q_token_stride, gi.dil, c.q0, span, c.ql, 0, t);
 }
 
 template <typename T, int D>
@@ -182,7 +185,10 @@ __global__ void __launch_bounds__(DqConfig<D>::kThreads, DqConfig<D>::kMinBlocks
   const uint32_t sbase = smem_u32(smem);
   
   DqWork c;
-  if (!c.init(p)) return;
+  if (!c.init(p)) {
+    if (c.padded) c.store_zeros<T, D>(p, bp.dq, nullptr, threadIdx.x, Cfg::kThreads);
+    return;
+  }
   const Neighborhood& gi = c.nb;
 
   const uint32_t bar_full = sbase + Cfg::kBarOff;

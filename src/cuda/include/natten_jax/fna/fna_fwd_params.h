@@ -11,7 +11,7 @@
 namespace natten_jax {
 namespace fna {
 
-enum class DType : int { kFloat16 = 0, kBFloat16 = 1 };
+enum class DType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };
 
 struct FnaFwdParams {
   const void* q;  // [B, *S, H, D]
@@ -33,6 +33,16 @@ struct FnaFwdParams {
   int64_t lse_batch_stride, lse_token_stride[3];                // heads contiguous
 
   float scale_log2;  // scale * log2(e)
+
+  // Ragged batches: int32 [batch, valid_rank] per-sample extents of the last valid_rank axes
+  // (clamped in the kernels: neighborhood.cuh's sample_extent), or null (every sample spans
+  // `extent`).
+  const int* valid_extent;
+  int valid_rank;
+
+  // float32 inputs (TF32 products): 0 logits by 3xTF32, other products one TF32 pass (JAX's
+  // "default"); 1 every product by 3xTF32 ("highest"). Ignored for 16-bit inputs.
+  int precision;
 };
 
 }  // namespace fna

@@ -1,5 +1,5 @@
-// Fused neighborhood attention forward, tensor-core path (mma.sync m16n8k16, cp.async,
-// ldmatrix): runs on sm_80 and later.
+// Fused neighborhood attention forward, tensor-core path (mma.sync, cp.async; fp16 / bf16 with
+// m16n8k16 and ldmatrix, float32 with TF32 m16n8k8: sm80_frag.cuh): runs on sm_80 and later.
 //
 // One CTA of 4 warps computes one Q tile of 64 * MT queries (a multi-dimensional box of
 // 2^a x 2^b x 2^c tokens of one dilation group) for one (batch, head); each warp owns 16 * MT
@@ -27,33 +27,37 @@ namespace natten_jax {
 namespace fna {
 namespace sm80 {
 
-// CTAs per SM the register budget aims at: small head dims are latency-bound, so more of them.
-template <int D, int MT>
+// CTAs per SM the register budget aims at: small head dims are latency-bound, so more of them
+// (float32: twice the operand registers, so fewer).
+template <typename T, int D, int MT>
 __host__ __device__ constexpr int min_ctas_per_sm() {
+  if (sizeof(T) == 4) return D <= 64 ? 2 : 1;
   return MT > 1 ? (D <= 64 ? 2 : 1) : (D <= 32 ? 4 : (D <= 64 ? 3 : 2));
 }
 
 // Q fragments stay in registers unless that would crowd out the accumulators.
-template <int D, int MT>
+template <typename T, int D, int MT>
 __host__ __device__ constexpr bool q_in_registers() {
-  return MT * D <= 128;
+  return MT * D * static_cast<int>(sizeof(T)) <= 256;
 }
 
 // MinCtas: the CTAs per SM the register budget aims at (registers <= 64K / (128 MinCtas)).
-template <typename T, int D, int MT, int MinCtas = min_ctas_per_sm<D, MT>()>
+// kPrec (float32 only): see Passes (sm80_frag.cuh).
+template <typename T, int D, int MT, int MinCtas = min_ctas_per_sm<T, D, MT>(), int kPrec = 0>
 __global__ void __launch_bounds__(kThreads, MinCtas)
     fna_fwd_kernel(const __grid_constant__ FnaFwdParams p) {
-  using Mma = WarpMma<T>;
+  using F = Frag<T>;
+  using Pass = Passes<kPrec>;
   constexpr int kTileQ = 64 * MT;
   constexpr int kWarpRows = 16 * MT;
-  constexpr int kPitch = D + 8;  // 16-byte pad per row: conflict-free ldmatrix
+  constexpr int kPitch = tile_pitch<T, D>();  // 16-byte pad per row: conflict-free fragments
   constexpr int kDTiles = D / 8;
   constexpr int kKChunks = D / 16;
   // Keys per softmax step: a KV box in one step, or in two halves where S would crowd out the
   // output accumulators (MT * D > 128).
   constexpr int kStepN = (MT * D > 128) ? kTileKV / 2 : kTileKV;
   constexpr int kNTiles = kStepN / 8;
-  constexpr bool kQRegs = q_in_registers<D, MT>();
+  constexpr bool kQRegs = q_in_registers<T, D, MT>();
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
@@ -65,7 +69,10 @@ __global__ void __launch_bounds__(kThreads, MinCtas)
 
   // ---- Which (batch, head, dilation group, Q tile) this CTA owns; its KV range [lo, hi).
   QTileWork tile;
-  if (!tile.init(p)) return;
+  if (!tile.init(p)) {
+    if (tile.padded) tile.store_zeros<T, D>(p, p.o, p.lse, tid, kThreads);
+    return;
+  }
   const int b = tile.b, h = tile.h;
   const Neighborhood& nb = tile.nb;
   const int(&q0)[3] = tile.q0;
@@ -143,11 +150,9 @@ __global__ void __launch_bounds__(kThreads, MinCtas)
 
   // A-operand fragment of m-tile m, k-chunk kc from shared memory.
   auto load_q = [&](uint32_t* f, int m, int kc) {
-    int row = warp * kWarpRows + m * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
-    int col = kc * 16 + (lane / 16) * 8;
-    ldmatrix_x4(f, sQ + row * kPitch + col);
+    F::load_a(f, sQ, kPitch, warp * kWarpRows + m * 16, kc * 16, lane);
   };
-  uint32_t qf[kQRegs ? MT : 1][kQRegs ? kKChunks : 1][4];
+  uint32_t qf[kQRegs ? MT : 1][kQRegs ? kKChunks : 1][F::kA];
   if constexpr (kQRegs) {
 #pragma unroll
     for (int m = 0; m < MT; ++m)
@@ -161,6 +166,7 @@ __global__ void __launch_bounds__(kThreads, MinCtas)
 #pragma unroll
     for (int i = 0; i < kDTiles; ++i)
       acc_o[m][i][0] = acc_o[m][i][1] = acc_o[m][i][2] = acc_o[m][i][3] = 0.f;
+  const SoftmaxUnits<T> units(p.scale_log2);  // online softmax in these units (sm80_frag.cuh)
   float row_max[MT][2], row_sum[MT][2];
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
@@ -191,22 +197,20 @@ __global__ void __launch_bounds__(kThreads, MinCtas)
         for (int n = 0; n < kNTiles; ++n) s[m][n][0] = s[m][n][1] = s[m][n][2] = s[m][n][3] = 0.f;
 #pragma unroll
       for (int kc = 0; kc < kKChunks; ++kc) {
-        uint32_t qt[MT][4];
+        uint32_t qt[MT][F::kA];
         if constexpr (!kQRegs) {
 #pragma unroll
           for (int m = 0; m < MT; ++m) load_q(qt[m], m, kc);
         }
 #pragma unroll
         for (int np = 0; np < kNTiles / 2; ++np) {
-          uint32_t kb[4];
-          int key = n0 + np * 16 + (lane % 8) + ((lane / 8) / 2) * 8;
-          int col = kc * 16 + ((lane / 8) % 2) * 8;
-          ldmatrix_x4(kb, k_s + key * kPitch + col);
+          uint32_t kb[F::kB];
+          F::load_b(kb, k_s, kPitch, n0 + np * 16, kc * 16, lane);
 #pragma unroll
           for (int m = 0; m < MT; ++m) {
             const uint32_t* a = kQRegs ? qf[kQRegs ? m : 0][kQRegs ? kc : 0] : qt[m];
-            Mma::mma(s[m][2 * np], a, kb[0], kb[1]);
-            Mma::mma(s[m][2 * np + 1], a, kb[2], kb[3]);
+            F::template mma<Pass::kScores>(s[m][2 * np], a, kb, 0);
+            F::template mma<Pass::kScores>(s[m][2 * np + 1], a, kb, 1);
           }
         }
       }
@@ -262,7 +266,7 @@ __global__ void __launch_bounds__(kThreads, MinCtas)
         }
       }
 
-      // Online softmax in base 2; the scale (> 0) is folded into the exponent.
+      // Online softmax (base 2 for 16-bit inputs; SoftmaxUnits); the scale (> 0) is folded in.
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
 #pragma unroll
@@ -273,15 +277,15 @@ __global__ void __launch_bounds__(kThreads, MinCtas)
             mx = fmaxf(mx, fmaxf(s[m][n][2 * r], s[m][n][2 * r + 1]));
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-          float m_new = fmaxf(row_max[m][r], mx * p.scale_log2);
+          float m_new = fmaxf(row_max[m][r], units.logit(mx));
           float m_use = (m_new == -INFINITY) ? 0.f : m_new;
-          float alpha = fast_exp2(row_max[m][r] - m_use);
+          float alpha = units.exp_diff(row_max[m][r], m_use);
           row_max[m][r] = m_new;
           float sum = 0.f;
 #pragma unroll
           for (int n = 0; n < kNTiles; ++n) {
-            s[m][n][2 * r] = fast_exp2(fmaf(s[m][n][2 * r], p.scale_log2, -m_use));
-            s[m][n][2 * r + 1] = fast_exp2(fmaf(s[m][n][2 * r + 1], p.scale_log2, -m_use));
+            s[m][n][2 * r] = units.exp_of(s[m][n][2 * r], m_use);
+            s[m][n][2 * r + 1] = units.exp_of(s[m][n][2 * r + 1], m_use);
             sum += s[m][n][2 * r] + s[m][n][2 * r + 1];
           }
           row_sum[m][r] = row_sum[m][r] * alpha + sum;
@@ -296,24 +300,17 @@ __global__ void __launch_bounds__(kThreads, MinCtas)
       // O += P V; each V fragment feeds MT MMAs.
 #pragma unroll
       for (int kk = 0; kk < kStepN / 16; ++kk) {
-        uint32_t pa[MT][4];
+        uint32_t pa[MT][F::kA];
 #pragma unroll
-        for (int m = 0; m < MT; ++m) {
-          pa[m][0] = Mma::pack(s[m][2 * kk][0], s[m][2 * kk][1]);
-          pa[m][1] = Mma::pack(s[m][2 * kk][2], s[m][2 * kk][3]);
-          pa[m][2] = Mma::pack(s[m][2 * kk + 1][0], s[m][2 * kk + 1][1]);
-          pa[m][3] = Mma::pack(s[m][2 * kk + 1][2], s[m][2 * kk + 1][3]);
-        }
+        for (int m = 0; m < MT; ++m) F::pack_a(pa[m], s[m][2 * kk], s[m][2 * kk + 1]);
 #pragma unroll
         for (int dp = 0; dp < kDTiles / 2; ++dp) {
-          uint32_t vb[4];
-          int key = n0 + kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
-          int col = dp * 16 + ((lane / 8) / 2) * 8;
-          ldmatrix_x4_trans(vb, v_s + key * kPitch + col);
+          uint32_t vb[F::kB];
+          F::load_bt(vb, v_s, kPitch, n0 + kk * 16, dp * 16, lane);
 #pragma unroll
           for (int m = 0; m < MT; ++m) {
-            Mma::mma(acc_o[m][2 * dp], pa[m], vb[0], vb[1]);
-            Mma::mma(acc_o[m][2 * dp + 1], pa[m], vb[2], vb[3]);
+            F::template mma<Pass::kOther>(acc_o[m][2 * dp], pa[m], vb, 0);
+            F::template mma<Pass::kOther>(acc_o[m][2 * dp + 1], pa[m], vb, 1);
           }
         }
       }
@@ -322,7 +319,10 @@ __global__ void __launch_bounds__(kThreads, MinCtas)
     __syncthreads();
   }
 
-  // ---- Epilogue: normalise, stage O through shared memory, write 16-byte rows.
+  // ---- Epilogue: normalise, stage O through shared memory, write 16-byte rows (those inside
+  // the tensor: span; recomputed here, not held through the main loop).
+  int span[3];
+  group_span(p, nb, span);
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
 #pragma unroll
@@ -330,13 +330,16 @@ __global__ void __launch_bounds__(kThreads, MinCtas)
       float l = row_sum[m][r];
       l += __shfl_xor_sync(0xffffffff, l, 1);
       l += __shfl_xor_sync(0xffffffff, l, 2);
-      float inv = l > 0.f ? 1.f / l : 0.f;
       int row = warp * kWarpRows + m * 16 + lane / 4 + r * 8;
+      // false: a padded query of a ragged batch (O = 0); without one, rows past the sample are
+      // past the tensor too (never stored)
+      const bool inside = p.valid_extent == nullptr || tile.row_inside(row);
+      float inv = inside && l > 0.f ? 1.f / l : 0.f;
 #pragma unroll
       for (int d = 0; d < kDTiles; ++d) {
         int col = d * 8 + 2 * (lane % 4);
-        *reinterpret_cast<uint32_t*>(sQ + row * kPitch + col) =
-            Mma::pack(acc_o[m][d][2 * r] * inv, acc_o[m][d][2 * r + 1] * inv);
+        F::store2(sQ + row * kPitch + col, acc_o[m][d][2 * r] * inv,
+                  acc_o[m][d][2 * r + 1] * inv);
       }
       if (lane % 4 == 0) {
         int c[3];
@@ -346,18 +349,20 @@ __global__ void __launch_bounds__(kThreads, MinCtas)
 #pragma unroll
         for (int a = 0; a < 3; ++a) {
           int x = q0[a] + c[a];
-          valid = valid && x < nb.glen[a];
+          valid = valid && x < span[a];
           off += static_cast<int64_t>(nb.g[a] + x * nb.dil[a]) * p.lse_token_stride[a];
         }
         if (valid)
-          p.lse[off] = l > 0.f ? (row_max[m][r] + log2f(l)) * 0.69314718055994530942f
-                               : -INFINITY;
+          p.lse[off] = !inside ? 0.f
+                       : l > 0.f ? units.lse(row_max[m][r], l)
+                                 : -INFINITY;
       }
     }
   }
   __syncthreads();
   T* obase = static_cast<T*>(p.o) + b * p.q_batch_stride + goff_q + h * p.q_head_stride;
-  constexpr int kChunks = D / 8;
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte chunk
+  constexpr int kChunks = D / kVec;
 #pragma unroll
   for (int i = 0; i < (kTileQ * kChunks) / kThreads; ++i) {
     int idx = tid + i * kThreads;
@@ -369,26 +374,27 @@ __global__ void __launch_bounds__(kThreads, MinCtas)
 #pragma unroll
     for (int a = 0; a < 3; ++a) {
       int x = q0[a] + c[a];
-      valid = valid && x < nb.glen[a];
+      valid = valid && x < span[a];
       off += static_cast<int64_t>(x) * nb.dil[a] * p.q_token_stride[a];
     }
     if (valid)
-      *reinterpret_cast<uint4*>(obase + off + chunk * 8) =
-          *reinterpret_cast<const uint4*>(sQ + row * kPitch + chunk * 8);
+      *reinterpret_cast<uint4*>(obase + off + chunk * kVec) =
+          *reinterpret_cast<const uint4*>(sQ + row * kPitch + chunk * kVec);
   }
 }
 
 template <typename T, int D, int MT>
 constexpr int smem_bytes() {
-  return (64 * MT + 4 * kTileKV) * (D + 8) * static_cast<int>(sizeof(T)) +
+  return (64 * MT + 4 * kTileKV) * tile_pitch<T, D>() * static_cast<int>(sizeof(T)) +
          64 * MT * 6 * static_cast<int>(sizeof(int));
 }
 
 // More CTAs per SM than the default (MinCtas variants) take all of the shared memory.
-template <typename T, int D, int MT, int MinCtas = min_ctas_per_sm<D, MT>()>
+template <typename T, int D, int MT, int MinCtas = min_ctas_per_sm<T, D, MT>(), int kPrec = 0>
 cudaError_t launch(const FnaFwdParams& p, cudaStream_t stream) {
-  return launch_kernel(fna_fwd_kernel<T, D, MT, MinCtas>, q_tile_grid(p), kThreads,
-                       smem_bytes<T, D, MT>(), MinCtas != min_ctas_per_sm<D, MT>(), p, stream);
+  return launch_kernel(fna_fwd_kernel<T, D, MT, MinCtas, kPrec>, q_tile_grid(p), kThreads,
+                       smem_bytes<T, D, MT>(), MinCtas != min_ctas_per_sm<T, D, MT>(), p,
+                       stream);
 }
 
 }  // namespace sm80

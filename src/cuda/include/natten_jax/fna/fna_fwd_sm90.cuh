@@ -22,7 +22,9 @@
 //     together with S of the next touched box, so the softmax of one box overlaps the P V GEMM of
 //     the previous one; the two consumer warpgroups also overlap each other. A box outside the
 //     union of the warpgroup's windows is skipped (released without any MMA).
-// O is staged through the warpgroup's part of the Q buffer for 16-byte global stores.
+// O is staged through the warpgroup's part of the Q buffer for 16-byte global stores. Ragged
+// batches: a tile outside its sample stores zeros (O and LSE) and computes nothing; padded rows
+// of a partly covered tile store zeros.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -143,6 +145,11 @@ __device__ __forceinline__ void fwd_epilogue(const FnaFwdParams& p, const CtaWor
   named_barrier_sync(1 + w, kWGThreads);
   float inv[2], lse[2];
   sm.finish(inv, lse);
+  int span[3];
+  group_span(p, c.nb, span);
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+    if (!c.row_inside(64 * w + 16 * warp + grow + 8 * r)) inv[r] = lse[r] = 0.f;  // padded query
   stage_acc<T, D, Cfg::kQBlockBytes>(sbase + 64 * w * kRowBytes, o_acc, inv, warp, lane);
   if (lane % 4 == 0) {
 #pragma unroll
@@ -154,7 +161,7 @@ __device__ __forceinline__ void fwd_epilogue(const FnaFwdParams& p, const CtaWor
 #pragma unroll
       for (int a = 0; a < 3; ++a) {
         const int x = c.q0[a] + cc[a];
-        valid = valid && x < c.nb.glen[a];
+        valid = valid && x < span[a];
         off += static_cast<int64_t>(c.nb.g[a] + x * c.nb.dil[a]) * p.lse_token_stride[a];
       }
       if (valid) p.lse[off] = lse[r];
@@ -165,7 +172,7 @@ __device__ __forceinline__ void fwd_epilogue(const FnaFwdParams& p, const CtaWor
 #pragma unroll
   for (int a = 0; a < 3; ++a) goff_q += static_cast<int64_t>(c.nb.g[a]) * p.q_token_stride[a];
   T* obase = static_cast<T*>(p.o) + c.b * p.q_batch_stride + goff_q + c.h * p.q_head_stride;
-  store_tile<T, D, Cfg::kQBlockBytes>(obase, sbase, p.q_token_stride, c.nb.dil, c.q0, c.nb.glen,
+  store_tile<T, D, Cfg::kQBlockBytes>(obase, sbase, p.q_token_stride, c.nb.dil, c.q0, span,
                                       c.ql, 64 * w, t);
 }
 
@@ -322,7 +329,10 @@ __global__ void __launch_bounds__(FwdConfig<D, NWG>::kThreads, FwdConfig<D, NWG>
 
   // ---- Which (batch, head, dilation group, Q tile) this CTA owns, and the KV range it visits.
   CtaWork c;
-  if (!c.init(p)) return;
+  if (!c.init(p)) {
+    if (c.padded) c.store_zeros<T, D>(p, p.o, p.lse, threadIdx.x, Cfg::kThreads);
+    return;
+  }
 
   const uint32_t bar_full = sbase + Cfg::kBarOffset;
   if (threadIdx.x == 0) {

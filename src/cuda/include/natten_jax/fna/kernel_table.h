@@ -5,7 +5,8 @@
 // which tests compare with natten_jax.tiles).
 //
 // Every kernel takes 64-key KV boxes / tiles; the forward takes Q tiles of 64 or 128 queries,
-// the backward 64. dtypes: float16 and bfloat16 everywhere.
+// the backward 64. dtypes: float16 and bfloat16 everywhere; float32 (TF32 products, two
+// precisions) on the sm80 kernels with 64-query tiles, head dim 128 on compute capability 9.x.
 #pragma once
 
 #include <string>
@@ -23,6 +24,9 @@ namespace fna {
 enum class Impl : int { kSm80 = 0, kSm90 = 1 };  // the FFI attribute `impl`
 
 constexpr int kKvTileTokens = 64;
+// float32 (TF32 products): sm80 kernels, 64-query tiles; above this head dim only on 9.x.
+constexpr int kFloat32MaxHeadDimBefore90 = 64;
+constexpr int kFloat32QTileTokens = 64;
 constexpr int kDefaultSm80Occupancy = 4;
 
 inline bool head_dim_built(Impl impl, int head_dim) {
@@ -48,9 +52,14 @@ inline std::string head_dims_built(Impl impl) {
 // dim, tokens per Q tile and per KV tile, and the requested sm80 forward occupancy (0: default;
 // it only selects a variant at head dim 32 with 64-query tiles and is ignored elsewhere).
 inline std::string fna_kernel_unsupported(bool backward, Impl impl, int head_dim, int q_tokens,
-                                          int kv_tokens, int occupancy) {
+                                          int kv_tokens, int occupancy, bool float32 = false) {
   const char* name = impl == Impl::kSm80 ? "sm80" : "sm90";
   const std::string dir = backward ? "backward" : "forward";
+  if (float32 && impl != Impl::kSm80)
+    return "float32 runs the sm80 kernels (TF32), not the " + std::string(name) + " ones";
+  if (float32 && q_tokens != kFloat32QTileTokens)
+    return "float32 needs q_tile of " + std::to_string(kFloat32QTileTokens) + " tokens, got " +
+           std::to_string(q_tokens);
   if (!head_dim_built(impl, head_dim))
     return "no " + std::string(name) + " " + dir + " kernel for head_dim " +
            std::to_string(head_dim) + " (built: " + head_dims_built(impl) + ")";
@@ -69,6 +78,16 @@ inline std::string fna_kernel_unsupported(bool backward, Impl impl, int head_dim
   if (!occ_ok)
     return "sm80_occupancy must be 0 (the default) or one of " + occupancies + ", got " +
            std::to_string(occupancy);
+  return "";
+}
+
+// Why the float32 kernels of head_dim cannot run on a device of compute capability major.x
+// ("" if they can): head dim 128 stages ~205 KB of shared memory per block, which needs 9.x.
+inline std::string fna_float32_unsupported_on(int head_dim, int major) {
+  if (head_dim > kFloat32MaxHeadDimBefore90 && major < 9)
+    return "float32 at head_dim " + std::to_string(head_dim) +
+           " needs a compute capability 9.x GPU (shared memory); this one is " +
+           std::to_string(major) + ".x";
   return "";
 }
 

@@ -50,18 +50,26 @@ using HeadDim = std::integral_constant<int, D>;
 
 // op(TypeTag<T>{}, HeadDim<D>{}) for the dtype and the head dim of a call, over the head dims
 // implementation I is built with (kernel_table.h); `otherwise` for a head dim without a kernel
-// (unreachable once ffi/fna.cc has checked the call).
+// (unreachable once ffi/fna.cc has checked the call). float32 (TF32 products) only on sm80.
 template <Impl I, typename R, typename Op>
 R dispatch_kernel(DType dtype, int head_dim, R otherwise, Op&& op) {
   const bool bf16 = dtype == DType::kBFloat16;
 #define NJ_CASE(D) \
   case D: return bf16 ? op(TypeTag<__nv_bfloat16>{}, HeadDim<D>{}) : op(TypeTag<__half>{}, HeadDim<D>{});
+#define NJ_CASE_F32(D) \
+  case D: return op(TypeTag<float>{}, HeadDim<D>{});
   if constexpr (I == Impl::kSm80) {
+    if (dtype == DType::kFloat32) {
+      switch (head_dim) { NJ_FNA_SM80_HEAD_DIMS(NJ_CASE_F32) }
+      return otherwise;
+    }
     switch (head_dim) { NJ_FNA_SM80_HEAD_DIMS(NJ_CASE) }
   } else {
+    if (dtype == DType::kFloat32) return otherwise;
     switch (head_dim) { NJ_FNA_SM90_HEAD_DIMS(NJ_CASE) }
   }
 #undef NJ_CASE
+#undef NJ_CASE_F32
   return otherwise;
 }
 

@@ -1,6 +1,6 @@
 // Building blocks shared by the sm80-class fused kernels (forward and backward): cp.async
-// wrappers, multi-dimensional tile coordinates, predicated tile loads (the MMA and ldmatrix
-// primitives come from natten_jax/common/warp_mma.cuh).
+// wrappers, multi-dimensional tile coordinates, predicated tile loads (operand fragments and
+// products: sm80_frag.cuh).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -11,6 +11,7 @@
 
 #include "natten_jax/common/fast_exp2.cuh"
 #include "natten_jax/common/warp_mma.cuh"
+#include "natten_jax/fna/sm80_frag.cuh"
 #include "natten_jax/neighborhood.cuh"
 
 namespace natten_jax {
@@ -65,8 +66,9 @@ __device__ __forceinline__ void load_tiles(T* const (&smem)[N], const T* const (
                                            const int64_t* tok_stride, const int* dil,
                                            const int* origin, const int* limit, const int* l2,
                                            int tid) {
-  constexpr int kChunks = D / 8;  // 16-byte chunks per row
-  constexpr int kPitch = D + 8;
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte chunk
+  constexpr int kChunks = D / kVec;                         // chunks per row
+  constexpr int kPitch = tile_pitch<T, D>();
 #pragma unroll
   for (int i = 0; i < (kTileKV * kChunks) / kThreads; ++i) {
     int idx = tid + i * kThreads;
@@ -81,9 +83,10 @@ __device__ __forceinline__ void load_tiles(T* const (&smem)[N], const T* const (
       valid = valid && (x < limit[a]);
       off += static_cast<int64_t>(x) * dil[a] * tok_stride[a];
     }
-    off = valid ? off + chunk * 8 : 0;
+    off = valid ? off + chunk * kVec : 0;
 #pragma unroll
-    for (int t = 0; t < N; ++t) cp_async16(smem[t] + row * kPitch + chunk * 8, base[t] + off, valid);
+    for (int t = 0; t < N; ++t)
+      cp_async16(smem[t] + row * kPitch + chunk * kVec, base[t] + off, valid);
   }
 }
 

@@ -83,20 +83,6 @@ struct TileLoader {
   }
 };
 
-// Element offset of a dilation group's first token (goff) and element stride of one in-group step
-// per axis (st) in a heads-last tensor with token strides tok_stride (group offsets g, dilations
-// dil).
-__device__ __forceinline__ void group_layout(const int* g, const int* dil,
-                                             const int64_t* tok_stride, int64_t& goff,
-                                             int64_t (&st)[3]) {
-  goff = 0;
-#pragma unroll
-  for (int a = 0; a < 3; ++a) {
-    goff += static_cast<int64_t>(g[a]) * tok_stride[a];
-    st[a] = static_cast<int64_t>(dil[a]) * tok_stride[a];
-  }
-}
-
 // Whether a tile of log2 extents l at in-group origin o lies below `lim` on every axis (its rows
 // need no predicate).
 __device__ __forceinline__ bool tile_inside(const int* o, const int* l, const int* lim) {
@@ -124,10 +110,10 @@ __device__ __forceinline__ void stage_acc(uint32_t tile_addr, const float (&acc)
 
 // Writes rows [row0, row0 + 64) of the swizzled tile at `tile_addr` (column blocks kBlockBytes
 // apart) to global rows base + token offset (tile origin o, log2 extents l), skipping rows
-// outside the group (x >= glen); t: thread in the warpgroup.
+// outside the tensor's group (x >= span); t: thread in the warpgroup.
 template <typename T, int D, int kBlockBytes>
 __device__ __forceinline__ void store_tile(T* base, uint32_t tile_addr, const int64_t* tok_stride,
-                                           const int* dil, const int* o, const int* glen,
+                                           const int* dil, const int* o, const int* span,
                                            const int* l, int row0, int t) {
   constexpr int kChunks = D / 8;
 #pragma unroll
@@ -141,7 +127,7 @@ __device__ __forceinline__ void store_tile(T* base, uint32_t tile_addr, const in
 #pragma unroll
     for (int a = 0; a < 3; ++a) {
       const int x = o[a] + cc[a];
-      valid = valid && x < glen[a];
+      valid = valid && x < span[a];
       off += static_cast<int64_t>(x) * dil[a] * tok_stride[a];
     }
     if (valid) {
