@@ -31,7 +31,8 @@ forward implementation, timing both when the setting is ``auto`` and tuning is o
 
 Winners are stored in ``<cache_dir>/autotune-v1.json`` (``FusedConfig.cache_dir``, default
 ``~/.cache/natten_jax``), keyed by the device kind, dtype, shapes, window parameters, direction,
-the configuration fields that change which kernel runs (implementation, Q tile, occupancy) and
+the configuration fields that change which kernel runs (implementation, Q tile, occupancy), for
+float32 inputs the precision (their TF32 and 3xTF32 kernels; sm80 only, 64-token Q tiles) and
 the natten_jax version (:func:`problem_key`). The file is read once per process (then kept in
 memory) and written atomically (a temporary file in the same directory, then ``os.replace``),
 merging with what other processes wrote in the meantime. Processes that need the same key at
@@ -147,6 +148,8 @@ def problem_key(p: NAProblem, backward: bool = False, *, device: Optional[str] =
         parts.append(f"q_tile={p.config.q_tile}")
     if not backward and impl == "sm80" and p.config.sm80_occupancy is not None:
         parts.append(f"sm80_occupancy={p.config.sm80_occupancy}")
+    if tiles.is_float32(p.dtype):  # 1xTF32 and 3xTF32 products are different kernels
+        parts.append(f"precision={p.precision}")
     return "|".join(parts)
 
 
@@ -156,18 +159,20 @@ def _impl(p: NAProblem, backward: bool, impl: Optional[str]) -> str:
         if impl not in tiles.IMPLS:
             raise ValueError(f"`impl` must be None or one of {tiles.IMPLS}, got {impl!r}")
         return impl
-    return bwd_impl(p.head_dim, p.config) if backward else resolve_impl(p)
+    return bwd_impl(p.head_dim, p.config, p.dtype) if backward else resolve_impl(p)
 
 
 def _q_sizes(p: NAProblem, backward: bool) -> Tuple[int, ...]:
     """Log2 Q tile sizes the kernel accepts: forward 64 or 128 tokens (as restricted by
-    ``p.config.q_tile``), backward 64."""
-    return (tiles.Q_TILE_LOG2[0],) if backward else tiles.q_tile_sizes(p.config.q_tile)
+    ``p.config.q_tile``; float32: 64), backward 64."""
+    return ((tiles.Q_TILE_LOG2[0],) if backward
+            else tiles.q_tile_sizes(p.config.q_tile, p.dtype))
 
 
 def _heuristic(p: NAProblem, backward: bool, impl: str = "sm80") -> Tiles:
     qt, kt = tiles.choose_tiles(p.spatial, p.kernel_size, p.stride, p.dilation, p.is_causal,
-                                p.head_dim, backward=backward, impl=impl, q_tile=p.config.q_tile)
+                                p.head_dim, backward=backward, impl=impl, q_tile=p.config.q_tile,
+                                dtype=p.dtype)
     return tuple(qt), tuple(kt)
 
 
@@ -534,6 +539,19 @@ def hopper_device() -> bool:
         return False
 
 
+def compute_capability() -> Optional[Tuple[int, int]]:
+    """(major, minor) compute capability of the first GPU, None without one (or where JAX's
+    device does not say)."""
+    import jax
+
+    try:
+        cc = str(getattr(jax.devices("gpu")[0], "compute_capability", ""))
+        major, minor = cc.split(".")[:2]
+        return int(major), int(minor)
+    except Exception:  # noqa: BLE001 (no GPU backend, or no compute_capability)
+        return None
+
+
 def sm90_runs() -> bool:
     """Whether the sm90 kernels can run here: a compute capability 9.0 GPU and a module with
     sm_90a code (what ``auto`` needs; an explicit ``sm90`` setting is refused by the custom call
@@ -543,11 +561,12 @@ def sm90_runs() -> bool:
     return hopper_device() and any(a.startswith("90a") for a in _ffi.cuda_compiled_archs())
 
 
-def impl_candidates(head_dim: int, config: FusedConfig) -> Tuple[str, ...]:
-    """Forward kernels ``config.forward_impl`` allows at ``head_dim`` (sm90 only for its head
-    dims; under ``auto`` only where :func:`sm90_runs`)."""
+def impl_candidates(head_dim: int, config: FusedConfig, dtype=None) -> Tuple[str, ...]:
+    """Forward kernels ``config.forward_impl`` allows at ``head_dim`` for inputs of ``dtype``
+    (sm90 only for its head dims and never for float32; under ``auto`` only where
+    :func:`sm90_runs`)."""
     setting = config.forward_impl
-    sm90 = tiles.impl_supports("sm90", head_dim)
+    sm90 = tiles.impl_supports("sm90", head_dim, dtype)
     if setting == "sm90":
         return ("sm90",) if sm90 else ("sm80",)
     if setting == "auto" and sm90 and sm90_runs():
@@ -555,12 +574,13 @@ def impl_candidates(head_dim: int, config: FusedConfig) -> Tuple[str, ...]:
     return ("sm80",)
 
 
-def bwd_impl(head_dim: int, config: FusedConfig) -> str:
+def bwd_impl(head_dim: int, config: FusedConfig, dtype=None) -> str:
     """The backward kernels ``config.backward_impl`` selects at ``head_dim``: sm90 where the
-    setting is ``sm90``, or ``auto`` and :func:`sm90_runs`, and sm90 has the head dim; else sm80.
-    (No cost model or timing: where both run, the sm90 kernels measured 2.0-2.6x faster.)"""
+    setting is ``sm90``, or ``auto`` and :func:`sm90_runs`, and sm90 has the head dim (and the
+    dtype: never float32); else sm80. (No cost model or timing: where both run, the sm90
+    kernels measured 2.0-2.6x faster.)"""
     s = config.backward_impl
-    if tiles.impl_supports("sm90", head_dim) and (s == "sm90" or (s == "auto" and sm90_runs())):
+    if tiles.impl_supports("sm90", head_dim, dtype) and (s == "sm90" or (s == "auto" and sm90_runs())):
         return "sm90"
     return "sm80"
 
@@ -574,7 +594,7 @@ def _modelled_cost(p: NAProblem, impl: str, t: Tiles) -> float:
 def resolve_impl(p: NAProblem) -> str:
     """The forward kernel for ``p`` without timing: the cost model's choice among
     :func:`impl_candidates` of ``p.config``."""
-    impls = impl_candidates(p.head_dim, p.config)
+    impls = impl_candidates(p.head_dim, p.config, p.dtype)
     if len(impls) == 1:
         return impls[0]
     return min(impls, key=lambda i: _modelled_cost(p, i, _heuristic(p, False, i)))
@@ -588,7 +608,7 @@ def select_config(p: NAProblem, *, mode: Optional[str] = None, timer: Optional[T
     ``p.config``: with tuning off the cost model's choice; with tuning on each implementation's
     tiles are tuned (and cached) with ``timer`` and the faster winner is taken.
     """
-    impls = (impl,) if impl is not None else impl_candidates(p.head_dim, p.config)
+    impls = (impl,) if impl is not None else impl_candidates(p.head_dim, p.config, p.dtype)
     if len(impls) == 1:
         return impls[0], select_tiles(p, mode=mode, timer=timer, top_k=top_k, impl=impls[0])
     if resolve_mode(p, mode) == "off":

@@ -9,7 +9,10 @@ Every check of the package's arguments lives here:
   ``na*d_av`` (:mod:`natten_jax.unfused`);
 * :func:`check_context_parallel_call`: :func:`natten_jax.context_parallel.na_context_parallel`;
 * :func:`check_layer_args` / :func:`check_layer_input`: the Flax layers' constructor arguments
-  and inputs (:mod:`natten_jax.nnx`, :mod:`natten_jax.linen`, the models).
+  and inputs (:mod:`natten_jax.nnx`, :mod:`natten_jax.linen`, the models);
+  :func:`check_image_extent`: the models' ``valid_extent``;
+* :func:`check_ragged` (through :func:`check_na_call`): a ragged batch's ``valid_extent`` and
+  ``additional_lengths`` (issue 24).
 
 Each error names the argument and the value it got: ``ValueError`` for bad values and shapes,
 ``TypeError`` for bad types and dtypes, ``NotImplementedError`` for valid arguments a backend
@@ -22,10 +25,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Tuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from natten_jax import _ffi
+from natten_jax import precision as precision_mod
 from natten_jax.config import FusedConfig, default_config
 
 BACKENDS = ("reference", "fused", "gemm", "naive")
@@ -59,6 +64,14 @@ class NAProblem:
     # Where the call runs ("cuda", "cpu", ...: natten_jax._ffi.call_platform of the inputs);
     # the CUDA backends' can_run refuse anything but "cuda". None: the default device's.
     platform: Optional[str] = None
+    # Ragged batch (issue 24): `valid_extent` [B, rank] given (per-sample extents), and
+    # `additional_lengths` [B] given (per-sample counts of additional tokens). The arrays are
+    # runtime operands of the backends' run; only their presence is static.
+    ragged: bool = False
+    ragged_extra: bool = False
+    # The precision mode ("default" or "highest", natten_jax.precision.resolve of the call's
+    # `precision` at trace time); changes float32 computation only.
+    precision: str = "default"
 
     @property
     def num_tokens(self) -> int:
@@ -138,6 +151,11 @@ def unfused_attention_unsupported(p: NAProblem, backend: str) -> str:
     if p.num_extra:
         return (f"backend={backend!r} (unfused operators) does not support additional_keys / "
                 f"additional_values; use backend='fused' or 'reference'")
+    if p.ragged or p.ragged_extra:
+        given = [n for n, f in (("valid_extent", p.ragged),
+                                ("additional_lengths", p.ragged_extra)) if f]
+        return (f"backend={backend!r} (unfused operators) does not support ragged batches "
+                f"({' / '.join(given)}); use backend='fused' or 'reference'")
     if p.dtype not in ("float32", "float16", "bfloat16"):
         return (f"backend={backend!r} supports float32, float16 and bfloat16, got dtype "
                 f"{p.dtype}")
@@ -156,9 +174,13 @@ def check_backend_config(backend_config) -> FusedConfig:
 
 def check_na_call(rank: int, query, key, value, kernel_size, stride, dilation, is_causal,
                   scale, additional_keys=None, additional_values=None,
-                  backend_config: Optional[FusedConfig] = None) -> NAProblem:
+                  backend_config: Optional[FusedConfig] = None, valid_extent=None,
+                  additional_lengths=None, precision=None) -> NAProblem:
     """Validate one na{rank}d call and return its static description (``backend_config``:
-    the fused backend's configuration, None for :func:`natten_jax.config.default_config`)."""
+    the fused backend's configuration, None for :func:`natten_jax.config.default_config`;
+    ``valid_extent`` / ``additional_lengths``: a ragged batch, see :func:`check_ragged`;
+    ``precision``: resolved by :func:`natten_jax.precision.resolve`)."""
+    mode = precision_mod.resolve(precision)
     config = check_backend_config(backend_config)
     names = ("query", "key", "value")
     for n, x in zip(names, (query, key, value)):
@@ -224,11 +246,88 @@ def check_na_call(rank: int, query, key, value, kernel_size, stride, dilation, i
                 f"`additional_values` must have shape {want_v}, got {tuple(av.shape)}.")
         num_extra = int(ak.shape[1])
 
-    return NAProblem(rank=rank, spatial=tuple(int(s) for s in spatial), kernel_size=ks_,
+    spatial = tuple(int(s) for s in spatial)
+    check_ragged(int(qs[0]), spatial, ks_, di_, valid_extent, additional_lengths,
+                 None if additional_keys is None else num_extra)
+
+    return NAProblem(rank=rank, spatial=spatial, kernel_size=ks_,
                      stride=st_, dilation=di_, is_causal=ca_, scale=scale, batch=int(qs[0]),
                      heads=int(heads), heads_kv=int(heads_kv), head_dim=int(qs[-1]),
                      head_dim_v=int(vs[-1]), num_extra=num_extra, dtype=str(query.dtype),
-                     config=config, platform=_ffi.call_platform(query, key, value))
+                     config=config, platform=_ffi.call_platform(query, key, value),
+                     ragged=valid_extent is not None,
+                     ragged_extra=additional_lengths is not None, precision=mode)
+
+
+def is_concrete(x) -> bool:
+    """Whether ``x``'s values are known now: NumPy arrays, Python sequences and committed JAX
+    arrays are; a tracer (under ``jit``, ``vmap``, ``grad``, ...) is not."""
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _int_array(name: str, x):
+    """``x`` as an array with an integer dtype (Python sequences through NumPy)."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        if not isinstance(x, (list, tuple)):
+            raise TypeError(f"`{name}` must be an integer array, got {type(x).__name__} {x!r}.")
+        try:
+            x = np.asarray(x)
+        except ValueError as e:
+            raise ValueError(f"`{name}` must be a rectangular integer array, got {x!r}: {e}"
+                             ) from None
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise TypeError(f"`{name}` must have an integer dtype (it is converted to int32), got "
+                        f"dtype {x.dtype}.")
+    return x
+
+
+def check_ragged(batch: int, spatial, kernel_size, dilation, valid_extent, additional_lengths,
+                 num_extra: Optional[int]) -> None:
+    """Validate the ragged-batch arguments of one na*d call (issue 24).
+
+    ``valid_extent``: None or integer ``[batch, rank]``; concrete values must satisfy
+    ``kernel_size[a] * dilation[a] <= valid_extent[b, a] <= spatial[a]``.
+    ``additional_lengths``: None or integer ``[batch]``, only with additional keys
+    (``num_extra``: their count, None without them); concrete values in ``[0, num_extra]``.
+    Traced values are not checked here: the backends clamp them
+    (:func:`natten_jax.window.sample_extent`, :func:`natten_jax.window.sample_num_extra`).
+    """
+    rank = len(spatial)
+    if valid_extent is not None:
+        ve = _int_array("valid_extent", valid_extent)
+        if tuple(ve.shape) != (batch, rank):
+            raise ValueError(
+                f"`valid_extent` must have shape [batch, rank] = {(batch, rank)}, got "
+                f"{tuple(ve.shape)}.")
+        if is_concrete(ve):
+            e = np.asarray(ve).astype(np.int64)
+            lo = np.asarray(kernel_size, np.int64) * np.asarray(dilation, np.int64)
+            hi = np.asarray(spatial, np.int64)
+            bad = np.argwhere((e < lo) | (e > hi))
+            if bad.size:
+                b, a = (int(i) for i in bad[0])
+                raise ValueError(
+                    f"`valid_extent` must satisfy kernel_size * dilation <= valid_extent[b, a] "
+                    f"<= spatial extent on every axis, got valid_extent[{b}, {a}] = {e[b, a]} "
+                    f"(kernel_size * dilation = {int(lo[a])}, extent {int(hi[a])}; "
+                    f"{len(bad)} bad entries in all).")
+    if additional_lengths is not None:
+        if num_extra is None:
+            raise ValueError("`additional_lengths` needs `additional_keys` / "
+                             "`additional_values` (it counts the additional tokens each sample "
+                             "uses).")
+        al = _int_array("additional_lengths", additional_lengths)
+        if tuple(al.shape) != (batch,):
+            raise ValueError(f"`additional_lengths` must have shape [batch] = {(batch,)}, got "
+                             f"{tuple(al.shape)}.")
+        if is_concrete(al):
+            n = np.asarray(al).astype(np.int64)
+            bad = np.flatnonzero((n < 0) | (n > num_extra))
+            if bad.size:
+                b = int(bad[0])
+                raise ValueError(
+                    f"`additional_lengths` must lie in [0, {num_extra}] (the number of "
+                    f"additional tokens), got additional_lengths[{b}] = {n[b]}.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,7 +517,8 @@ def _positive_int(name: str, value) -> int:
 
 
 def check_layer_args(rank, embed_dim, num_heads, kernel_size, dilation, stride, is_causal,
-                     num_kv_heads, qk_scale, proj_drop, backend, backend_config=None):
+                     num_kv_heads, qk_scale, proj_drop, backend, backend_config=None,
+                     precision=None):
     """Validate (and normalise) the constructor arguments shared by the NNX and Linen layers.
 
     Returns ``(num_kv_heads, kernel_size, dilation, stride, is_causal)`` with per-axis tuples.
@@ -459,7 +559,32 @@ def check_layer_args(rank, embed_dim, num_heads, kernel_size, dilation, stride, 
         raise ValueError(f"`proj_drop` must be in [0, 1], got {proj_drop!r}.")
     check_backend(backend)
     check_backend_config(backend_config)
+    if precision is not None:  # None follows jax.default_matmul_precision at call time
+        precision_mod.resolve(precision)
     return num_kv_heads, kernel_size, dilation, stride, is_causal
+
+
+def check_image_extent(cls_name: str, x, valid_extent):
+    """The ``valid_extent`` (pixel extents ``[batch, 2]`` of each image of a padded NHWC batch
+    ``x``) of a model call: an integer array of that shape, concrete values in ``[1, H]`` /
+    ``[1, W]``. Returns it as NumPy int32 when concrete, else as a JAX int32 array clamped
+    into those ranges."""
+    ve = _int_array("valid_extent", valid_extent)
+    want = (int(x.shape[0]), 2)
+    if tuple(ve.shape) != want:
+        raise ValueError(f"{cls_name}: `valid_extent` must have shape [batch, 2] = {want} (the "
+                         f"height and width of each image), got {tuple(ve.shape)}.")
+    hi = np.asarray(x.shape[1:3], np.int64)
+    if not is_concrete(ve):
+        return jnp.clip(jnp.asarray(ve).astype(jnp.int32), 1, hi.astype(np.int32))
+    e = np.asarray(ve).astype(np.int64)
+    bad = np.argwhere((e < 1) | (e > hi))
+    if bad.size:
+        b, a = (int(i) for i in bad[0])
+        raise ValueError(f"{cls_name}: `valid_extent` must lie in [1, {int(hi[a])}] on axis "
+                         f"{a} (input shape {tuple(x.shape)}), got valid_extent[{b}, {a}] = "
+                         f"{e[b, a]}.")
+    return e.astype(np.int32)
 
 
 def check_layer_input(cls_name: str, rank: int, embed_dim: int, x) -> None:

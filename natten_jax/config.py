@@ -101,8 +101,9 @@ class FusedConfig:
         disk; ``"thorough"``: every legal candidate is timed (:mod:`natten_jax.autotune`).
         Default from ``NATTEN_JAX_AUTOTUNE``.
       q_tile: the forward kernel's Q tile in tokens, ``64`` or ``128``; ``None`` (default): the
-        cost model (or the tuner) picks either. The backward kernels always take 64. Default
-        from ``NATTEN_JAX_FNA_Q_TILE``.
+        cost model (or the tuner) picks either. The backward kernels always take 64, and so
+        does the forward on float32 inputs (its TF32 kernels; with ``128`` there the fused
+        backend refuses the call: ``backend="fused"`` raises, ``None`` runs the reference). Default from ``NATTEN_JAX_FNA_Q_TILE``.
       sm80_occupancy: CTAs per SM the register budget of the head-dim-32 ``sm80`` forward with
         64-token Q tiles aims at, ``4``, ``5`` or ``6`` (5 and 6 spill registers); ``None``
         (default): the kernel's default (4). Other kernels ignore it. Default from

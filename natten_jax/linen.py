@@ -64,11 +64,21 @@ class _NeighborhoodAttention(nn.Module):
       backend_config: a :class:`natten_jax.FusedConfig` (kernels, tiles, autotuning of the
         fused backend) passed to :func:`natten_jax.na1d` etc.; ``None``: its default (from the
         environment variables).
+      precision: as JAX's ``precision=`` (``flax.linen.MultiHeadDotProductAttention`` takes it
+        as an attribute too), for the projections (``nn.Dense``) and the attention
+        (:func:`natten_jax.na2d` etc., :mod:`natten_jax.precision`): ``None`` (default:
+        ``jax.default_matmul_precision``), ``"default"`` (TF32 products in the fused kernels on
+        float32), ``"high"`` / ``"highest"`` (float32-accurate), or a ``jax.lax.Precision``.
+        Changes nothing on 16-bit computation. A bad value: ``ValueError``.
       deterministic: dropout off when True. With ``proj_drop > 0`` give it here or as the call
         argument (exactly one of the two, as ``flax.linen.merge_param`` requires); a
         ``'dropout'`` rng is needed when False.
 
-    Call: ``layer.apply(variables, x, deterministic=None)``.
+    Call: ``layer.apply(variables, x, deterministic=None, *, valid_extent=None)``.
+    ``valid_extent``: optional integer ``[batch, rank]``, a ragged batch (passed to
+    :func:`natten_jax.na2d` etc.: each sample attends within the leading ``valid_extent[b]``
+    positions, as if cropped). The output at padded positions carries no information (the
+    output projection of the zero attention output there: its bias).
     """
 
     rank: ClassVar[int] = 0
@@ -90,6 +100,7 @@ class _NeighborhoodAttention(nn.Module):
     backend: Optional[str] = None
     backend_config: Optional[Any] = None
     deterministic: Optional[bool] = None
+    precision: Any = None
 
     def __post_init__(self):
         # Validate at construction (ValueError / TypeError naming the argument); with
@@ -105,10 +116,11 @@ class _NeighborhoodAttention(nn.Module):
         return check_layer_args(
             self.rank, embed_dim, self.num_heads, self.kernel_size, self.dilation,
             self.stride, self.is_causal, self.num_kv_heads, self.qk_scale, self.proj_drop,
-            self.backend, self.backend_config)
+            self.backend, self.backend_config, self.precision)
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: Optional[bool] = None) -> jax.Array:
+    def __call__(self, x: jax.Array, deterministic: Optional[bool] = None, *,
+                 valid_extent=None) -> jax.Array:
         name = type(self).__name__
         embed_dim = self.embed_dim
         if embed_dim is None and getattr(x, "shape", ()):
@@ -125,7 +137,8 @@ class _NeighborhoodAttention(nn.Module):
         D = embed_dim // H
         lead = x.shape[:-1]
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype,
-                     kernel_init=self.kernel_init, bias_init=self.bias_init)
+                     kernel_init=self.kernel_init, bias_init=self.bias_init,
+                     precision=self.precision)
         if Hkv == H:
             qkv = nn.Dense(3 * embed_dim, use_bias=self.qkv_bias, name="qkv", **dense)(x)
             qkv = qkv.reshape(lead + (3, H, D))
@@ -139,7 +152,8 @@ class _NeighborhoodAttention(nn.Module):
         scale = None if self.qk_scale is None else float(self.qk_scale)
         out = na_function(self.rank)(
             q, k, v, kernel_size, stride=stride, dilation=dilation, is_causal=is_causal,
-            scale=scale, backend=self.backend, backend_config=self.backend_config)
+            scale=scale, valid_extent=valid_extent, backend=self.backend,
+            backend_config=self.backend_config, precision=self.precision)
         out = nn.Dense(embed_dim, use_bias=True, name="proj", **dense)(
             out.reshape(lead + (embed_dim,)))
         if self.proj_drop > 0.0:

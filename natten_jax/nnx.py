@@ -72,10 +72,21 @@ class NeighborhoodAttention(nnx.Module):
         fused backend) passed to :func:`natten_jax.na1d` etc.; ``None``: its default (from the
         environment variables). Part of the module's static structure: ``nnx.jit`` re-traces
         when it changes.
+      precision: as JAX's ``precision=`` (``flax.nnx.MultiHeadAttention`` takes it here too),
+        for the projections (``nnx.Linear``) and the attention (:func:`natten_jax.na2d` etc.,
+        :mod:`natten_jax.precision`): ``None`` (default: ``jax.default_matmul_precision``),
+        ``"default"`` (TF32 products in the fused kernels on float32), ``"high"`` /
+        ``"highest"`` (float32-accurate), or a ``jax.lax.Precision``. Changes nothing on
+        16-bit computation. A bad value: ``ValueError``.
       rngs: ``nnx.Rngs`` for parameter initialisation (and dropout).
 
-    Call: ``layer(x, *, deterministic=None, rngs=None)``; ``deterministic`` / ``rngs`` are
-    forwarded to the output ``nnx.Dropout`` (``layer.eval()`` / ``layer.train()`` also work).
+    Call: ``layer(x, *, valid_extent=None, deterministic=None, rngs=None)``;
+    ``deterministic`` / ``rngs`` are forwarded to the output ``nnx.Dropout`` (``layer.eval()`` /
+    ``layer.train()`` also work). ``valid_extent``: optional integer ``[batch, rank]``, a ragged
+    batch (passed to :func:`natten_jax.na2d` etc.: each sample attends within the leading
+    ``valid_extent[b]`` positions, as if cropped; padding never reaches the valid positions).
+    The layer's output at padded positions carries no information (the output projection of
+    the zero attention output there: its bias).
     """
 
     def __init__(
@@ -98,11 +109,12 @@ class NeighborhoodAttention(nnx.Module):
         bias_init: Any = nnx.initializers.zeros_init(),
         backend: Optional[str] = None,
         backend_config: Optional[Any] = None,
+        precision: Any = None,
         rngs: nnx.Rngs,
     ):
         num_kv_heads, kernel_size, dilation, stride, is_causal = check_layer_args(
             rank, embed_dim, num_heads, kernel_size, dilation, stride, is_causal, num_kv_heads,
-            qk_scale, proj_drop, backend, backend_config)
+            qk_scale, proj_drop, backend, backend_config, precision)
         self.rank = rank
         self.embed_dim = embed_dim
         self.num_heads = num_heads
@@ -115,10 +127,11 @@ class NeighborhoodAttention(nnx.Module):
         self.qk_scale = None if qk_scale is None else float(qk_scale)
         self.backend = backend
         self.backend_config = backend_config
+        self.precision = precision
         self.dtype = dtype
 
         linear = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init,
-                      bias_init=bias_init, rngs=rngs)
+                      bias_init=bias_init, precision=precision, rngs=rngs)
         kv_dim = num_kv_heads * self.head_dim
         if num_kv_heads == num_heads:
             self.qkv = nnx.Linear(embed_dim, 3 * embed_dim, use_bias=qkv_bias, **linear)
@@ -128,7 +141,7 @@ class NeighborhoodAttention(nnx.Module):
         self.proj = nnx.Linear(embed_dim, embed_dim, use_bias=True, **linear)
         self.proj_drop = nnx.Dropout(float(proj_drop), rngs=rngs)
 
-    def __call__(self, x: jax.Array, *, deterministic: Optional[bool] = None,
+    def __call__(self, x: jax.Array, *, valid_extent=None, deterministic: Optional[bool] = None,
                  rngs: Optional[nnx.Rngs] = None) -> jax.Array:
         check_layer_input(type(self).__name__, self.rank, self.embed_dim, x)
         lead = x.shape[:-1]
@@ -142,8 +155,8 @@ class NeighborhoodAttention(nnx.Module):
             k, v = kv[..., 0, :, :], kv[..., 1, :, :]
         out = na_function(self.rank)(
             q, k, v, self.kernel_size, stride=self.stride, dilation=self.dilation,
-            is_causal=self.is_causal, scale=self.qk_scale, backend=self.backend,
-            backend_config=self.backend_config)
+            is_causal=self.is_causal, scale=self.qk_scale, valid_extent=valid_extent,
+            backend=self.backend, backend_config=self.backend_config, precision=self.precision)
         out = self.proj(out.reshape(lead + (self.embed_dim,)))
         return self.proj_drop(out, deterministic=deterministic, rngs=rngs)
 

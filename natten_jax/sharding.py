@@ -32,16 +32,21 @@ kind      layout                      e.g.
 ``"v"``   ``[B, S..., Hkv, Dv]``      value, dv
 ``"o"``   ``[B, S..., H, Dv]``        output, d(output)
 ``"lse"`` ``[B, S..., H]``            logsumexp, delta
+``"ext"`` ``[B, rank]``                 valid extents of a ragged batch (int32)
 ========  ==========================  ===================================================
+
+An ``"ext"`` operand follows the batch sharding of the call (its rank axis is replicated) and
+never decides it or the heads': each batch shard gets its samples' extents.
 
 Both of JAX's partitioners are served. Shardy (the default) propagates shardings through a
 ``sharding_rule``: factors ``b``, ``s0..``, ``d``/``e`` (head dims) and ``h`` (kv heads), the
 query heads being the compound factor ``(h g)`` with the group ``g = H // Hkv`` (just ``h`` if
 ``H == Hkv``, just ``g`` for MQA, where a size-1 factor may not be compounded), so that a heads
-sharding of the query reaches the kv heads and back; spatial and head-dim factors need
-replication. GSPMD (``jax_use_shardy_partitioner=False``) uses ``infer_sharding_from_operands``.
-Either way ``partition`` makes the final choice described above and hands XLA the per-shard
-function, traced on local shapes (batch and heads divided).
+sharding of the query reaches the kv heads and back; spatial and head-dim factors, and the rank
+factor ``r`` of an ``"ext"`` operand, need replication. GSPMD
+(``jax_use_shardy_partitioner=False``) uses ``infer_sharding_from_operands``. Either way
+``partition`` makes the final choice described above and hands XLA the per-shard function,
+traced on local shapes (batch and heads divided).
 
 On one device, or inside a fully manual ``shard_map``, the wrapped function is called directly;
 under ``vmap`` the caller must batch it itself (``custom_partitioning`` has no batching rule:
@@ -59,7 +64,8 @@ from jax.experimental.custom_partitioning import (ArrayMapping, CompoundFactor, 
                                                   custom_partitioning)
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-KINDS = ("q", "k", "v", "o", "lse")
+KINDS = ("q", "k", "v", "o", "lse", "ext")
+HEADS_KINDS = ("q", "k", "v", "o", "lse")  # kinds with a heads axis (all but "ext")
 
 
 def _kind_rank(kind: str, ndim: int) -> int:
@@ -67,10 +73,17 @@ def _kind_rank(kind: str, ndim: int) -> int:
     return ndim - (2 if kind == "lse" else 3)
 
 
+def _heads_axis(kind: str) -> int:
+    """The heads axis of an array of ``kind`` (one of HEADS_KINDS)."""
+    return -1 if kind == "lse" else -2
+
+
 def _check_kinds(in_kinds, out_kinds):
     for k in tuple(in_kinds) + tuple(out_kinds):
         if k not in KINDS:
             raise ValueError(f"unknown array kind {k!r}; expected one of {KINDS}")
+    if "ext" in out_kinds:
+        raise ValueError("an \"ext\" array (valid extents) is an operand, never a result")
     if "q" not in in_kinds and "o" not in in_kinds and "lse" not in in_kinds:
         raise ValueError("the operands must include a query-heads array (q, o or lse)")
     if "k" not in in_kinds and "v" not in in_kinds:
@@ -85,7 +98,7 @@ def _heads(kinds, shapes) -> Tuple[int, int]:
             H = shape[-2]
         elif kind == "lse":
             H = shape[-1]
-        else:
+        elif kind in ("k", "v"):
             Hkv = shape[-2]
     return H, Hkv
 
@@ -104,6 +117,8 @@ def _head_factors(H: int, Hkv: int):
 
 
 def _mapping(kind: str, ndim: int, qheads, kvheads) -> ArrayMapping:
+    if kind == "ext":  # [B, rank]: the batch factor and a replicated one
+        return ArrayMapping("b", "r")
     rank = _kind_rank(kind, ndim)
     lead = ("b",) + tuple(f"s{i}" for i in range(rank))
     tail = {"q": (qheads, "d"), "k": (kvheads, "d"), "v": (kvheads, "e"), "o": (qheads, "e"),
@@ -122,7 +137,7 @@ def _sdy_rule(in_kinds, out_kinds, in_shapes, out_shapes) -> SdyShardingRule:
         for d in m:
             factors += [f for f in (d if isinstance(d, CompoundFactor) else (d,))
                         if f not in factors]
-    replicated = tuple(f for f in factors if f[0] == "s" or f in ("d", "e"))
+    replicated = tuple(f for f in factors if f[0] == "s" or f in ("d", "e", "r"))
     sizes = {"g": H // Hkv} if isinstance(qheads, CompoundFactor) else {}
     return SdyShardingRule(tuple(maps[:len(in_kinds)]), tuple(maps[len(in_kinds):]),
                            need_replication_factors=replicated, **sizes)
@@ -222,18 +237,21 @@ def _heads_axes(mesh, axes, H, Hkv, used=()):
 def plan(mesh, in_kinds, arrays):
     """(batch axes, query-heads axes, kv-heads axes): the mesh axes that shard every operand
     and result of the call. Batch and heads shardings are read from the first operand sharded
-    on them (in operand order), then cut back to what divides evenly (see ``_heads_axes``)."""
+    on them (in operand order; an ``"ext"`` operand is never read), then cut back to what
+    divides evenly (see ``_heads_axes``)."""
     H, Hkv = _heads(in_kinds, [x.shape for x in arrays])
     B = arrays[0].shape[0]
     specs = [_padded_spec(x) for x in arrays]
     batch = ()
-    for spec in specs:
-        if spec[0] is not None:
+    for kind, spec in zip(in_kinds, specs):
+        if spec[0] is not None and kind in HEADS_KINDS:  # a tiny "ext" operand follows
             batch = _batch_axes(mesh, _entry_axes(spec[0]), B)
             break
     qheads = kvheads = ()
     for kind, spec in zip(in_kinds, specs):
-        entry = spec[-1] if kind == "lse" else spec[-2]
+        if kind not in HEADS_KINDS:
+            continue
+        entry = spec[_heads_axis(kind)]
         if entry is None:
             continue
         axes = _entry_axes(entry)
@@ -255,7 +273,8 @@ def _entry(axes):
 def _spec(kind: str, ndim: int, batch, qheads, kvheads) -> PartitionSpec:
     entries = [None] * ndim
     entries[0] = _entry(batch)
-    entries[-1 if kind == "lse" else -2] = _entry(kvheads if kind in ("k", "v") else qheads)
+    if kind in HEADS_KINDS:
+        entries[_heads_axis(kind)] = _entry(kvheads if kind in ("k", "v") else qheads)
     return PartitionSpec(*entries)
 
 

@@ -45,7 +45,34 @@ SM90_HEAD_DIMS = (64, 128)
 _SM90_PAIR_COST = {6: 0.60, 7: 0.55}
 
 
-def impl_supports(impl: str, head_dim: int) -> bool:
+# ---- float32 (issue 23) ---------------------------------------------------------------------
+# float32 inputs run TF32 tensor-core variants of the sm80 kernels only (no sm90 float32
+# kernels), with 64-token Q tiles in the forward too (a 128-token tile of float32 operands does
+# not fit in shared memory), at head dims 32, 64 and 128; head dim 128 needs about 205 KB of
+# shared memory per block, which compute capability 9.x (H100 / H200) has and 8.x does not.
+F32_IMPLS = ("sm80",)
+F32_Q_TILE_LOG2 = Q_TILE_LOG2[0]
+# Head dims above this need compute capability F32_LARGE_SMEM_MIN_MAJOR.x (kernel_table.h:
+# kFloat32MaxHeadDimBefore90).
+F32_MAX_HEAD_DIM_BEFORE_MIN_MAJOR = 64
+F32_LARGE_SMEM_MIN_MAJOR = 9
+
+
+def is_float32(dtype) -> bool:
+    """Whether ``dtype`` (a name or dtype; None: no) is float32, whose kernels differ."""
+    if dtype is None:
+        return False
+    try:
+        return np.dtype(dtype) == np.float32
+    except TypeError:  # a name NumPy does not know ("bfloat16" without ml_dtypes)
+        return False
+
+
+def impl_supports(impl: str, head_dim: int, dtype=None) -> bool:
+    """Whether kernel ``impl`` exists at ``head_dim`` (and for inputs of ``dtype``, if
+    given: float32 runs sm80 only)."""
+    if is_float32(dtype) and impl not in F32_IMPLS:
+        return False
     return impl == "sm80" or (impl == "sm90" and head_dim in SM90_HEAD_DIMS)
 
 
@@ -87,27 +114,34 @@ def _candidates(rank: int, log2_sum: int):
     return [t for t in itertools.product(range(log2_sum + 1), repeat=rank) if sum(t) == log2_sum]
 
 
-def q_tile_sizes(q_tile: Optional[int] = None) -> Tuple[int, ...]:
+def q_tile_sizes(q_tile: Optional[int] = None, dtype=None) -> Tuple[int, ...]:
     """Log2 Q tile sizes of the forward kernel: both (64 and 128 tokens), or only ``q_tile``
-    (:attr:`natten_jax.config.FusedConfig.q_tile`) when given."""
+    (:attr:`natten_jax.config.FusedConfig.q_tile`) when given; for float32 inputs (``dtype``)
+    64 tokens only (``q_tile=128`` is a ``ValueError`` then: the fused backend's ``can_run``
+    refuses it first)."""
+    if q_tile is not None and q_tile not in Q_TILES:
+        raise ValueError(f"`q_tile` must be None or one of {Q_TILES}, got {q_tile!r}")
+    if is_float32(dtype):
+        if q_tile is not None and q_tile != 1 << F32_Q_TILE_LOG2:
+            raise ValueError(f"`q_tile` must be None or {1 << F32_Q_TILE_LOG2} for float32 "
+                             f"inputs (their kernels take 64-token Q tiles), got {q_tile!r}")
+        return (F32_Q_TILE_LOG2,)
     if q_tile is None:
         return Q_TILE_LOG2
-    if q_tile not in Q_TILES:
-        raise ValueError(f"`q_tile` must be None or one of {Q_TILES}, got {q_tile!r}")
     return (Q_TILE_LOG2[Q_TILES.index(q_tile)],)
 
 
 def choose_tiles(spatial: Tuple[int, ...], kernel_size, stride, dilation, is_causal,
                  head_dim: int = 128, backward: bool = False, impl: str = "sm80",
-                 q_tile: Optional[int] = None):
+                 q_tile: Optional[int] = None, dtype=None):
     """Log2 (Q tile, KV tile) extents per axis that minimise the modelled cost.
 
     Cost = visited pairs x the per-pair cost of the Q tile size at this head dim (and forward
     kernel ``impl``). Ties go to the shape with more tokens on the last axes (longer contiguous
     runs in memory). ``q_tile`` (64 or 128 tokens) restricts the forward's Q tile; the backward
-    kernels take 64-token Q tiles only.
+    kernels, and the float32 forward (``dtype``), take 64-token Q tiles only.
     """
-    q_sizes = (Q_TILE_LOG2[0],) if backward else q_tile_sizes(q_tile)
+    q_sizes = (Q_TILE_LOG2[0],) if backward else q_tile_sizes(q_tile, dtype)
     return _choose_tiles(tuple(spatial), tuple(kernel_size), tuple(stride), tuple(dilation),
                          tuple(is_causal), int(head_dim), q_sizes,
                          "sm80" if backward else impl)
@@ -130,8 +164,9 @@ def _choose_tiles(spatial, kernel_size, stride, dilation, is_causal, head_dim, q
 
 def visited_flops(spatial: Sequence[int], kernel_size, stride, dilation, is_causal, batch: int,
                   heads: int, head_dim: int, impl: str = "sm80",
-                  q_tile: Optional[int] = None) -> int:
-    """Forward FLOPs the fused kernel performs, masked pairs included (4 per pair and dim)."""
+                  q_tile: Optional[int] = None, dtype=None) -> int:
+    """Forward FLOPs the fused kernel performs, masked pairs included (4 per pair and dim;
+    ``dtype``: the inputs', float32 restricting the tiles)."""
     args = tuple(tuple(x) for x in (spatial, kernel_size, stride, dilation, is_causal))
-    qt, kt = choose_tiles(*args, head_dim, impl=impl, q_tile=q_tile)
+    qt, kt = choose_tiles(*args, head_dim, impl=impl, q_tile=q_tile, dtype=dtype)
     return 4 * batch * heads * head_dim * visited_pairs(*args, qt, kt)

@@ -60,6 +60,11 @@ on it, a supported dtype and size: :func:`natten_jax.backends.unfused_cuda.can_r
 float16/bfloat16/float32 are computed in float32 (float64 stays float64); ``na*_qk`` returns the
 query's dtype, ``na*_av`` the value's dtype (``attn`` is first cast to the value's dtype and
 ``rpb`` to the query's, as NATTEN does).
+
+**Precision.** ``precision=`` (:mod:`natten_jax.precision`; None follows
+``jax.default_matmul_precision``) sets the reference's products of float32 inputs ("highest":
+float32-accurate); the CUDA kernels compute float32 with FFMA, float32-accurate at every
+precision. Other dtypes ignore it.
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from natten_jax import _ffi
+from natten_jax import precision as precision_mod
 from natten_jax.backends import unfused_cuda
 from natten_jax.checks import NAProblem, UnfusedCall, check_av_call, check_qk_call
 from natten_jax.reference import _compute_dtype, _gather_windows, map_row_blocks, window_mask
@@ -102,9 +108,10 @@ def _windows(spatial, ks, di, ca):
 # --------------------------------------------------------------------------------------------
 
 def na_qk_generic(rank: int, query, key, kernel_size, dilation=1, is_causal=False, rpb=None,
-                  backend=None):
+                  backend=None, precision=None):
     """Neighborhood logits ``[B, *S, H, prod(kernel_size)]`` (see the module docstring)."""
     c = check_qk_call(rank, query, key, kernel_size, dilation, is_causal, rpb, backend)
+    prec = precision_mod.einsum_precision(precision_mod.resolve(precision), query.dtype)
     ks, di, ca = c.kernel_size, c.dilation, c.is_causal
     impl = _cuda_impl(f"na{rank}d_qk", backend, query.dtype, c, rpb is not None, query, key)
     if impl is not None:
@@ -128,7 +135,7 @@ def na_qk_generic(rank: int, query, key, kernel_size, dilation=1, is_causal=Fals
         kw = _gather_windows(k, coords, coords[0][rows])  # [B, R, L1.., k.., Hkv, D]
         kw = kw.reshape(kw.shape[: rank + 1] + (W,) + kw.shape[-2:])
         qb = jnp.take(q, rows, axis=1)  # [B, R, L1.., Hkv, G, D]
-        s = jnp.einsum("...hgd,...whd->...hgw", qb, kw)  # [B, R, L1.., Hkv, G, W]
+        s = jnp.einsum("...hgd,...whd->...hgw", qb, kw, precision=prec)  # [B,R,L1..,Hkv,G,W]
         if rpb is not None:
             # bias[h, I0[x0, j0], I1[x1, j1], ...] -> [H, R, k0, L1, k1, ...]
             idx = []
@@ -155,9 +162,10 @@ def na_qk_generic(rank: int, query, key, kernel_size, dilation=1, is_causal=Fals
 
 
 def na_av_generic(rank: int, attn, value, kernel_size, dilation=1, is_causal=False,
-                  backend=None):
+                  backend=None, precision=None):
     """Neighborhood-weighted values ``[B, *S, H, Dv]`` (see the module docstring)."""
     c = check_av_call(rank, attn, value, kernel_size, dilation, is_causal, backend)
+    prec = precision_mod.einsum_precision(precision_mod.resolve(precision), value.dtype)
     ks, di, ca = c.kernel_size, c.dilation, c.is_causal
     impl = _cuda_impl(f"na{rank}d_av", backend, value.dtype, c, False, attn, value)
     if impl is not None:
@@ -180,7 +188,8 @@ def na_av_generic(rank: int, attn, value, kernel_size, dilation=1, is_causal=Fal
         if any(ca):  # weights off the window count as 0, whatever they hold
             m = window_mask(jnp.take(row_valid, rows, axis=0), masks, ks)
             ab = jnp.where(m[None, ..., None, None, :], ab, jnp.zeros((), cdt))
-        return jnp.einsum("...hgw,...whe->...hge", ab, vw)  # [B, R, L1.., Hkv, G, Dv]
+        return jnp.einsum("...hgw,...whe->...hge", ab, vw,
+                          precision=prec)  # [B, R, L1.., Hkv, G, Dv]
 
     per_row = B * W * max(Hkv * Dv, H) * math.prod(spatial[1:])
     out = map_row_blocks(block, spatial[0], per_row)
@@ -300,6 +309,12 @@ def _qk_doc(rank: int) -> str:
       backend: None (the CUDA kernels when they can run, else the reference), "reference",
         "gemm" or "naive" (our CUDA kernels; NotImplementedError with the reason if they
         cannot run the call).
+      precision: as JAX's ``precision=`` (None: ``jax.default_matmul_precision``; "default",
+        "high", "highest", a ``jax.lax.Precision``, ...: :mod:`natten_jax.precision`). The
+        reference backend's products of float32 inputs run at it ("highest": float32-accurate;
+        "default": XLA's default on the device, TF32 on recent NVIDIA GPUs). The CUDA kernels
+        compute float32 with FFMA (float32-accurate) at every precision. On float16 /
+        bfloat16 / float64 inputs it changes nothing. A bad value: ``ValueError``.
 
     Returns:
       ``[B, {S}, H, {K}]`` in query's dtype: ``q . k (+ rpb)`` for each neighbor, row-major over
@@ -316,7 +331,7 @@ def _av_doc(rank: int) -> str:
     Args:
       attn: ``[B, {S}, H, {K}]`` weights in the neighbor order of ``na{rank}d_qk``.
       value: ``[B, {S}, Hkv, Dv]``; ``Hkv`` divides ``H``.
-      kernel_size, dilation, is_causal, backend: as in ``na{rank}d_qk``.
+      kernel_size, dilation, is_causal, backend, precision: as in ``na{rank}d_qk``.
 
     Returns:
       ``[B, {S}, H, Dv]`` in value's dtype: ``sum_j attn[..., j] * value[neighbor j]``; entries
@@ -325,33 +340,45 @@ def _av_doc(rank: int) -> str:
 
 
 def na1d_qk(query, key, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
-            is_causal: BoolOrTuple = False, rpb=None, *, backend: Optional[str] = None):
-    return na_qk_generic(1, query, key, kernel_size, dilation, is_causal, rpb, backend)
+            is_causal: BoolOrTuple = False, rpb=None, *, backend: Optional[str] = None,
+            precision=None):
+    return na_qk_generic(1, query, key, kernel_size, dilation, is_causal, rpb, backend,
+                         precision)
 
 
 def na2d_qk(query, key, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
-            is_causal: BoolOrTuple = False, rpb=None, *, backend: Optional[str] = None):
-    return na_qk_generic(2, query, key, kernel_size, dilation, is_causal, rpb, backend)
+            is_causal: BoolOrTuple = False, rpb=None, *, backend: Optional[str] = None,
+            precision=None):
+    return na_qk_generic(2, query, key, kernel_size, dilation, is_causal, rpb, backend,
+                         precision)
 
 
 def na3d_qk(query, key, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
-            is_causal: BoolOrTuple = False, rpb=None, *, backend: Optional[str] = None):
-    return na_qk_generic(3, query, key, kernel_size, dilation, is_causal, rpb, backend)
+            is_causal: BoolOrTuple = False, rpb=None, *, backend: Optional[str] = None,
+            precision=None):
+    return na_qk_generic(3, query, key, kernel_size, dilation, is_causal, rpb, backend,
+                         precision)
 
 
 def na1d_av(attn, value, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
-            is_causal: BoolOrTuple = False, *, backend: Optional[str] = None):
-    return na_av_generic(1, attn, value, kernel_size, dilation, is_causal, backend)
+            is_causal: BoolOrTuple = False, *, backend: Optional[str] = None,
+            precision=None):
+    return na_av_generic(1, attn, value, kernel_size, dilation, is_causal, backend,
+                         precision)
 
 
 def na2d_av(attn, value, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
-            is_causal: BoolOrTuple = False, *, backend: Optional[str] = None):
-    return na_av_generic(2, attn, value, kernel_size, dilation, is_causal, backend)
+            is_causal: BoolOrTuple = False, *, backend: Optional[str] = None,
+            precision=None):
+    return na_av_generic(2, attn, value, kernel_size, dilation, is_causal, backend,
+                         precision)
 
 
 def na3d_av(attn, value, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
-            is_causal: BoolOrTuple = False, *, backend: Optional[str] = None):
-    return na_av_generic(3, attn, value, kernel_size, dilation, is_causal, backend)
+            is_causal: BoolOrTuple = False, *, backend: Optional[str] = None,
+            precision=None):
+    return na_av_generic(3, attn, value, kernel_size, dilation, is_causal, backend,
+                         precision)
 
 
 for _r, _f in ((1, na1d_qk), (2, na2d_qk), (3, na3d_qk)):

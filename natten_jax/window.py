@@ -39,6 +39,17 @@ Examples (``L = 10``, ``k = 3``)::
   neighborhood). The device policy ``src/cuda/include/natten_jax/neighborhood.cuh`` answers the
   same questions; tests compare the two through the ``natten_jax_window_bounds`` test target.
 
+* **Ragged batches** (``valid_extent=`` of :func:`natten_jax.na2d` etc.): sample ``b`` of a
+  padded batch occupies the leading ``E[b, a]`` positions of axis ``a``, and everything above is
+  computed on those positions alone, with ``E[b, a]`` in place of the axis extent ``L``: its
+  dilation groups (``group_extent(E[b, a], d, g)``), stride groups and windows, so the result is
+  that of the sample cropped to its extent. Tokens at or beyond ``E[b, a]`` are padding: they
+  are no query's neighbor, and their own outputs are defined as zero. The extent a backend uses
+  is :func:`sample_extent`, ``clip(E, kernel_size * dilation, L)``, the same rule as the CUDA
+  kernels'; concrete extents outside that range are refused by :mod:`natten_jax.checks`, so the
+  clamp only acts on traced values. :func:`window_offsets` takes such extents (NumPy or traced
+  JAX) and returns per-sample windows.
+
 The functions take Python ints or integer arrays (NumPy or JAX) alike.
 """
 
@@ -215,20 +226,85 @@ def num_neighbors(shape: Sequence[int], kernel_size, stride, dilation, is_causal
     return total
 
 
-def window_offsets(shape: Sequence[int], kernel_size, stride, dilation, is_causal) -> Tuple:
+def sample_extent(valid, kernel_size, dilation, extent):
+    """The extent a ragged sample is computed on: ``clip(valid, kernel_size * dilation, extent)``.
+
+    Elementwise; ``valid`` is an int or an integer array (NumPy or JAX, traced or not), e.g. the
+    ``[B, rank]`` ``valid_extent`` of a call, with ``kernel_size``, ``dilation`` and ``extent``
+    (the padded spatial shape) ints or per-axis sequences broadcast against its last axis. The
+    result keeps ``valid``'s kind and dtype. Every window then fits in the sample (the smallest
+    extent a neighborhood of ``kernel_size`` with ``dilation`` needs) and no sample reaches past
+    the padded array. Concrete out-of-range values never get here (``natten_jax.checks`` raises
+    ``ValueError`` naming ``valid_extent``); traced ones are clamped by this rule, in every
+    backend (the CUDA kernels apply the same clamp to their ``valid_extent`` operand)::
+
+        >>> sample_extent(3, 3, 2, 10), sample_extent(12, 3, 1, 10), sample_extent(7, 3, 1, 10)
+        (6, 10, 7)
+    """
+    if all(isinstance(v, int) for v in (valid, kernel_size, dilation, extent)):
+        return min(max(valid, kernel_size * dilation), extent)
+    lo = np.asarray(kernel_size) * np.asarray(dilation)
+    hi = np.asarray(extent)
+    dtype = getattr(valid, "dtype", None)
+    if dtype is not None:  # keep valid's integer dtype (no promotion to int64)
+        lo, hi = lo.astype(dtype), hi.astype(dtype)
+    if _is_np(valid):
+        return np.minimum(np.maximum(valid, lo), hi)
+    jnp = _jnp()
+    return jnp.minimum(jnp.maximum(valid, lo), hi)
+
+
+def sample_num_extra(lengths, num_extra: int):
+    """Additional tokens a ragged sample uses: ``clip(lengths, 0, num_extra)`` (the rule for
+    traced ``additional_lengths``; concrete values outside it are refused by the checks)."""
+    if isinstance(lengths, int):
+        return min(max(lengths, 0), num_extra)
+    if _is_np(lengths):
+        return np.clip(lengths, 0, num_extra)
+    return _jnp().clip(lengths, 0, num_extra)
+
+
+def valid_tokens(shape: Sequence[int], valid_extent):
+    """bool ``[B, *shape]``: which tokens of a ragged batch lie inside their sample's extent
+    (``valid_extent`` ``[B, rank]``, NumPy or JAX, possibly traced; already clamped)."""
+    xp = np if _is_np(valid_extent) else _jnp()
+    rank = len(shape)
+    m = None
+    for a, L in enumerate(shape):
+        bcast = [1] * (1 + rank)
+        bcast[1 + a] = L
+        inside = (np.arange(L).reshape(bcast)
+                  < xp.reshape(valid_extent[:, a], (-1,) + (1,) * rank))
+        m = inside if m is None else m & inside
+    return xp.broadcast_to(m, (valid_extent.shape[0],) + tuple(shape))
+
+
+def window_offsets(shape: Sequence[int], kernel_size, stride, dilation, is_causal,
+                   valid_extent=None) -> Tuple:
     """Per axis, the global key coordinates of each query's window as an int array [L, k].
 
     Entry ``[x, j]`` is the ``j``-th neighbor of query ``x`` (``g + d * (start + j)``), and a
     bool array [L, k] says which entries are inside ``[start, end)`` (all of them unless causal).
     Used by the reference backend to gather neighborhoods.
+
+    ``valid_extent``: None, or the per-sample extents ``[B, rank]`` of a ragged batch (an
+    integer array, NumPy or JAX, possibly traced, already within :func:`sample_extent`'s
+    range). The windows of sample ``b`` are then those of an axis of extent
+    ``valid_extent[b, a]``, and each axis's arrays are ``[B, L, k]`` (``L`` the padded extent).
+    Queries at ``x >= valid_extent[b, a]`` get some in-sample coordinates (their results are
+    discarded); every coordinate is below the sample's extent, so no window reads padding.
     """
     out = []
-    for L, k, s, d, c in zip(shape, kernel_size, stride, dilation, is_causal):
-        x = np.arange(L)
-        start, end = window_bounds(x, k, s, d, L, c)
-        j = start[:, None] + np.arange(k)[None, :]
-        valid = j < end[:, None]
-        coord = (x % d)[:, None] + d * np.minimum(j, (group_extent(L, d, x % d) - 1)[:, None])
+    for a, (L, k, s, d, c) in enumerate(zip(shape, kernel_size, stride, dilation, is_causal)):
+        if valid_extent is None:
+            x, ext = np.arange(L), L
+        else:
+            x, ext = np.arange(L)[None, :], valid_extent[:, a][:, None]  # [1, L], [B, 1]
+        start, end = window_bounds(x, k, s, d, ext, c)
+        j = start[..., None] + np.arange(k)
+        valid = j < end[..., None]
+        last = group_extent(ext, d, x % d) - 1
+        coord = (x % d)[..., None] + d * _min(j, last[..., None])
         out.append((coord.astype(np.int32), valid))
     return tuple(out)
 

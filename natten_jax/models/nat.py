@@ -22,6 +22,14 @@ PyTorch module names (``patch_embed.proj.0``, ``levels.0.blocks.0.attn.qkv``, ``
 Stochastic depth and dropout follow ``nnx.Dropout`` conventions: active by default (training
 mode, as a freshly built PyTorch module); call ``model.eval()`` for inference and
 ``model.train()`` to turn them back on, or pass ``deterministic=`` to the call.
+
+Ragged batches (images of different sizes padded into one batch): ``model(x,
+valid_extent=E)`` with ``E [B, 2]`` the height and width of each image in the padded ``x``.
+Every convolution sees zeros outside the image (as the image alone would see its zero
+padding), each level's attention runs with the level's token extents (``ceil(e / 2)`` per 3x3
+stride-2 convolution), and the global pool averages the image's tokens only; so each sample's
+logits equal those of its image run alone (``rpb=False``, no ``dense_attention``; every level's
+token extent at least ``kernel_size * dilation``, see :func:`natten_jax.na2d`).
 """
 
 from __future__ import annotations
@@ -36,8 +44,9 @@ import numpy as np
 from flax import nnx
 
 import natten_jax
-from natten_jax.checks import check_layer_input
+from natten_jax.checks import check_image_extent, check_layer_input
 from natten_jax.nnx import NeighborhoodAttention2D
+from natten_jax.window import valid_tokens
 
 __all__ = [
     "DENSE_IMPLEMENTATIONS",
@@ -78,6 +87,21 @@ _zeros = nnx.initializers.zeros_init()
 
 def _layer_norm(dim, dtype, param_dtype, rngs):
     return nnx.LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+def conv_extent(extent):
+    """Output extent of a 3x3, stride-2, padding-1 convolution (the tokenizer's and the
+    downsamplers'): ``ceil(extent / 2)``. Ints, NumPy or JAX arrays (traced too)."""
+    return (extent + 1) // 2
+
+
+def mask_outside(x, valid_extent):
+    """``x [B, H, W, C]`` with zeros outside each sample's extent ``valid_extent [B, 2]``
+    (None: ``x`` unchanged). A select, so NaN or garbage there goes nowhere."""
+    if valid_extent is None:
+        return x
+    inside = valid_tokens(x.shape[1:3], valid_extent)
+    return jnp.where(inside[..., None], x, jnp.zeros((), x.dtype))
 
 
 def _unfused():
@@ -160,9 +184,15 @@ class NATAttention(NeighborhoodAttention2D):
         """Smallest extent per axis the attention accepts: ``kernel_size * dilation``."""
         return tuple(k * d for k, d in zip(self.kernel_size, self.dilation))
 
-    def __call__(self, x: jax.Array, *, deterministic: Optional[bool] = None,
+    def __call__(self, x: jax.Array, *, valid_extent=None, deterministic: Optional[bool] = None,
                  rngs: Optional[nnx.Rngs] = None) -> jax.Array:
         check_layer_input(type(self).__name__, 2, self.embed_dim, x)
+        if valid_extent is not None and (self.rpb is not None or
+                                         self.dense_attention is not None):
+            raise NotImplementedError(
+                "`valid_extent` (ragged batches) needs natten_jax.na2d: build the layer with "
+                "rpb=False and dense_attention=None (relative positional biases run on the "
+                "unfused operators, which have no ragged support).")
         batch, height, width, _ = x.shape
         if self.pad_to_window and self.dense_attention is None:
             pad_h = max(0, self.window[0] - height)
@@ -183,8 +213,9 @@ class NATAttention(NeighborhoodAttention2D):
         elif self.rpb is None:
             out = natten_jax.na2d(
                 q, k, v, self.kernel_size, stride=self.stride, dilation=self.dilation,
-                is_causal=self.is_causal, scale=self.qk_scale, backend=self.backend,
-                backend_config=self.backend_config)
+                is_causal=self.is_causal, scale=self.qk_scale, valid_extent=valid_extent,
+                backend=self.backend, backend_config=self.backend_config,
+                precision=self.precision)
         else:
             out = self._attend_with_rpb(q, k, v)
         out = out[:, :height, :width]
@@ -208,18 +239,20 @@ class NATAttention(NeighborhoodAttention2D):
         scale = self.qk_scale if self.qk_scale is not None else self.head_dim ** -0.5
         q = q * jnp.asarray(scale, q.dtype)  # NATTEN scales q before q.k
         logits = unfused.na2d_qk(q, k, self.kernel_size, dilation=self.dilation,
-                                 rpb=self.rpb[...])  # GQA: k/v keep num_kv_heads heads
+                                 rpb=self.rpb[...],  # GQA: k/v keep num_kv_heads heads
+                                 precision=self.precision)
         attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        return unfused.na2d_av(attn, v, self.kernel_size, dilation=self.dilation)
+        return unfused.na2d_av(attn, v, self.kernel_size, dilation=self.dilation,
+                               precision=self.precision)
 
 
 class Mlp(nnx.Module):
     """``fc1 -> GELU (exact, as torch.nn.GELU) -> dropout -> fc2 -> dropout``."""
 
     def __init__(self, in_features: int, hidden_features: int, *, drop: float = 0.0,
-                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 dtype=None, param_dtype=jnp.float32, precision=None, rngs: nnx.Rngs):
         linear = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=_trunc_normal_02,
-                      bias_init=_zeros, rngs=rngs)
+                      bias_init=_zeros, precision=precision, rngs=rngs)
         self.fc1 = nnx.Linear(in_features, hidden_features, **linear)
         self.fc2 = nnx.Linear(hidden_features, in_features, **linear)
         self.drop = nnx.Dropout(float(drop), rngs=rngs)
@@ -243,26 +276,26 @@ class NATLayer(nnx.Module):
                  drop: float = 0.0, drop_path: float = 0.0, layer_scale: Optional[float] = None,
                  rpb: bool = True, pad_to_window: bool = True, backend: Optional[str] = None,
                  backend_config: Optional[Any] = None, dense_attention: Optional[str] = None,
-                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 dtype=None, param_dtype=jnp.float32, precision=None, rngs: nnx.Rngs):
         self.norm1 = _layer_norm(dim, dtype, param_dtype, rngs)
         self.attn = NATAttention(
             dim, num_heads, kernel_size, dilation=dilation, rpb=rpb,
             pad_to_window=pad_to_window, dense_attention=dense_attention, qkv_bias=qkv_bias,
             qk_scale=qk_scale, proj_drop=drop, dtype=dtype, param_dtype=param_dtype,
             kernel_init=_trunc_normal_02, bias_init=_zeros, backend=backend,
-            backend_config=backend_config, rngs=rngs)
+            backend_config=backend_config, precision=precision, rngs=rngs)
         self.drop_path = nnx.Dropout(float(drop_path), broadcast_dims=(1, 2, 3), rngs=rngs)
         self.norm2 = _layer_norm(dim, dtype, param_dtype, rngs)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop, dtype=dtype,
-                       param_dtype=param_dtype, rngs=rngs)
+                       param_dtype=param_dtype, precision=precision, rngs=rngs)
         if layer_scale is not None and not isinstance(layer_scale, bool):
             self.gamma1 = nnx.Param(jnp.full((dim,), layer_scale, param_dtype))
             self.gamma2 = nnx.Param(jnp.full((dim,), layer_scale, param_dtype))
         else:
             self.gamma1 = self.gamma2 = None
 
-    def __call__(self, x, *, deterministic: Optional[bool] = None):
-        y = self.attn(self.norm1(x), deterministic=deterministic)
+    def __call__(self, x, *, valid_extent=None, deterministic: Optional[bool] = None):
+        y = self.attn(self.norm1(x), valid_extent=valid_extent, deterministic=deterministic)
         if self.gamma1 is not None:
             y = y * self.gamma1[...].astype(y.dtype)
         x = x + self.drop_path(y, deterministic=deterministic)
@@ -272,9 +305,10 @@ class NATLayer(nnx.Module):
         return x + self.drop_path(y, deterministic=deterministic)
 
 
-def _conv(cin, cout, *, use_bias, dtype, param_dtype, rngs):
+def _conv(cin, cout, *, use_bias, dtype, param_dtype, rngs, precision=None):
     return nnx.Conv(cin, cout, kernel_size=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
-                    use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                    use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                    precision=precision, rngs=rngs)
 
 
 class ConvTokenizer(nnx.Module):
@@ -282,28 +316,35 @@ class ConvTokenizer(nnx.Module):
     ``norm`` (LayerNorm). ``[B, H, W, in] -> [B, ceil(H/4), ceil(W/4), C]``."""
 
     def __init__(self, in_chans: int, embed_dim: int, *, dtype=None, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
-        conv = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                 precision=None, rngs: nnx.Rngs):
+        conv = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, precision=precision,
+                    rngs=rngs)
         self.proj = nnx.List([_conv(in_chans, embed_dim // 2, **conv),
                               _conv(embed_dim // 2, embed_dim, **conv)])
         self.norm = _layer_norm(embed_dim, dtype, param_dtype, rngs)
 
-    def __call__(self, x):
+    def __call__(self, x, valid_extent=None):
+        """``valid_extent``: pixel extents ``[B, 2]`` of a ragged batch (None: all full); each
+        convolution sees zeros outside the sample (its output extent: :func:`conv_extent`)."""
         for conv in self.proj:  # no activation between the convolutions (as the official code)
-            x = conv(x)
+            x = conv(mask_outside(x, valid_extent))
+            valid_extent = None if valid_extent is None else conv_extent(valid_extent)
         return self.norm(x)
 
 
 class ConvDownsampler(nnx.Module):
     """``reduction`` (3x3/2 conv ``C -> 2C``, no bias) then ``norm`` (LayerNorm)."""
 
-    def __init__(self, dim: int, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, dim: int, *, dtype=None, param_dtype=jnp.float32, precision=None,
+                 rngs: nnx.Rngs):
         self.reduction = _conv(dim, 2 * dim, use_bias=False, dtype=dtype,
-                               param_dtype=param_dtype, rngs=rngs)
+                               param_dtype=param_dtype, precision=precision, rngs=rngs)
         self.norm = _layer_norm(2 * dim, dtype, param_dtype, rngs)
 
-    def __call__(self, x):
-        return self.norm(self.reduction(x))
+    def __call__(self, x, valid_extent=None):
+        """``valid_extent``: token extents ``[B, 2]`` of a ragged batch (None: all full); the
+        convolution sees zeros outside them."""
+        return self.norm(self.reduction(mask_outside(x, valid_extent)))
 
 
 class NATLevel(nnx.Module):
@@ -312,19 +353,22 @@ class NATLevel(nnx.Module):
 
     def __init__(self, dim: int, depth: int, num_heads: int, *, kernel_size, dilations,
                  downsample: bool, drop_path: Sequence[float], rngs: nnx.Rngs, dtype=None,
-                 param_dtype=jnp.float32, **layer_kwargs):
+                 param_dtype=jnp.float32, precision=None, **layer_kwargs):
         self.blocks = nnx.List([
             NATLayer(dim, num_heads, kernel_size=kernel_size, dilation=dilations[i],
                      drop_path=float(drop_path[i]), dtype=dtype, param_dtype=param_dtype,
-                     rngs=rngs, **layer_kwargs)
+                     precision=precision, rngs=rngs, **layer_kwargs)
             for i in range(depth)])
-        self.downsample = (ConvDownsampler(dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.downsample = (ConvDownsampler(dim, dtype=dtype, param_dtype=param_dtype,
+                                           precision=precision, rngs=rngs)
                            if downsample else None)
 
-    def __call__(self, x, *, deterministic: Optional[bool] = None):
+    def __call__(self, x, *, valid_extent=None, deterministic: Optional[bool] = None):
+        """``valid_extent``: the level's token extents ``[B, 2]`` (ragged batch) or None; the
+        downsampler's output extents are ``conv_extent(valid_extent)``."""
         for blk in self.blocks:
-            x = blk(x, deterministic=deterministic)
-        return x if self.downsample is None else self.downsample(x)
+            x = blk(x, valid_extent=valid_extent, deterministic=deterministic)
+        return x if self.downsample is None else self.downsample(x, valid_extent)
 
 
 def _as_tuple(name, value, n=None):
@@ -370,12 +414,23 @@ class NAT(nnx.Module):
         throughput benchmark (:class:`NATAttention`).
       dtype: computation dtype (e.g. ``jnp.bfloat16``); ``None`` infers it.
       param_dtype: parameter dtype.
+      precision: as JAX's ``precision=``, for every product of the model (convolutions,
+        projections, MLPs, the classifier and the attention: :mod:`natten_jax.precision`):
+        ``None`` (``jax.default_matmul_precision``), ``"default"``, ``"high"``, ``"highest"``
+        or a ``jax.lax.Precision``. In float32, ``"highest"`` is float32-accurate; in 16-bit
+        computation it changes nothing.
       rngs: ``nnx.Rngs`` (``params`` for initialisation, ``dropout`` for stochastic depth and
         dropout; a single seed serves both).
 
-    Call: ``model(x, *, deterministic=None)`` with ``x [B, H, W, in_chans]`` -> logits
-    ``[B, num_classes]`` (in the computation dtype). ``forward_features`` returns the pooled
-    ``[B, num_features]``.
+    Call: ``model(x, *, valid_extent=None, deterministic=None)`` with ``x [B, H, W,
+    in_chans]`` -> logits ``[B, num_classes]`` (in the computation dtype). ``forward_features``
+    returns the pooled ``[B, num_features]``. ``valid_extent``: optional integer ``[B, 2]``, the
+    height and width of each image in a padded batch (image ``b`` is ``x[b, :h_b, :w_b]``);
+    each sample's result then equals that of its image alone (see the module docstring; needs
+    ``rpb=False``). Concrete values must lie in ``[1, H]`` / ``[1, W]`` and give every level a
+    token extent of at least ``kernel_size * dilation`` (``ValueError``); traced ones are
+    clamped into ``[1, H]`` / ``[1, W]``, and each level's attention clamps its token extents
+    (:func:`natten_jax.window.sample_extent`).
     """
 
     def __init__(self, embed_dim: int, mlp_ratio: float, depths: Sequence[int],
@@ -385,7 +440,7 @@ class NAT(nnx.Module):
                  layer_scale: Optional[float] = None, rpb: bool = True,
                  pad_to_window: bool = True, backend: Optional[str] = None,
                  backend_config: Optional[Any] = None, dense_attention: Optional[str] = None,
-                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 dtype=None, param_dtype=jnp.float32, precision=None, rngs: nnx.Rngs):
         depths = tuple(int(d) for d in _as_tuple("depths", depths))
         num_levels = len(depths)
         if num_levels < 1 or any(d < 1 for d in depths):
@@ -412,7 +467,7 @@ class NAT(nnx.Module):
         self.rpb = bool(rpb)
 
         self.patch_embed = ConvTokenizer(in_chans, embed_dim, dtype=dtype,
-                                         param_dtype=param_dtype, rngs=rngs)
+                                         param_dtype=param_dtype, precision=precision, rngs=rngs)
         self.pos_drop = nnx.Dropout(float(drop_rate), rngs=rngs)
         dpr = np.linspace(0.0, drop_path_rate, sum(depths)).tolist()
         self.levels = nnx.List([
@@ -423,26 +478,40 @@ class NAT(nnx.Module):
                      layer_scale=layer_scale, rpb=rpb, pad_to_window=pad_to_window,
                      backend=backend, backend_config=backend_config,
                      dense_attention=dense_attention, dtype=dtype,
-                     param_dtype=param_dtype, rngs=rngs)
+                     param_dtype=param_dtype, precision=precision, rngs=rngs)
             for i in range(num_levels)])
         self.norm = _layer_norm(self.num_features, dtype, param_dtype, rngs)
         self.head = (nnx.Linear(self.num_features, num_classes, dtype=dtype,
                                 param_dtype=param_dtype, kernel_init=_trunc_normal_02,
-                                bias_init=_zeros, rngs=rngs)
+                                bias_init=_zeros, precision=precision, rngs=rngs)
                      if num_classes > 0 else None)
 
-    def forward_features(self, x, *, deterministic: Optional[bool] = None):
-        """``[B, H, W, in_chans]`` -> pooled features ``[B, num_features]``."""
+    def forward_features(self, x, *, valid_extent=None,
+                         deterministic: Optional[bool] = None):
+        """``[B, H, W, in_chans]`` -> pooled features ``[B, num_features]`` (``valid_extent``:
+        see the class docstring; the pool then averages each image's tokens only)."""
         if x.ndim != 4:
             raise ValueError(f"NAT expects NHWC input [batch, height, width, channels], got "
                              f"shape {x.shape}.")
-        x = self.pos_drop(self.patch_embed(x), deterministic=deterministic)
+        ext = None
+        if valid_extent is not None:
+            ext = check_image_extent(type(self).__name__, x, valid_extent)
+        x = self.pos_drop(self.patch_embed(x, ext), deterministic=deterministic)
+        if ext is not None:
+            ext = conv_extent(conv_extent(ext))  # the tokenizer's two convolutions
         for level in self.levels:
-            x = level(x, deterministic=deterministic)
-        return jnp.mean(self.norm(x), axis=(1, 2))
+            x = level(x, valid_extent=ext, deterministic=deterministic)
+            if ext is not None and level.downsample is not None:
+                ext = conv_extent(ext)
+        x = self.norm(x)
+        if ext is None:
+            return jnp.mean(x, axis=(1, 2))
+        inside = valid_tokens(x.shape[1:3], ext)[..., None]  # [B, h, w, 1]
+        total = jnp.sum(jnp.where(inside, x, jnp.zeros((), x.dtype)), axis=(1, 2))
+        return total / jnp.sum(inside, axis=(1, 2)).astype(x.dtype)
 
-    def __call__(self, x, *, deterministic: Optional[bool] = None):
-        x = self.forward_features(x, deterministic=deterministic)
+    def __call__(self, x, *, valid_extent=None, deterministic: Optional[bool] = None):
+        x = self.forward_features(x, valid_extent=valid_extent, deterministic=deterministic)
         return x if self.head is None else self.head(x)
 
 
