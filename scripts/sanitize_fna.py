@@ -8,11 +8,13 @@
 :class:`natten_jax.FusedConfig` fields; left out, the default configuration's (the documented
 environment variables ``NATTEN_JAX_FNA_IMPL`` / ``NATTEN_JAX_FNA_BWD_IMPL``, else ``auto``: the
 sm90 kernels on a Hopper GPU). The sm90 (wgmma) kernels cover the head dim 64 and 128 cases
-(head dim 32 stays on sm80). Outputs are poisoned with NaN before the kernels run. Each line
+(head dim 32 stays on sm80); each case also runs as a ragged batch (valid_extent) and in
+float32 (TF32, both precisions: sm80 kernels). Outputs are poisoned with NaN before the kernels run. Each line
 names the kernels the case ran (the custom calls' ``impl`` attributes). Exit status 1 if an
 output or a gradient has a non-finite element.
 """
 import argparse
+import itertools
 import os
 import sys
 
@@ -33,6 +35,11 @@ CASES = [
     (natten_jax.na2d, (13, 19), (5, 4), (2, 1), (1, 3), (False, True), 32),
     (natten_jax.na3d, (5, 6, 9), (3, 3, 4), (1, 2, 1), (1, 2, 2), (True, False, False), 128),
 ]
+# Each case runs bf16 at full extent, bf16 as a ragged batch (sample 0 full, sample 1 at these
+# extents: tiles wholly and partly outside it), and float32 at both precisions.
+RAGGED = [[40], [9, 14], [3, 6, 9]]  # each at least kernel * dilation
+VARIANTS = [("bfloat16", None, None), ("bfloat16", "ragged", None),
+            ("float32", None, "default"), ("float32", "ragged", "highest")]
 
 
 def main() -> int:
@@ -45,13 +52,15 @@ def main() -> int:
                                       **{k: v for k, v in chosen.items() if v is not None})
     fused.POISON_OUTPUTS = True  # an element a kernel does not write stays NaN
     ok = True
-    for i, (f, sp, k, s, d, c, D) in enumerate(CASES):
+    for (i, (f, sp, k, s, d, c, D)), (dtype, ragged, precision) in itertools.product(
+            enumerate(CASES), VARIANTS):
         key = jax.random.split(jax.random.PRNGKey(i), 3)
-        q = jax.random.normal(key[0], (2, *sp, 4, D)).astype(jnp.bfloat16)
-        kk = jax.random.normal(key[1], (2, *sp, 2, D)).astype(jnp.bfloat16)
-        v = jax.random.normal(key[2], (2, *sp, 2, D)).astype(jnp.bfloat16)
+        q = jax.random.normal(key[0], (2, *sp, 4, D)).astype(dtype)
+        kk = jax.random.normal(key[1], (2, *sp, 2, D)).astype(dtype)
+        v = jax.random.normal(key[2], (2, *sp, 2, D)).astype(dtype)
+        ve = jnp.asarray([list(sp), RAGGED[i]], jnp.int32) if ragged else None
         na = lambda q, kk, v: f(q, kk, v, k, s, d, c, backend="fused",  # noqa: E731
-                                backend_config=config)
+                                backend_config=config, valid_extent=ve, precision=precision)
         out = na(q, kk, v).block_until_ready()
         grads = jax.grad(lambda q, kk, v: jnp.sum(na(q, kk, v).astype(jnp.float32) ** 2),
                          argnums=(0, 1, 2))(q, kk, v)
@@ -60,8 +69,9 @@ def main() -> int:
         p = check_na_call(len(sp), q, kk, v, k, s, d, c, None, backend_config=config)
         impls = [tiles.IMPLS[int(np.asarray(fused._attrs(p, backward=b)["impl"]))]
                  for b in (False, True)]
-        print(f"rank {len(sp)} head dim {D}: forward {impls[0]}, backward {impls[1]}; "
-              f"all elements finite: {finite}", flush=True)
+        print(f"rank {len(sp)} head dim {D} {dtype}{' ragged' if ragged else ''}"
+              f"{' ' + precision if precision else ''}: forward {impls[0]}, backward "
+              f"{impls[1]}; all elements finite: {finite}", flush=True)
     return 0 if ok else 1
 
 

@@ -58,7 +58,8 @@ def fake_timer(counter=None, delay=0.0):
 
 def heuristic(p, backward=False):
     qt, kt = tiles.choose_tiles(p.spatial, p.kernel_size, p.stride, p.dilation, p.is_causal,
-                                p.head_dim, backward=backward, q_tile=p.config.q_tile)
+                                p.head_dim, backward=backward, q_tile=p.config.q_tile,
+                                dtype=p.dtype)
     return tuple(qt), tuple(kt)
 
 

@@ -224,6 +224,38 @@ def test_records_merge(tmp_path):
         results.merge(path, "GPU X", "c2", "x", results.records(run, "float16", "c2"))
 
 
+def test_float32_records_sit_beside_16bit_rows(tmp_path):
+    """float32 rows carry their precision, are keyed by it, and merge into a 16-bit file."""
+    path = str(tmp_path / "h200.json")
+    bf16 = [{"problem": "a", "impl": "fused", "dtype": "bfloat16", "fwd": {"ms": 1.0}}]
+    results.merge(path, "GPU X", "c1", "x", results.records(bf16, "bfloat16", "c1"))
+    f32 = [{"problem": "a", "impl": "fused", "dtype": "float32", "precision": pr,
+            "fwd": {"ms": ms}} for pr, ms in (("default", 2.0), ("highest", 3.0))]
+    recs = results.records(f32, "float32", "c2")
+    assert [(r["dtype"], r["precision"], r["ms"]) for r in recs] == [
+        ("float32", "default", 2.0), ("float32", "highest", 3.0)]
+    data = results.merge(path, "GPU X", "c2", "y", recs)
+    assert [(r["dtype"], r.get("precision"), r["ms"]) for r in data["rows"]] == [
+        ("bfloat16", None, 1.0), ("float32", "default", 2.0), ("float32", "highest", 3.0)]
+    f32[1]["fwd"]["ms"] = 4.0
+    data = results.merge(path, "GPU X", "c3", "y", results.records(f32[1:], "float32", "c3"))
+    assert [r["ms"] for r in data["rows"]] == [1.0, 2.0, 4.0]
+    with pytest.raises(SystemExit, match="one dtype per file"):
+        results.merge(path, "GPU X", "c4", "z",
+                      results.records([dict(bf16[0], dtype="float16")], None, "c4"))
+
+
+def test_bench_precision_option():
+    a = bench_na.parse_args(["--dtype", "float32", "--precision", "default,highest"])
+    assert a.precisions == ["default", "highest"]
+    assert bench_na.parse_args(["--dtype", "float32"]).precisions == ["default"]
+    assert bench_na.parse_args([]).precisions == [None]  # 16-bit: no precision
+    with pytest.raises(SystemExit, match="--precision"):
+        bench_na.parse_args(["--precision", "highest"])
+    with pytest.raises(SystemExit, match="--precision"):
+        bench_na.parse_args(["--dtype", "float32", "--precision", "fast"])
+
+
 def test_bench_quick_writes_records_the_docs_read(tmp_path):
     """bench_na --quick (reference and the XLA peer on CPU) into a records folder: the file is
     named after the device and loads in the docs' generator."""
@@ -246,3 +278,32 @@ def test_bench_quick_writes_records_the_docs_read(tmp_path):
     rep = bench_na.main(["--quick", "--problems", "q1d", "--peers", "xla", "--time-limit-s",
                          "1e-9"])
     assert [r["skipped"] for r in rep["rows"]] == ["not run: time limit"] * 3
+
+
+def test_bench_ragged_quick_writes_the_ragged_records_the_docs_render(tmp_path):
+    """bench_ragged --quick with the reference backend on CPU: every variant of each mode has a
+    positive time, the ragged batch's work fraction is that of its half-size samples, and
+    ragged-<device>.json loads and renders as kind "ragged" in the docs' generator."""
+    from benchmarks import bench_ragged, results_docs
+
+    rep = bench_ragged.main(["--quick", "--backend", "reference", "--problems", "q2d",
+                             "--results", str(tmp_path) + os.sep, "--commit", "abc1234"])
+    p = problems.select(bench_ragged.base_problems(True), "q2d")[0]
+    assert bench_ragged.half_extent(p) == (5, 6)  # ceil(10/2), ceil(12/2); >= kernel
+    got = {(r["mode"], r["variant"]): r for r in rep["rows"]}
+    assert set(got) == {(m, v) for m in ("fwd", "fwdbwd") for v in bench_ragged.VARIANTS}
+    assert all(r["ms"] > 0 for r in got.values())
+    half = got[("fwd", "ragged_half")]
+    assert half["batch"] == 2 and half["work_fraction"] == pytest.approx((1 + 30 / 120) / 2)
+    assert got[("fwd", "plain")]["batch"] == 1
+    path = tmp_path / f"ragged-{results.device_slug(rep['env']['device'])}.json"
+    data = results_docs.load_results(str(path))
+    assert data["kind"] == "ragged" and data["commit"] == "abc1234"
+    assert data["command"].startswith("python -m benchmarks.bench_ragged --quick")
+    text, plots = results_docs.block(data, path.name)
+    assert plots == {}
+    line = next(ln for ln in text.splitlines() if ln.startswith("| q2d | forward |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    want_ideal = got[("fwd", "ragged_full")]["ms"] * half["work_fraction"]
+    assert float(cells[7]) == pytest.approx(want_ideal, rel=1e-3)
+    assert float(cells[8].rstrip("x")) == pytest.approx(half["ms"] / want_ideal, abs=0.006)

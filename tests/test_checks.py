@@ -529,3 +529,38 @@ def test_layer_input():
         check_layer_input("Layer", 2, 64, arr(1, 5, 6, 32))
     with pytest.raises(TypeError, match="array"):
         check_layer_input("Layer", 2, 64, [[0.0]])
+
+
+def test_image_extent():
+    from natten_jax.checks import check_image_extent
+
+    x = arr(2, 10, 12, 3)
+    got = check_image_extent("NAT", x, [[10, 12], [3, 1]])
+    assert isinstance(got, np.ndarray) and got.dtype == np.int32
+    np.testing.assert_array_equal(got, [[10, 12], [3, 1]])
+    with pytest.raises(ValueError, match=r"NAT: `valid_extent` must lie in \[1, 12\] on axis 1.*"
+                                         r"valid_extent\[1, 1\] = 13"):
+        check_image_extent("NAT", x, np.array([[10, 12], [3, 13]]))
+    with pytest.raises(ValueError, match=r"`valid_extent` must have shape \[batch, 2\]"):
+        check_image_extent("NAT", x, np.array([[10, 12]]))
+    with pytest.raises(TypeError, match="`valid_extent` must have an integer dtype"):
+        check_image_extent("NAT", x, np.ones((2, 2)))
+    # traced: clamped into [1, H] x [1, W], not checked
+    clamped = jax.jit(lambda e: check_image_extent("NAT", x, e))(jnp.array([[0, 99], [5, 5]]))
+    np.testing.assert_array_equal(clamped, [[1, 12], [5, 5]])
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_ragged_args_checked_per_rank(rank):
+    q, k, v = qkv(rank, B=2)
+    S = SPATIAL[rank]
+    good = np.tile(np.asarray(S), (2, 1))
+    p = check_na_call(rank, q, k, v, 2, 1, 1, False, None, valid_extent=good)
+    assert p.ragged and not p.ragged_extra
+    small = good.copy()
+    small[1, rank - 1] = 1
+    with pytest.raises(ValueError, match=rf"valid_extent\[1, {rank - 1}\] = 1"):
+        check_na_call(rank, q, k, v, 2, 1, 1, False, None, valid_extent=small)
+    with pytest.raises(ValueError, match=rf"\[batch, rank\] = \(2, {rank}\)"):
+        check_na_call(rank, q, k, v, 2, 1, 1, False, None, valid_extent=good[:, :1].repeat(
+            rank + 1, axis=1))

@@ -183,7 +183,7 @@ def test_backward_attrs_follow_the_config():
     a, b = fused._attrs(p80, backward=True), fused._attrs(p90, backward=True)
     assert a["impl"] == 0 and b["impl"] == 1
     assert set(a) == set(b) == {"kernel_size", "stride", "dilation", "is_causal", "q_tile",
-                                "kv_tile", "scale", "poison", "impl"}
+                                "kv_tile", "scale", "poison", "impl", "precision"}
     assert int(np.sum(b["q_tile"])) == 6  # the backward's Q tile is always 64 tokens
 
 

@@ -68,11 +68,9 @@ def _inputs(key, spatial, B, H, Hkv, D, dtype):
 
 
 def lowp_dtype(dtype):
-    """The precision the fused kernels compute in for inputs of ``dtype``: float32 inputs run
-    the float16 kernels (natten_jax.backends.fused), so their low-precision reference is the
-    reference backend on the inputs rounded to float16."""
-    dtype = jnp.dtype(dtype)
-    return jnp.dtype(fused.F32_COMPUTE) if dtype == jnp.float32 else dtype
+    """The dtype of the low-precision reference for inputs of ``dtype``: the inputs' own (the
+    float32 kernels' references are chosen by precision in tests/test_fp32_fused.py)."""
+    return jnp.dtype(dtype)
 
 
 def on_cpu(x, dtype=None):

@@ -173,28 +173,6 @@ def test_backward_kernel_under_vmap_and_extra_tokens():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", [0, 5, 7, 11])
-def test_float32_runs_fp16_kernels_forward_and_backward(case):
-    """float32 inputs: fp16 kernels (TF32-like accuracy, module docstring of backends.fused),
-    against the reference on the inputs rounded to float16; tiny cotangents (1e-9) must not
-    underflow in the backward's float16 dO (the gradients are compared scaled by 1e9)."""
-    spatial, kernel, stride, dilation, causal = CASES[case]
-    q, k, v = _inputs(jax.random.PRNGKey(4000 + case), spatial, 2, 4, 2, 64, "float32")
-    dout_unit = jax.random.normal(jax.random.PRNGKey(4100 + case), q.shape, jnp.float32)
-    f = getattr(natten_jax, f"na{len(spatial)}d")
-    call = jax.jit(lambda q, k, v: f(q, k, v, kernel, stride, dilation, causal, backend="fused",
-                                     backend_config=SM80, return_lse=True))
-    (out, lse), vjp = jax.vjp(call, q, k, v)
-    assert out.dtype == jnp.float32
-    check_forward_case(q, k, v, out, lse, kernel, stride, dilation, causal, name="float32")
-    got = vjp((1e-9 * dout_unit, jnp.zeros_like(lse)))
-    assert all(g.dtype == jnp.float32 for g in got)
-    refs = reference_grads(q, k, v, dout_unit, np.zeros(lse.shape, np.float32), kernel, stride,
-                           dilation, causal)
-    check_grads(got, refs, scale=1e9)
-
-
-@pytest.mark.gpu
 def test_backward_is_deterministic():
     check_deterministic(SM80)
 

@@ -31,3 +31,14 @@ def test_occupancies_and_kv_tile_agree_with_the_kernel_table():
     t = table()
     assert tuple(t["sm80_occupancies"]) == config.SM80_OCCUPANCIES
     assert t["kv_tile_tokens"] == 1 << tiles.KV_TILE_LOG2
+
+
+def test_float32_rules_agree_with_the_kernel_table():
+    """float32 (issue 23): Python's can_run rules (natten_jax.tiles: 64-token Q tiles, head dims
+    above F32_MAX_HEAD_DIM_BEFORE_MIN_MAJOR only on compute capability 9.x) are the kernel
+    table's (kFloat32MaxHeadDimBefore90), once the module reports them."""
+    t = table()
+    if "float32_max_head_dim_before_90" not in t:
+        pytest.skip("this build's fused_kernels() does not report its float32 rules")
+    assert t["float32_max_head_dim_before_90"] == tiles.F32_MAX_HEAD_DIM_BEFORE_MIN_MAJOR
+    assert t["float32_q_tile_tokens"] == 1 << tiles.F32_Q_TILE_LOG2

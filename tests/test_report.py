@@ -101,6 +101,33 @@ def test_bench_table_by_hand(tmp_path):
     assert "](plots/g-fwd.svg)" in md
 
 
+def test_bench_float32_rows_get_their_own_table(tmp_path):
+    """float32 rows (bench_na --dtype float32: with a precision) leave the main table and its
+    plots as they were and add a table by problem and precision."""
+    data = _bench()
+    plain_md, plain_plots = results_docs.block(results_docs.load_results(os.path.join(
+        _write(tmp_path, "g.json", data), "g.json")), "g.json")
+    data["rows"] += [
+        {"problem": "p1", "impl": "natten_jax", "mode": "fwd", "ms": 4.0, "dtype": "float32",
+         "precision": "default"},
+        {"problem": "p1", "impl": "natten_jax", "mode": "fwd", "ms": 7.0, "dtype": "float32",
+         "precision": "highest"},
+        {"problem": "p1", "impl": "xla", "mode": "fwdbwd", "ms": 9.0, "dtype": "float32",
+         "precision": "highest"}]
+    md, plots = results_docs.block(results_docs.load_results(os.path.join(
+        _write(tmp_path, "g.json", data), "g.json")), "g.json")
+    assert plots == plain_plots
+    main, f32 = md.split("float32 inputs (")
+    assert plain_md.startswith(main) and "| 4 |" not in main
+    assert ("| problem | precision | forward: natten_jax | forward + backward: XLA dense |"
+            in f32)
+    assert "| p1 | default | 4 |  |" in f32 and "| p1 | highest | 7 | 9 |" in f32
+    only = dict(data, rows=data["rows"][-3:])  # a file of float32 rows only
+    md, _ = results_docs.block(results_docs.load_results(os.path.join(
+        _write(tmp_path, "h.json", only), "h.json")), "h.json")
+    assert "forward: natten_jax (default)" in md and "float32 inputs (" not in md
+
+
 def test_models_table_by_hand(tmp_path):
     rows = [{"variant": "nat_mini", "backend": b, "dtype": "bfloat16", "mode": "infer",
              "images_per_s": ips, "timing": {"spread_pct": sp}}

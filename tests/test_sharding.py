@@ -78,24 +78,27 @@ def _worker(dump_dir):  # noqa: C901 (one linear list of cases)
             assert got == want, (target, got, want)
             return tuple(outs)
 
-        def forward(q, k, v):
-            seen.append((target, [tuple(x.shape) for x in (q, k, v)]))
-            return checked(na_reference(local_problem(q, k, v), q, k, v), (q, k, v))
+        # ``ext``: the optional valid_extent operand of a ragged call ([B, rank] int32).
+        def forward(q, k, v, *ext):
+            seen.append((target, [tuple(x.shape) for x in (q, k, v) + ext]))
+            out = na_reference(local_problem(q, k, v), q, k, v, None, None, *ext)
+            return checked(out, (q, k, v) + ext)
 
-        def backward(q, k, v, dout, lse, delta):
-            seen.append((target, [tuple(x.shape) for x in (q, k, v, dout, lse, delta)]))
+        def backward(q, k, v, dout, lse, delta, *ext):
+            seen.append((target, [tuple(x.shape) for x in (q, k, v, dout, lse, delta) + ext]))
             p = local_problem(q, k, v)
-            (out, _), vjp = jax.vjp(lambda q, k, v: na_reference(p, q, k, v), q, k, v)
+            (out, _), vjp = jax.vjp(lambda q, k, v: na_reference(p, q, k, v, None, None, *ext),
+                                    q, k, v)
             f32 = jnp.float32
             d_lse = jnp.sum(dout.astype(f32) * out.astype(f32), axis=-1) - delta
-            return checked(vjp((dout, d_lse.astype(lse.dtype))), (q, k, v, dout, lse, delta))
+            return checked(vjp((dout, d_lse.astype(lse.dtype))),
+                           (q, k, v, dout, lse, delta) + ext)
 
         # jit: na_reference closes over constant arrays, which custom_partitioning refuses.
         return jax.jit(forward if target == fused.TARGET else backward)
 
     _ffi.custom_call = standin_custom_call
     fused.can_run = lambda p: (True, "")
-    fused.F32_COMPUTE = jnp.float32  # the stand-in computes in float32 (partitioning under test)
 
     def mesh(shape, names, explicit=False):
         t = AxisType.Explicit if explicit else AxisType.Auto
@@ -116,9 +119,10 @@ def _worker(dump_dir):  # noqa: C901 (one linear list of cases)
     def na(backend, backward="kernel"):
         cfg = natten_jax.FusedConfig(backward=backward)
 
-        def f(q, k, v, ek=None, ev=None):
+        def f(q, k, v, ek=None, ev=None, ext=None):
             return natten_jax.na2d(q, k, v, **NA_ARGS, additional_keys=ek, additional_values=ev,
-                                   backend=backend, backend_config=cfg, return_lse=True)
+                                   valid_extent=ext, backend=backend, backend_config=cfg,
+                                   return_lse=True)
         return f
 
     def put(m, spec, x):
@@ -148,12 +152,18 @@ def _worker(dump_dir):  # noqa: C901 (one linear list of cases)
             return fn
         return deco
 
-    def forward_case(m, H, Hkv, spec_q, spec_kv, B=4, N=0, spec_x=None, backend="fused"):
+    # A ragged batch's valid_extent [B, rank] (all within the kernel-size-times-dilation bound).
+    EXT = jnp.asarray([[6, 5], [4, 4], [3, 5], [5, 4]], jnp.int32)
+
+    def forward_case(m, H, Hkv, spec_q, spec_kv, B=4, N=0, spec_x=None, backend="fused",
+                     spec_e=None):
         q, k, v, (ek, ev) = data(B, (6, 5), H, Hkv, 16, N)
-        ref = na("reference")(q, k, v, ek, ev)
+        ext = EXT if spec_e is not None else None
+        ref = na("reference")(q, k, v, ek, ev, ext)
         f = jax.jit(na(backend))
         args = [put(m, spec_q, q), put(m, spec_kv, k), put(m, spec_kv, v),
-                put(m, spec_x or spec_kv, ek), put(m, spec_x or spec_kv, ev)]
+                put(m, spec_x or spec_kv, ek), put(m, spec_x or spec_kv, ev),
+                put(m, spec_e, ext)]
         lowered = f.lower(*args)
         seen.clear()
         txt = lowered.compile().as_text()
@@ -182,6 +192,20 @@ def _worker(dump_dir):  # noqa: C901 (one linear list of cases)
     # XLA partitions the pure-JAX reference backend itself.
     case("reference_backend")(
         lambda: forward_case(mesh2, 4, 2, bh("x", "y"), bh("x", "y"), backend="reference"))
+    # Ragged: the valid_extent operand ("ext") follows the batch sharding, sharded or not.
+    case("ragged_batch_heads")(
+        lambda: forward_case(mesh2, 4, 2, bh("x", "y"), bh("x", "y"), spec_e=P("x")))
+    case("ragged_ext_replicated")(
+        lambda: forward_case(mesh2, 4, 2, bh("x", "y"), bh("x", "y"), spec_e=P()))
+    case("ragged_heads")(lambda: forward_case(mesh1, 8, 4, h_("x"), h_("x"), spec_e=P()))
+
+    @case("ragged_gspmd")
+    def _():
+        jax.config.update("jax_use_shardy_partitioner", False)
+        try:
+            return forward_case(mesh2, 8, 2, bh("x", "y"), bh("x", "y"), spec_e=P("x"))
+        finally:
+            jax.config.update("jax_use_shardy_partitioner", True)
 
     @case("explicit_axes")
     def _():
@@ -241,22 +265,23 @@ def _worker(dump_dir):  # noqa: C901 (one linear list of cases)
         return {"err": max(max_err(a, b) for a, b in zip(out, ref)),
                 "local": [s for _, s in seen]}
 
-    def grad_case(mode, m, H, Hkv, spec_q, spec_kv, remat=False):
+    def grad_case(mode, m, H, Hkv, spec_q, spec_kv, remat=False, spec_e=None):
         q, k, v, _ = data(4, (6, 5), H, Hkv, 16, seed=1)
+        ext = EXT if spec_e is not None else None
         rng = np.random.default_rng(2)
         wo = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
         wl = jnp.asarray(rng.standard_normal(q.shape[:-1]), jnp.float32)
 
         def loss(backend):
-            def f(q, k, v):
-                out, lse = na(backend, backward=mode)(q, k, v)
+            def f(q, k, v, ext=None):
+                out, lse = na(backend, backward=mode)(q, k, v, ext=ext)
                 return jnp.sum(out * wo) + jnp.sum(jnp.sin(lse) * wl)
             return f
 
-        ref_val, ref_grads = jax.value_and_grad(loss("reference"), (0, 1, 2))(q, k, v)
+        ref_val, ref_grads = jax.value_and_grad(loss("reference"), (0, 1, 2))(q, k, v, ext)
         fused_loss = jax.checkpoint(loss("fused")) if remat else loss("fused")
         f = jax.jit(jax.value_and_grad(fused_loss, (0, 1, 2)))
-        args = [put(m, spec_q, q), put(m, spec_kv, k), put(m, spec_kv, v)]
+        args = [put(m, spec_q, q), put(m, spec_kv, k), put(m, spec_kv, v), put(m, spec_e, ext)]
         lowered = f.lower(*args)
         seen.clear()
         txt = lowered.compile().as_text()
@@ -272,6 +297,8 @@ def _worker(dump_dir):  # noqa: C901 (one linear list of cases)
         lambda: grad_case("kernel", mesh2, 8, 2, h_(("x", "y")), h_("x")))
     case("grad_kernel_checkpoint")(
         lambda: grad_case("kernel", mesh2, 4, 2, bh("x", "y"), bh("x", "y"), remat=True))
+    case("grad_kernel_ragged")(
+        lambda: grad_case("kernel", mesh2, 4, 2, bh("x", "y"), bh("x", "y"), spec_e=P("x")))
     case("grad_reference_batch_heads")(
         lambda: grad_case("reference", mesh2, 4, 2, bh("x", "y"), bh("x", "y")))
 
@@ -434,6 +461,43 @@ def test_value_and_grad_kernel_backward(results, name, b, h, hkv):
     else:
         q_spec = kv_spec = ["x", None, None, "y", None]
     assert r["grad_specs"] == [q_spec, kv_spec, kv_spec], r["grad_specs"]
+
+
+# name: the per-shard q/k/v/valid_extent shapes the stand-in must see (a ragged call)
+RAGGED = {
+    "ragged_batch_heads": _fwd_shapes(2, 2, 1) + ((2, 2),),
+    "ragged_ext_replicated": _fwd_shapes(2, 2, 1) + ((2, 2),),
+    "ragged_heads": _fwd_shapes(4, 2, 1) + ((4, 2),),
+    "ragged_gspmd": _fwd_shapes(2, 4, 1) + ((2, 2),),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RAGGED))
+def test_ragged_forward_sharded(results, name):
+    """A ragged call (valid_extent, array kind "ext"): the extents are split over batch like
+    the query (batch-sharded or replicated on input; both Shardy and GSPMD), never over heads;
+    equal to the unsharded reference, with no collectives, outputs keeping the batch/heads
+    sharding."""
+    r = _get(results, name)
+    assert r["err"] <= TOL, r
+    assert _shapes_of(r) == {RAGGED[name]}, (r["local"], RAGGED[name])
+    assert not set(r["collectives"]) & set(COLLECTIVES + ("all-reduce",)), r["collectives"]
+    if name != "ragged_heads":
+        assert r["out_spec"][0] == ["x", None, None, "y", None], r["out_spec"]
+
+
+def test_ragged_value_and_grad_sharded(results):
+    """value_and_grad of a ragged call with batch and heads sharded: forward and backward calls
+    each get their shard's extents, gradients equal the reference's, keep the inputs'
+    sharding, and only the loss is all-reduced."""
+    r = _get(results, "grad_kernel_ragged")
+    assert r["err"] <= GRAD_TOL, r
+    fwd = {tuple(tuple(x) for x in s[1:]) for s in r["local"] if s[0] == "natten_jax_fna_forward"}
+    bwd = {tuple(tuple(x) for x in s[1:]) for s in r["local"] if s[0] != "natten_jax_fna_forward"}
+    assert fwd == {_fwd_shapes(2, 2, 1) + ((2, 2),)}, r["local"]
+    assert bwd == {_bwd_shapes(2, 2, 1) + ((2, 2),)}, r["local"]
+    assert not set(r["collectives"]) & set(COLLECTIVES), r["collectives"]
+    assert r["grad_specs"] == [["x", None, None, "y", None]] * 3, r["grad_specs"]
 
 
 def test_sharding_constraint_inside_jit(results):

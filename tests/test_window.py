@@ -2,6 +2,7 @@
 
 import itertools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -327,3 +328,61 @@ def test_module_doctests():
 
     res = doctest.testmod(W)
     assert res.failed == 0 and res.attempted >= 11
+
+
+# ------------------------------------------------------------------------------------------
+# Ragged batches: per-sample extents (issue 24).
+# ------------------------------------------------------------------------------------------
+
+def test_sample_extent_clamps_elementwise():
+    assert W.sample_extent(3, 3, 2, 10) == 6
+    assert W.sample_extent(12, 3, 1, 10) == 10
+    assert W.sample_extent(7, 3, 1, 10) == 7
+    v = np.array([[0, 20], [5, 6], [-3, 9]], np.int32)
+    want = np.array([[3, 9], [5, 6], [3, 9]])
+    got = W.sample_extent(v, (3, 3), (1, 2), (8, 9))
+    assert isinstance(got, np.ndarray) and got.dtype == np.int32
+    np.testing.assert_array_equal(got, want)
+    got = W.sample_extent(jnp.asarray(v), (3, 3), (1, 2), (8, 9))
+    assert isinstance(got, jnp.ndarray) and got.dtype == jnp.int32
+    np.testing.assert_array_equal(got, want)
+    got = jax.jit(lambda e: W.sample_extent(e, (3, 3), (1, 2), (8, 9)))(jnp.asarray(v))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_sample_num_extra_clamps():
+    assert W.sample_num_extra(-1, 4) == 0 and W.sample_num_extra(9, 4) == 4
+    n = np.array([-2, 0, 3, 7])
+    np.testing.assert_array_equal(W.sample_num_extra(n, 4), [0, 0, 3, 4])
+    np.testing.assert_array_equal(W.sample_num_extra(jnp.asarray(n), 4), [0, 0, 3, 4])
+
+
+def test_valid_tokens():
+    e = np.array([[2, 3], [3, 1]])
+    want = np.zeros((2, 3, 4), bool)
+    want[0, :2, :3] = True
+    want[1, :3, :1] = True
+    np.testing.assert_array_equal(W.valid_tokens((3, 4), e), want)
+    np.testing.assert_array_equal(W.valid_tokens((3, 4), jnp.asarray(e)), want)
+
+
+def test_window_offsets_ragged_equal_the_cropped_axis():
+    """Sample windows of extent E inside a padded axis of L: the first E queries get exactly
+    the windows of an axis of E, and no query (padded ones included) reads a coordinate >= E;
+    the traced extents (JAX, under jit) of a few configurations give the same arrays."""
+    for n, (L, k, s, d, c) in enumerate(_configs(12)):
+        extents = np.arange(k * d, L + 1)
+        ve = extents[:, None].astype(np.int32)
+        ((coord, valid),) = W.window_offsets((L,), (k,), (s,), (d,), (c,), valid_extent=ve)
+        if n % 97 == 0:
+            fn = jax.jit(lambda e: W.window_offsets((L,), (k,), (s,), (d,), (c,),
+                                                    valid_extent=e))
+            ((tcoord, tvalid),) = fn(jnp.asarray(ve))
+            np.testing.assert_array_equal(tcoord, coord)
+            np.testing.assert_array_equal(tvalid, valid)
+        assert coord.shape == (len(extents), L, k)
+        for b, E in enumerate(extents):
+            ((want_c, want_v),) = W.window_offsets((E,), (k,), (s,), (d,), (c,))
+            np.testing.assert_array_equal(coord[b, :E], want_c, err_msg=str((L, k, s, d, c, E)))
+            np.testing.assert_array_equal(valid[b, :E], want_v, err_msg=str((L, k, s, d, c, E)))
+            assert ((coord[b] >= 0) & (coord[b] < E)).all(), (L, k, s, d, c, E)
