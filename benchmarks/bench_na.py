@@ -1,7 +1,8 @@
 """Benchmark natten_jax's backends against peers on the problems of problems.json.
 
   python -m benchmarks.bench_na [--problems 2d_gen,3d_video] [--backends fused,reference]
-      [--peers cudnn,flex,xla] [--dtype bfloat16] [--fwd-only] [--reps N]
+      [--peers cudnn,flex,xla] [--dtype bfloat16] [--precision default,highest] [--fwd-only]
+      [--reps N]
       [--fused-config FIELD=VALUE,...] [--out bench.json] [--md bench.md]
       [--results benchmarks/results/] [--quick]
 
@@ -20,6 +21,12 @@ table inside a GPU job's limit. A failing implementation is recorded with its er
 goes on. JSON is rewritten after every measurement; the markdown table is printed last.
 ``--results`` merges the measured times into the records the docs' tables are generated from
 (benchmarks.harness.results).
+
+float32 (``--dtype float32``): every row is measured at each precision of ``--precision``
+(``default``: TF32 products, ``highest``: float32-accurate; natten_jax.precision), ours through
+``precision=`` and every row under ``jax.default_matmul_precision`` of that name (the XLA dense
+peer follows it; cuDNN's fused attention has no float32 and records why). Rows carry ``dtype``
+and, in float32, ``precision``.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import shlex  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -50,6 +58,7 @@ FUSED_VARIANTS = {
 }
 BACKENDS = ("fused", *FUSED_VARIANTS, "reference")
 PEERS = ("cudnn", "flex", "xla")
+PRECISIONS = ("default", "highest")  # of float32 rows (--precision)
 JOB_ORDER = (("ours", "fused"), *(("ours", n) for n in FUSED_VARIANTS), ("peer", "cudnn"),
              ("peer", "xla"), ("peer", "flex"), ("ours", "reference"))
 REFERENCE_AUTO_MAX_FLOPS = 2e10
@@ -63,16 +72,17 @@ def fused_config(name: str, base):
     return base.replace(**FUSED_VARIANTS.get(name, {}))
 
 
-def ours_fn(p: problems.Problem, name: str, base_config=None):
+def ours_fn(p: problems.Problem, name: str, base_config=None, precision=None):
     """(q, k, v) -> out of our row ``name`` (a name of BACKENDS) on ``p``; ``base_config``:
-    the fused config the fused rows start from (None: natten_jax's default)."""
+    the fused config the fused rows start from (None: natten_jax's default); ``precision``:
+    natten_jax's ``precision=`` (None: JAX's default when traced)."""
     if name == "reference":
-        return calls.na_fn(p, "reference")
+        return calls.na_fn(p, "reference", precision=precision)
     if base_config is None:
         from natten_jax.config import default_config
 
         base_config = default_config()
-    return calls.na_fn(p, "fused", fused_config(name, base_config))
+    return calls.na_fn(p, "fused", fused_config(name, base_config), precision)
 
 
 # ---------------------------------------------------------------------------------- reporting
@@ -105,7 +115,8 @@ def markdown(report: dict) -> str:
     rows = []
     for r in report["rows"]:
         f, b = r.get("fwd") or {}, r.get("fwd_bwd") or {}
-        rows.append([r["problem"], r["impl"], md.num(f.get("ms")), md.num(f.get("useful_tflops")),
+        impl = r["impl"] + (f" ({r['precision']})" if r.get("precision") else "")
+        rows.append([r["problem"], impl, md.num(f.get("ms")), md.num(f.get("useful_tflops")),
                      md.num(f.get("visited_tflops")), md.num(f.get("pct_floor")),
                      md.num(b.get("ms")), md.num(b.get("useful_tflops")),
                      md.num(b.get("pct_floor")), _cell_note(r)])
@@ -127,6 +138,9 @@ def parse_args(argv=None):
     ap.add_argument("--peers", default=",".join(PEERS), help="comma-separated of cudnn,flex,xla "
                     "('' for none)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--precision", default="default",
+                    help="float32 only: comma-separated of " + ",".join(PRECISIONS) + " (each "
+                    "row measured at each; natten_jax.precision; default: default)")
     ap.add_argument("--fwd-only", action="store_true")
     ap.add_argument("--reps", type=int, default=20, help="timed single calls per measurement")
     ap.add_argument("--budget-s", type=float, default=10.0,
@@ -163,18 +177,31 @@ def parse_args(argv=None):
                        else ["fused", "reference"])
     a.peer_names = cli.names(a.peers, PEERS, "--peers")
     a.config = cli.fused_config(a.fused_config)
+    precisions = cli.names(a.precision, PRECISIONS, "--precision")
+    if a.dtype != "float32" and precisions != ["default"]:
+        raise SystemExit(f"--precision: only float32 rows have one (16-bit inputs compute alike "
+                         f"at every precision), got --dtype {a.dtype} --precision {a.precision}")
+    a.precisions = (precisions or ["default"]) if a.dtype == "float32" else [None]
     return a
 
 
-def run_job(kind: str, name: str, p, sets, args, left_s: float) -> dict:
-    """One implementation on one problem: {"fwd": ..., "fwd_bwd": ...} or {"skipped": why}."""
+def run_job(kind: str, name: str, p, sets, args, left_s: float, precision=None) -> dict:
+    """One implementation on one problem: {"fwd": ..., "fwd_bwd": ...} or {"skipped": why}.
+    ``precision`` (float32 rows): ours get it as ``precision=``, and everything is traced under
+    ``jax.default_matmul_precision(precision)``."""
     if kind == "peer" and name == "flex":
+        if precision is not None:
+            return {"skipped": "flex: float32 precision modes are not wired to torch"}
         out = peers.flex_subprocess(p, args.dtype, args.reps, args.budget_s, args.fwd_only,
                                     min(args.flex_timeout_s, max(left_s, 30.0)))
         return {"skipped": out.pop("error")} if "error" in out else out
     try:
-        fn = ours_fn(p, name, args.config) if kind == "ours" else peers.jax_peer_fn(name, p)
-        return calls.measure(fn, sets, args.reps, args.budget_s, args.loop, args.fwd_only)
+        fn = (ours_fn(p, name, args.config, precision) if kind == "ours"
+              else peers.jax_peer_fn(name, p))
+        ctx = (jax.default_matmul_precision(precision) if precision is not None
+               else contextlib.nullcontext())
+        with ctx:
+            return calls.measure(fn, sets, args.reps, args.budget_s, args.loop, args.fwd_only)
     except peers.PeerSkipped as e:
         return {"skipped": str(e)}
     except Exception as e:  # noqa: BLE001
@@ -196,6 +223,7 @@ def main(argv=None) -> dict:
             if n in (args.backend_names if k == "ours" else args.peer_names)]
     argv_list = sys.argv[1:] if argv is None else list(argv)
     report = {"env": results.env_info(), "dtype": args.dtype, "argv": argv_list,
+              "precisions": [x for x in args.precisions if x],
               "fused_config": cli.config_json(args.config),
               "constants": {**flops.constants(), "time_limit_s": args.time_limit_s},
               "rows": []}
@@ -203,13 +231,15 @@ def main(argv=None) -> dict:
         f"time limit {args.time_limit_s or 'none'} s")
     deadline = Deadline(args.time_limit_s)
 
-    for kind, name in jobs:
+    for precision, (kind, name) in ((x, j) for x in args.precisions for j in jobs):
         impl = name if kind == "ours" else f"peer:{name}"
         config = fused_config(name, args.config) if kind == "ours" else None
         for p in probs:
-            row = {"problem": p.name, "impl": impl, "spec": p.to_json(),
+            row = {"problem": p.name, "impl": impl, "dtype": args.dtype, "spec": p.to_json(),
                    "useful_flops": flops.useful_flops(p),
                    "min_bytes": flops.min_bytes(p, dtype.itemsize)}
+            if precision is not None:
+                row["precision"] = precision
             if config is not None:
                 row["fused_config"] = cli.config_json(config)
             report["rows"].append(row)
@@ -223,7 +253,8 @@ def main(argv=None) -> dict:
                                   "--backends")
                 continue
             t0 = time.perf_counter()
-            log(f"{p.name} {impl} ...")
+            tag = f"{impl}" + (f" ({precision})" if precision else "")
+            log(f"{p.name} {tag} ...")
             sets = None
             if not (kind == "peer" and name == "flex"):
                 try:
@@ -231,14 +262,15 @@ def main(argv=None) -> dict:
                 except Exception as e:  # noqa: BLE001
                     row["skipped"] = "inputs: " + error_text(e)
             if "skipped" not in row:
-                row.update(run_job(kind, name, p, sets, args, deadline.left_s()))
+                row.update(run_job(kind, name, p, sets, args, deadline.left_s(), precision))
             del sets
-            visited = flops.visited_flops(p, config) if config is not None else None
+            visited = (flops.visited_flops(p, config, args.dtype) if config is not None
+                       else None)
             if visited:
                 row["visited_flops"] = visited
             flops.derive(row, p, dtype.itemsize, visited)
             row["wall_s"] = time.perf_counter() - t0
-            log(f"{p.name} {impl}: fwd {(row.get('fwd') or {}).get('ms', '-')} ms, fwd+bwd "
+            log(f"{p.name} {tag}: fwd {(row.get('fwd') or {}).get('ms', '-')} ms, fwd+bwd "
                 f"{(row.get('fwd_bwd') or {}).get('ms', '-')} ms "
                 f"{row.get('skipped', '')}({row['wall_s']:.1f} s)")
             results.write_json(args.out, report)

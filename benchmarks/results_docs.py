@@ -14,7 +14,11 @@ Every results file is one measurement set on one GPU, with a common header::
   of :mod:`benchmarks.report`;
 * ``models`` (``benchmarks.model_throughput --out``, one device's rows): images/s per model,
   backend, dtype and mode (``"note"`` per row as above);
-* ``unfused`` (``benchmarks.unfused_bench --out``, header added): naive vs gemm vs fused.
+* ``unfused`` (``benchmarks.unfused_bench --out``, header added): naive vs gemm vs fused;
+* ``ragged`` (``benchmarks.bench_ragged --results``): ``{"problem", "mode", "variant", "ms"}``
+  with ``"work_fraction"`` and ``"batch"``, variants ``plain``, ``full_extent``,
+  ``ragged_full``, ``ragged_half``: the cost of ``valid_extent``; top level ``"problems"``
+  (problem name -> description).
 
 In docs/benchmarks.md each file's block sits between the two marker lines that
 :func:`begin_marker` and :data:`END_MARKER` write; ``python -m benchmarks.report --docs``
@@ -38,7 +42,7 @@ DOC = os.path.join(REPO, "docs", "benchmarks.md")
 PLOTS_DIR = os.path.join(REPO, "docs", "plots")
 PLOTS_REL = "plots"  # the plots' folder relative to the doc
 
-KINDS = ("bench", "sweep", "models", "unfused")
+KINDS = ("bench", "sweep", "models", "unfused", "ragged")
 HEADER = ("device", "commit", "date", "command", "rows")
 BENCH_MODES = {"fwd": "forward", "fwdbwd": "forward + backward"}
 IMPL_NAMES = {"natten_jax": "natten_jax", "natten": "NATTEN", "cudnn": "cuDNN dense",
@@ -79,7 +83,8 @@ def load_results(path: str) -> dict:
     need = {"bench": ("problem", "impl", "mode", "ms"),
             "models": ("variant", "backend", "dtype", "mode"),
             "sweep": ("problem", "impl", "dtype"),
-            "unfused": ("problem", "impl", "dtype")}[kind]
+            "unfused": ("problem", "impl", "dtype"),
+            "ragged": ("problem", "mode", "variant", "ms")}[kind]
     for i, r in enumerate(data["rows"]):
         for key in need:
             if key not in r:
@@ -134,8 +139,40 @@ def _image(stem: str, title: str) -> str:
 
 
 # ------------------------------------------------------------------------------------- bench
+def _is_f32(r: dict) -> bool:
+    """A float32 row of a bench file (``bench_na --dtype float32``: it names its precision);
+    they sit beside the file's 16-bit rows and get a table of their own."""
+    return r.get("dtype") == "float32" and bool(r.get("precision"))
+
+
+def _f32_table(rows: List[dict]) -> List[str]:
+    """The float32 rows: ms per problem and precision, one column per mode and impl."""
+    name = lambda i: IMPL_NAMES.get(i, i)  # noqa: E731
+    keys, impls, t = [], [], {}
+    for r in rows:
+        if (r["problem"], r["precision"]) not in keys:
+            keys.append((r["problem"], r["precision"]))
+        if r["impl"] not in impls:
+            impls.append(r["impl"])
+        t[(r["problem"], r["precision"], r["impl"], r["mode"])] = float(r["ms"])
+    cols = [(m, i) for m in BENCH_MODES for i in impls
+            if any((p, pr, i, m) in t for p, pr in keys)]
+    head = ["problem", "precision"] + [f"{BENCH_MODES[m]}: {name(i)}" for m, i in cols]
+    body = [[p, pr] + [_ms(t[(p, pr, i, m)]) if (p, pr, i, m) in t else "" for m, i in cols]
+            for p, pr in keys]
+    return ["float32 inputs (`bench_na --dtype float32 --precision default,highest`): "
+            "`default` runs natten_jax's float32 kernels with TF32 products (3xTF32 logits), "
+            "`highest` with 3xTF32 everywhere (float32-accurate); the dense peers run under "
+            "`jax.default_matmul_precision` of the same name. Times in ms.", "",
+            _table(head, body), ""]
+
+
 def _bench(res: dict, stem: str) -> Tuple[List[str], Dict[str, str]]:
-    rows = res["rows"]
+    f32 = [r for r in res["rows"] if _is_f32(r)]
+    rows = [r for r in res["rows"] if not _is_f32(r)]
+    if not rows:  # float32 rows only: the main table names each impl's precision
+        rows = [dict(r, impl=f"{r['impl']} ({r['precision']})") for r in f32]
+        f32 = []
     problems: List[str] = []
     impls: List[str] = []
     t: Dict[Tuple[str, str, str], float] = {}
@@ -184,6 +221,8 @@ def _bench(res: dict, stem: str) -> Tuple[List[str], Dict[str, str]]:
         out += [""]
     if notes:
         out += ["Notes on single cells:", ""] + notes + [""]
+    if f32:
+        out += _f32_table(f32)
     plots = {}
     if len(impls) > 1:
         for m in modes:
@@ -347,7 +386,48 @@ def _unfused(res: dict, stem: str) -> Tuple[List[str], Dict[str, str]]:
     return out, {}
 
 
-_KIND = {"bench": _bench, "models": _models, "sweep": _sweep, "unfused": _unfused}
+# ------------------------------------------------------------------------------------ ragged
+def _ragged(res: dict, stem: str) -> Tuple[List[str], Dict[str, str]]:
+    t: Dict[Tuple[str, str, str], dict] = {}
+    problems: List[str] = []
+    for r in res["rows"]:
+        if r["problem"] not in problems:
+            problems.append(r["problem"])
+        t[(r["problem"], r["mode"], r["variant"])] = r
+    ms = lambda p, m, v: t[(p, m, v)]["ms"] if (p, m, v) in t else None  # noqa: E731
+    head = ["problem", "mode", "no valid_extent", "all full", "all full / none",
+            "ragged batch: all full", "half the samples half-size", "ideal", "half-size / ideal"]
+    body = []
+    for p in problems:
+        for m in BENCH_MODES:
+            if not any(k[:2] == (p, m) for k in t):
+                continue
+            full, half = ms(p, m, "ragged_full"), ms(p, m, "ragged_half")
+            frac = (t.get((p, m, "ragged_half")) or {}).get("work_fraction")
+            ideal = full * frac if full and frac else None
+            cells = [ms(p, m, "plain"), ms(p, m, "full_extent")]
+            body.append([p, BENCH_MODES[m]] + [_ms(x) if x else "" for x in cells]
+                        + [f"{cells[1] / cells[0]:.3f}x" if all(cells) else "",
+                           _ms(full) if full else "",
+                           _ms(half) if half else "", f"{ideal:.4g}" if ideal else "",
+                           _ratio(half, ideal)])
+    out = _header(res)
+    out += [_table(head, body), "",
+            "Times in ms. *all full / none*: a call with `valid_extent` at every sample's full "
+            "extent over the same call without it (the argument's own cost). The ragged batch "
+            "has max(2, batch) samples, every other one half-size on every axis; *ideal* is the "
+            "all-full ragged batch's time times the share of its tokens left, and *half-size / "
+            "ideal* near 1 means the time follows the work (tiles outside a sample are "
+            "skipped).", ""]
+    if res.get("problems"):
+        out += ["Problems (layout `[batch, *spatial, heads, head_dim]`):", ""]
+        out += [f"- `{p}`: {res['problems'][p]}" for p in problems if p in res["problems"]]
+        out += [""]
+    return out, {}
+
+
+_KIND = {"bench": _bench, "models": _models, "sweep": _sweep, "unfused": _unfused,
+         "ragged": _ragged}
 
 
 def block(res: dict, name: str) -> Tuple[str, Dict[str, str]]:

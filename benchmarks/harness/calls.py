@@ -12,16 +12,19 @@ from benchmarks.harness.run import error_text
 from benchmarks.harness.timing import random_inputs, time_jax
 
 
-def na_fn(p: Problem, backend: str, config=None) -> Callable:
+def na_fn(p: Problem, backend: str, config=None, precision=None) -> Callable:
     """(q, k, v) -> out of ``natten_jax.na{rank}d`` on ``p`` with ``backend``; for the fused
     backend, ``config`` (a ``natten_jax.FusedConfig``; None: the default) is passed as
-    ``backend_config=`` (the other backends take none)."""
+    ``backend_config=`` (the other backends take none); ``precision`` (None: JAX's default
+    matmul precision when traced) as ``precision=``."""
     import natten_jax
 
     na = getattr(natten_jax, f"na{p.rank}d")
     kw = p.na_kwargs()
     if backend == "fused" and config is not None:
         kw["backend_config"] = config
+    if precision is not None:
+        kw["precision"] = precision
 
     def f(q, k, v):
         return na(q, k, v, backend=backend, **kw)

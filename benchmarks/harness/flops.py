@@ -42,14 +42,16 @@ def min_bytes(p: Problem, itemsize: int) -> int:
     return per_head * (2 * p.heads + 2 * p.heads_kv)
 
 
-def visited_flops(p: Problem, config=None) -> Optional[int]:
+def visited_flops(p: Problem, config=None, dtype=None) -> Optional[int]:
     """Forward work the fused kernel's tiles really do with ``config`` (a
-    ``natten_jax.FusedConfig``; None: the default), or None (logged) where it cannot say."""
+    ``natten_jax.FusedConfig``; None: the default) on inputs of ``dtype`` (None: 16-bit;
+    float32 runs other tiles), or None (logged) where it cannot say."""
     try:
         from natten_jax.backends import fused
 
         return int(fused.visited_flops(p.spatial, p.kernel, p.stride, p.dilation, p.causal,
-                                       p.batch, p.heads, p.head_dim, config=config))
+                                       p.batch, p.heads, p.head_dim, config=config,
+                                       dtype=dtype))
     except Exception as e:  # noqa: BLE001 - a number for the table, never a reason to stop
         print(f"visited_flops of {p.name}: {type(e).__name__}: {e}", file=sys.stderr)
         return None

@@ -14,7 +14,9 @@ read by benchmarks/results_docs.py, which makes the docs' tables of them)::
 ``impl``: ``natten_jax`` (our fused backend with the run's configuration), ``natten_jax/<name>``
 (our other rows: ``natten_jax/reference``, ``natten_jax/fused_sm80``, ...), or the peer's name
 (``cudnn``, ``natten``, ``xla``, ``flex``); ``mode``: ``fwd`` or ``fwdbwd``; ``ms``: the
-headline time. One row per (problem, impl, mode), of one dtype per file: :func:`merge` replaces
+headline time. One row per (problem, impl, mode), of one dtype per file, plus float32 rows
+(``--dtype float32``) with ``"precision"`` (``default`` / ``highest``), one per (problem, impl,
+mode, precision), beside them: :func:`merge` replaces
 the rows a new run measured again and keeps the others (each row names the commit it was
 measured at; the top-level commit and date are the last run's, and its command is added to the
 file's). Other top-level fields (``about``, ``problems``, ...) are kept. Only measured rows are
@@ -39,7 +41,8 @@ REPO = os.path.dirname(BENCH_DIR)
 MODES = {"fwd": "fwd", "fwd_bwd": "fwdbwd"}  # a run's timing keys -> the records' modes
 OURS = "natten_jax"
 PEERS = ("cudnn", "natten", "xla", "flex")
-KEY = ("problem", "impl", "mode")
+# A row's identity; "precision" only in float32 rows (bench_na --dtype float32), None elsewhere.
+KEY = ("problem", "impl", "mode", "precision")
 # A record's extra fields, copied from the run's timing dict when present.
 TIMING_FIELDS = ("ms_call", "spread_pct", "reps", "useful_tflops", "visited_tflops")
 
@@ -147,6 +150,8 @@ def records(rows: Iterable[dict], dtype: Optional[str] = None,
             rec.update({k: t[k] for k in TIMING_FIELDS if t.get(k) is not None})
             if r.get("fused_config"):
                 rec["fused_config"] = r["fused_config"]
+            if r.get("precision"):  # float32 rows: "default" or "highest"
+                rec["precision"] = r["precision"]
             out.append(rec)
     return out
 
@@ -171,11 +176,13 @@ def merge(path: str, device: str, commit: str, command: str, new_rows: List[dict
         if data.get("device") != device:
             raise SystemExit(f"--results {path}: holds {data.get('device')!r} rows, this run "
                              f"is on {device!r}")
-        theirs = {r["dtype"] for r in data["rows"] if r.get("dtype")}
-        mine = {r["dtype"] for r in new_rows if r.get("dtype")}
+        # One 16-bit dtype per file; float32 rows (keyed by their precision) sit beside it.
+        theirs = {r["dtype"] for r in data["rows"] if r.get("dtype") not in (None, "float32")}
+        mine = {r["dtype"] for r in new_rows if r.get("dtype") not in (None, "float32")}
         if len(theirs | mine) > 1:
             raise SystemExit(f"--results {path}: holds {sorted(theirs)} rows, this run "
-                             f"{sorted(mine)}: one dtype per file")
+                             f"{sorted(mine)}: one dtype per file (float32 rows, by "
+                             f"precision, aside)")
     index = {tuple(r.get(k) for k in KEY): i for i, r in enumerate(data["rows"])}
     for r in new_rows:
         key = tuple(r.get(k) for k in KEY)

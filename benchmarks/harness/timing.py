@@ -214,3 +214,41 @@ def time_calls(call: Callable[[], object], reps: int, warmup: int, budget_s: flo
     res = _stats(times)
     res.update(ms=res["ms_call"], compile_s=compile_s, **info)
     return res
+
+
+def time_interleaved(calls: dict, reps: int = 15, sample_s: float = 0.02,
+                     budget_s: float = 30.0) -> dict:
+    """Time several argument-less calls (``{name: call}``, each returning JAX arrays) in
+    alternation: every repetition times each call once, in turn, so that clock and thermal
+    drift affect all alike. One timed sample is ``n`` back-to-back calls (dispatch overlaps the
+    kernels) ended by ``block_until_ready``, ``n`` sized so a sample takes about ``sample_s``.
+    Each call is run once first (compile, warm-up). Returns ``{name: stats}`` (``ms``: median
+    per call, plus :func:`_stats`' fields and ``calls_per_sample``); repetitions stop early
+    once ``budget_s`` is spent (at least 3 are taken)."""
+    import jax
+
+    per_call, n_of = {}, {}
+    for name, call in calls.items():
+        jax.block_until_ready(call())
+        t0 = time.perf_counter()
+        jax.block_until_ready(call())
+        per_call[name] = time.perf_counter() - t0
+        n_of[name] = max(1, min(64, int(sample_s / max(per_call[name], 1e-6))))
+    samples = {name: [] for name in calls}
+    t_start = time.perf_counter()
+    for r in range(reps):
+        for name, call in calls.items():
+            n = n_of[name]
+            t0 = time.perf_counter()
+            for _ in range(n - 1):
+                call()
+            jax.block_until_ready(call())
+            samples[name].append((time.perf_counter() - t0) / n)
+        if r >= 2 and time.perf_counter() - t_start > budget_s:
+            break
+    out = {}
+    for name, times in samples.items():
+        st = _stats(times)
+        st.update(ms=st["ms_call"], calls_per_sample=n_of[name])
+        out[name] = st
+    return out
