@@ -13,6 +13,11 @@
 #                side: default kernels, and the sm90 forward + backward (NATTEN_JAX_FNA_IMPL=sm90,
 #                NATTEN_JAX_FNA_BWD_IMPL=sm90); SANITIZE_SETS=default or sm90 runs one of them
 #   bench        python -m benchmarks.bench_na $BENCH_ARGS (fwd+bwd, peers)
+#   ragged       python -m benchmarks.bench_ragged $RAGGED_ARGS (the cost of valid_extent)
+#
+# $OUT/results/ starts as a copy of benchmarks/results/: pass `--results $OUT/results/` in
+# BENCH_ARGS / RAGGED_ARGS to merge a run into the records there; they come back in the archive
+# (copy the changed files into benchmarks/results/).
 #   sm90         python scripts/check_fna_sm90.py (if present)
 #   unfused      python -m benchmarks.unfused_bench $UNFUSED_ARGS (if present)
 #   all          bash scripts/gpu_bench_all.sh (if present: autotune demo, sweep, throughput)
@@ -27,6 +32,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 SUMMARY="$OUT/session_summary.txt"
 : > "$SUMMARY"
+mkdir -p "$OUT/results" && cp benchmarks/results/*.json "$OUT/results/"
 
 run_step() {  # name, limit_s, command...
   local name=$1 limit=$2
@@ -78,6 +84,9 @@ for s in "${steps[@]}"; do
       run_step bench_na "${BENCH_LIMIT_S:-300}" python3 -m benchmarks.bench_na \
         ${BENCH_ARGS:---backends fused,fused_sm80,fused_sm90 --peers cudnn --time-limit-s 200} \
         --out "$OUT/bench_na.json" ;;
+    ragged)
+      run_step bench_ragged "${RAGGED_LIMIT_S:-240}" python3 -m benchmarks.bench_ragged \
+        ${RAGGED_ARGS:---time-limit-s 180} --out "$OUT/bench_ragged.json" ;;
     sm90)
       [ -f scripts/check_fna_sm90.py ] && run_step sm90 "${SM90_LIMIT_S:-150}" python3 scripts/check_fna_sm90.py ;;
     unfused)
@@ -103,7 +112,7 @@ done
 (cd "$OUT" && tar czf /tmp/logs.tgz --exclude=logs.tgz . && mv /tmp/logs.tgz "$OUT/logs.tgz")
 echo "---- gpu_check (tail)"
 tail -25 "$OUT/gpu_check.log"
-for f in "$OUT"/bench_na.log "$OUT"/sm90.log "$OUT"/unfused.log "$OUT"/bench_all.log; do
+for f in "$OUT"/bench_na.log "$OUT"/bench_ragged.log "$OUT"/sm90.log "$OUT"/unfused.log "$OUT"/bench_all.log; do
   [ -f "$f" ] && { echo "---- $(basename "$f") (tail)"; tail -30 "$f" | cut -c1-160; }
 done
 for f in "$OUT"/memcheck_*.log "$OUT"/racecheck_*.log; do
