@@ -40,7 +40,7 @@ import jax.numpy as jnp
 
 from natten_jax.checks import NAProblem
 from natten_jax.precision import einsum_precision
-from natten_jax.window import sample_extent, sample_num_extra, valid_tokens, window_offsets
+from natten_jax.window import sample_extent, used_extra, valid_tokens, window_offsets
 
 # Elements of gathered K (or V) per block: 2**25 fp32 = 128 MiB.
 _BLOCK_ELEMENTS = 1 << 25
@@ -227,8 +227,7 @@ def na_reference_ragged(p: NAProblem, query, key, value, additional_keys, additi
     Output 0 and logsumexp 0.0 at padded queries; padded inputs are never read."""
     extra_valid = None
     if additional_lengths is not None:
-        n = sample_num_extra(additional_lengths, p.num_extra)
-        extra_valid = jnp.arange(p.num_extra) < n[:, None]  # [B, N]
+        extra_valid = used_extra(additional_lengths, p.num_extra)  # [B, N]
         additional_keys = _keep(extra_valid, additional_keys)
         additional_values = _keep(extra_valid, additional_values)
     if valid_extent is None:

@@ -264,6 +264,14 @@ def sample_num_extra(lengths, num_extra: int):
     return _jnp().clip(lengths, 0, num_extra)
 
 
+def used_extra(lengths, num_extra: int):
+    """bool ``[B, num_extra]``: which additional tokens each sample of a ragged batch uses (the
+    first ``sample_num_extra(lengths[b], num_extra)``); ``lengths`` int ``[B]``, NumPy or JAX."""
+    xp = np if _is_np(lengths) else _jnp()
+    return np.arange(num_extra)[None, :] < xp.reshape(sample_num_extra(lengths, num_extra),
+                                                      (-1, 1))
+
+
 def valid_tokens(shape: Sequence[int], valid_extent):
     """bool ``[B, *shape]``: which tokens of a ragged batch lie inside their sample's extent
     (``valid_extent`` ``[B, rank]``, NumPy or JAX, possibly traced; already clamped)."""

@@ -52,7 +52,7 @@ from natten_jax.checks import NAProblem
 from natten_jax import tiles as tiles_mod
 from natten_jax.config import FusedConfig, default_config
 from natten_jax.merge import merge_attentions
-from natten_jax.window import sample_extent, sample_num_extra, valid_tokens
+from natten_jax.window import sample_extent, used_extra, valid_tokens
 
 TARGET = "natten_jax_fna_forward"
 TARGET_BACKWARD = "natten_jax_fna_backward"
@@ -258,8 +258,8 @@ def _na_fused_bwd(p, res, cts):
     if p.config.backward == "reference":
         from natten_jax.backends import reference
 
-        ragged = {} if valid_extent is None else dict(valid_extent=valid_extent)
-        _, vjp = jax.vjp(lambda q, k, v: reference.run(p, q, k, v, **ragged), q, k, v)
+        _, vjp = jax.vjp(lambda q, k, v: reference.run(p, q, k, v, valid_extent=valid_extent),
+                         q, k, v)
         return vjp(cts) + (None,)  # valid_extent: an integer operand, no cotangent
     f32 = jnp.float32
     delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1) - d_lse.astype(f32)
@@ -282,8 +282,7 @@ def _extra_attention(p: NAProblem, q, extra_k, extra_v, lengths):
     qg = q.astype(f32).reshape(q.shape[:-2] + (p.heads_kv, G, p.head_dim))
     ek, ev = extra_k.astype(f32), extra_v.astype(f32)
     if lengths is not None:
-        used = jnp.arange(N, dtype=jnp.int32)[None, :] < sample_num_extra(
-            jnp.asarray(lengths, jnp.int32), N)[:, None]  # [B, N]
+        used = used_extra(jnp.asarray(lengths, jnp.int32), N)  # [B, N]
         ek = jnp.where(used[:, :, None, None], ek, 0.0)
         ev = jnp.where(used[:, :, None, None], ev, 0.0)
     prec = precision_mod.einsum_precision(p.precision, q.dtype)
