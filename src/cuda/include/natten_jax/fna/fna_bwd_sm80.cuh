@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   QTileWork tile;
   if (!tile.init(p)) {
-    if (tile.padded) tile.store_zeros<T, D>(p, bp.dq, nullptr, tid, kThreads);
+    if (tile.padded) store_padded_q_tile<T, D>(p, bp.dq, nullptr, kThreads);
     return;
   }
   const int b = tile.b, h = tile.h;
@@ -307,18 +307,16 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int b = blockIdx.z;
   const int hkv = blockIdx.y % p.heads_kv;
-  int ext[3], span[3];
+  int ext[3];
   sample_extents(p, b, ext);
   const Neighborhood gi(ext, p.kernel, p.stride, p.dilation, p.causal, blockIdx.y / p.heads_kv);
-  group_span(p, gi, span);
   const int group_heads = p.heads / p.heads_kv;
   int k0[3], k1[3];
   tile_origin(blockIdx.x, bp.num_kv_tiles, p.kv_tile_log2, k0);
-  if (k0[0] >= span[0] || k0[1] >= span[1] || k0[2] >= span[2]) return;
   if (k0[0] >= gi.glen[0] || k0[1] >= gi.glen[1] || k0[2] >= gi.glen[2]) {
-    // Outside the sample (ragged batch): zero gradients.
-    store_kv_zeros<T, D>(p, bp.dk, gi, span, b, hkv, k0, tid, kThreads);
-    store_kv_zeros<T, D>(p, bp.dv, gi, span, b, hkv, k0, tid, kThreads);
+    // Past the sample's group: a tile inside the tensor's (ragged batch) stores zero gradients.
+    if (p.valid_extent != nullptr)
+      store_padded_kv_tile<T, D>(bp, kThreads);
     return;
   }
 #pragma unroll
@@ -508,6 +506,8 @@ __global__ void __launch_bounds__(kThreads, 2)
       F::store2(sdO + off, acc_dv[d][2 * r], acc_dv[d][2 * r + 1]);
     }
   __syncthreads();
+  int span[3];  // rows stored: the tensor's group (zeros past the sample's: P = 0 there)
+  group_span(p, gi, span);
   store_tile<T, D>(static_cast<T*>(bp.dk) + kvoff, sQ, p.kv_token_stride, gi.dil, k0, span,
                    p.kv_tile_log2, tid);
   store_tile<T, D>(static_cast<T*>(bp.dv) + kvoff, sdO, p.kv_token_stride, gi.dil, k0, span,

@@ -9,8 +9,8 @@
 // axis, the interval of queries whose windows contain the key (the policy's inverse
 // neighborhood, searched once). At the end the two warpgroups' partial sums are added through
 // shared memory in a fixed order (warpgroup 0 finishes dK, warpgroup 1 dV); dK = scale * acc.
-// Ragged batches: keys outside their sample (zero K and V) see no query (an empty inverse
-// interval), so their rows store zeros; a tile outside its sample stores zeros without computing.
+// Ragged batches: rows of keys outside their sample store zeros (store_tile), computed like the
+// rows past the extent; a tile outside its sample stores zeros without computing.
 #pragma once
 
 #include "natten_jax/fna/sm90_bwd_common.cuh"
@@ -35,7 +35,7 @@ struct DkvConfig : BwdLayout<D, 2, 1, D == 128 ? 4 : 6, 1024, 56, 224> {
 
 struct DkvWork {
   int b, hkv, group_heads;
-  int k0[3], span[3];
+  int k0[3];
   int ilo[3], ihi[3], nq[3];  // inverse neighborhood [ilo, ihi) and Q boxes per axis
   int boxes, total;           // Q boxes per head, boxes x group heads
   int ql[3], kl[3];
@@ -78,7 +78,6 @@ struct DkvTile {
   int b, hkv;
   Neighborhood gi;  // of the sample (ragged batches)
   int k0[3];
-  int span[3];      // the group's tokens in the tensor (q_tile.cuh: group_span)
 };
 __device__ __forceinline__ DkvTile dkv_tile(const FnaBwdParams& bp, int x, int y, int z) {
   const FnaFwdParams& p = bp.f;
@@ -86,9 +85,8 @@ __device__ __forceinline__ DkvTile dkv_tile(const FnaBwdParams& bp, int x, int y
   sample_extents(p, z, ext);
   DkvTile e{z, y % p.heads_kv,
             Neighborhood(ext, p.kernel, p.stride, p.dilation, p.causal, y / p.heads_kv),
-            {0, 0, 0}, {0, 0, 0}};
+            {0, 0, 0}};
   tile_origin(x, bp.num_kv_tiles, p.kv_tile_log2, e.k0);
-  group_span(p, e.gi, e.span);
   return e;
 }
 
@@ -177,9 +175,9 @@ __device__ __forceinline__ void dkv_consume(const FnaBwdParams& bp, const Neighb
   // This thread's key rows (16 warp + grow, + 8; both warpgroups hold the same rows): per axis
   // the interval [qlo, qhi) of in-group queries whose windows contain the key (window bounds
   // are monotone in the query), stored in shared memory (this thread's own slots). Rows past the
-  // extent take the last valid key (never stored); keys outside their sample but inside the
-  // tensor (ragged batches) see no query. The warp's intersection [wlo, whi) marks the
-  // boxes that need no mask on an axis.
+  // extent (or past the sample's, in a ragged batch) take the last valid key (stored as zeros
+  // or not at all). The warp's intersection [wlo, whi) marks the boxes that need no mask on an
+  // axis.
   const uint32_t iv_addr = sbase + Cfg::kIvOff + (w * kWG + t) * 4;
   int wlo[3], whi[3];
   {
@@ -188,17 +186,10 @@ __device__ __forceinline__ void dkv_consume(const FnaBwdParams& bp, const Neighb
     for (int r = 0; r < 2; ++r) {
       int cc[3];
       tile_coord(16 * warp + grow + 8 * r, c.kl, cc);
-      bool padded = false;  // a key of the tensor outside its sample (ragged): no query
-#pragma unroll
-      for (int a = 0; a < 3; ++a) {
-        const int xr = c.k0[a] + cc[a];
-        padded = padded || (xr >= gi.glen[a] && xr < c.span[a]);
-      }
 #pragma unroll
       for (int a = 0; a < 3; ++a) {
         const int x = min(c.k0[a] + cc[a], gi.glen[a] - 1);
-        Interval inv = gi.inverse(a, x, x, c.ilo[a], c.ihi[a]);
-        if (padded) inv.hi = inv.lo;
+        const Interval inv = gi.inverse(a, x, x, c.ilo[a], c.ihi[a]);
         qlo[r][a] = inv.lo;
         qhi[r][a] = inv.hi;
         st_shared_b32(iv_addr + (6 * r + 2 * a) * 2 * kWG * 4, static_cast<uint32_t>(qlo[r][a]));
@@ -349,7 +340,9 @@ __device__ __forceinline__ void dkv_consume(const FnaBwdParams& bp, const Neighb
   for (int a = 0; a < 3; ++a) goff_kv += static_cast<int64_t>(e.gi.g[a]) * p.kv_token_stride[a];
   T* out = static_cast<T*>(w == 0 ? bp.dk : bp.dv) + e.b * p.kv_batch_stride + goff_kv +
            e.hkv * p.kv_head_stride;
-  store_tile<T, D, kBlockBytes>(out, out_tile, p.kv_token_stride, e.gi.dil, e.k0, e.span,
+  int span[3];
+  group_span(p, e.gi, span);
+  store_tile<T, D, kBlockBytes>(out, out_tile, p.kv_token_stride, e.gi.dil, e.k0, e.gi.glen, span,
                                 p.kv_tile_log2, 0, t);
 }
 
@@ -369,15 +362,11 @@ __global__ void __launch_bounds__(DkvConfig<D>::kThreads, DkvConfig<D>::kMinBloc
   c.hkv = e.hkv;
   c.group_heads = p.heads / p.heads_kv;
 #pragma unroll
-  for (int a = 0; a < 3; ++a) {
-    c.k0[a] = e.k0[a];
-    c.span[a] = e.span[a];
-  }
-  if (c.k0[0] >= c.span[0] || c.k0[1] >= c.span[1] || c.k0[2] >= c.span[2]) return;
+  for (int a = 0; a < 3; ++a) c.k0[a] = e.k0[a];
   if (c.k0[0] >= gi.glen[0] || c.k0[1] >= gi.glen[1] || c.k0[2] >= gi.glen[2]) {
-    // Outside the sample (ragged batch): zero gradients.
-    store_kv_zeros<T, D>(p, bp.dk, gi, c.span, c.b, c.hkv, c.k0, threadIdx.x, Cfg::kThreads);
-    store_kv_zeros<T, D>(p, bp.dv, gi, c.span, c.b, c.hkv, c.k0, threadIdx.x, Cfg::kThreads);
+    // Past the sample's group: a tile inside the tensor's (ragged batch) stores zero gradients.
+    if (p.valid_extent != nullptr)
+      store_padded_kv_tile<T, D>(bp, Cfg::kThreads);
     return;
   }
   c.boxes = 1;

@@ -172,7 +172,7 @@ __device__ __forceinline__ void dq_consume(const FnaBwdParams& bp, const Neighbo
   group_span(p, gi, span);
   store_tile<T, D, kBlockBytes>(
       static_cast<T*>(bp.dq) + c.b * p.q_batch_stride + goff_q + c.h * p.q_head_stride,
-      sbase + Cfg::kQOff, p.q_token_stride, gi.dil, c.q0, span, c.ql, 0, t);
+      sbase + Cfg::kQOff, p.q_token_stride, gi.dil, c.q0, gi.glen, span, c.ql, 0, t);
 }
 
 template <typename T, int D>
@@ -186,7 +186,7 @@ __global__ void __launch_bounds__(DqConfig<D>::kThreads, DqConfig<D>::kMinBlocks
   
   DqWork c;
   if (!c.init(p)) {
-    if (c.padded) c.store_zeros<T, D>(p, bp.dq, nullptr, threadIdx.x, Cfg::kThreads);
+    if (c.padded) store_padded_q_tile<T, D>(p, bp.dq, nullptr, Cfg::kThreads);
     return;
   }
   const Neighborhood& gi = c.nb;

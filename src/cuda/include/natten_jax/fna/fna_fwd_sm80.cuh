@@ -70,7 +70,7 @@ __global__ void __launch_bounds__(kThreads, MinCtas)
   // ---- Which (batch, head, dilation group, Q tile) this CTA owns; its KV range [lo, hi).
   QTileWork tile;
   if (!tile.init(p)) {
-    if (tile.padded) tile.store_zeros<T, D>(p, p.o, p.lse, tid, kThreads);
+    if (tile.padded) store_padded_q_tile<T, D>(p, p.o, p.lse, kThreads);
     return;
   }
   const int b = tile.b, h = tile.h;

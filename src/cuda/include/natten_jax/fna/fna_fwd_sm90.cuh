@@ -172,7 +172,8 @@ __device__ __forceinline__ void fwd_epilogue(const FnaFwdParams& p, const CtaWor
 #pragma unroll
   for (int a = 0; a < 3; ++a) goff_q += static_cast<int64_t>(c.nb.g[a]) * p.q_token_stride[a];
   T* obase = static_cast<T*>(p.o) + c.b * p.q_batch_stride + goff_q + c.h * p.q_head_stride;
-  store_tile<T, D, Cfg::kQBlockBytes>(obase, sbase, p.q_token_stride, c.nb.dil, c.q0, span,
+  store_tile<T, D, Cfg::kQBlockBytes>(obase, sbase, p.q_token_stride, c.nb.dil, c.q0, c.nb.glen,
+                                      span,
                                       c.ql, 64 * w, t);
 }
 
@@ -330,7 +331,7 @@ __global__ void __launch_bounds__(FwdConfig<D, NWG>::kThreads, FwdConfig<D, NWG>
   // ---- Which (batch, head, dilation group, Q tile) this CTA owns, and the KV range it visits.
   CtaWork c;
   if (!c.init(p)) {
-    if (c.padded) c.store_zeros<T, D>(p, p.o, p.lse, threadIdx.x, Cfg::kThreads);
+    if (c.padded) store_padded_q_tile<T, D>(p, p.o, p.lse, Cfg::kThreads);
     return;
   }
 

@@ -7,6 +7,7 @@
 
 #include <cuda_runtime.h>
 
+#include "natten_jax/fna/fna_bwd_params.h"
 #include "natten_jax/fna/fna_fwd_params.h"
 #include "natten_jax/neighborhood.cuh"
 
@@ -167,6 +168,38 @@ struct QTileWork {
     for (int a = 0; a < 3; ++a) o[a] = lo[a] + (bi[a] << kl[a]);
   }
 };
+
+// The early exits of a ragged batch, not inlined: inlined, their index arithmetic raised the
+// register use of the kernels' main loops (the sm90 dK/dV kernel spilled ~100 bytes, the 16-bit
+// backward ran 5-10% slower without any ragged argument), though only these exits run them.
+//
+// A Q tile outside its sample (QTileWork::init set `padded`): zeros into its rows of x (laid
+// out like q) and of lse (if not null). n threads.
+template <typename T, int D>
+__device__ __noinline__ void store_padded_q_tile(const FnaFwdParams& p, void* x, float* lse,
+                                                 int n) {
+  QTileWork tile;
+  tile.init(p);
+  tile.store_zeros<T, D>(p, x, lse, static_cast<int>(threadIdx.x), n);
+}
+
+// The key tile of a dK/dV CTA (block x: tile, y: key/value head x dilation group, z: batch)
+// when it lies past its sample's group: zero dK and dV for its rows inside the tensor's group
+// (none if it lies past that too). n threads.
+template <typename T, int D>
+__device__ __noinline__ void store_padded_kv_tile(const FnaBwdParams& bp, int n) {
+  const FnaFwdParams& p = bp.f;
+  const int b = static_cast<int>(blockIdx.z), y = static_cast<int>(blockIdx.y);
+  int ext[3], span[3], k0[3];
+  sample_extents(p, b, ext);
+  const Neighborhood gi(ext, p.kernel, p.stride, p.dilation, p.causal, y / p.heads_kv);
+  group_span(p, gi, span);
+  tile_origin(static_cast<int>(blockIdx.x), bp.num_kv_tiles, p.kv_tile_log2, k0);
+  if (k0[0] >= span[0] || k0[1] >= span[1] || k0[2] >= span[2]) return;
+  const int t = static_cast<int>(threadIdx.x), hkv = y % p.heads_kv;
+  store_kv_zeros<T, D>(p, bp.dk, gi, span, b, hkv, k0, t, n);
+  store_kv_zeros<T, D>(p, bp.dv, gi, span, b, hkv, k0, t, n);
+}
 
 }  // namespace fna
 }  // namespace natten_jax

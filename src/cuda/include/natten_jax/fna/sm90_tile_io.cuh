@@ -109,12 +109,13 @@ __device__ __forceinline__ void stage_acc(uint32_t tile_addr, const float (&acc)
 }
 
 // Writes rows [row0, row0 + 64) of the swizzled tile at `tile_addr` (column blocks kBlockBytes
-// apart) to global rows base + token offset (tile origin o, log2 extents l), skipping rows
-// outside the tensor's group (x >= span); t: thread in the warpgroup.
+// apart) to global rows base + token offset (tile origin o, log2 extents l): rows inside the
+// sample's group (x < glen) from the tile, rows in [glen, span) as zeros (a ragged batch's
+// padding), rows outside the tensor's group (x >= span) skipped; t: thread in the warpgroup.
 template <typename T, int D, int kBlockBytes>
 __device__ __forceinline__ void store_tile(T* base, uint32_t tile_addr, const int64_t* tok_stride,
-                                           const int* dil, const int* o, const int* span,
-                                           const int* l, int row0, int t) {
+                                           const int* dil, const int* o, const int* glen,
+                                           const int* span, const int* l, int row0, int t) {
   constexpr int kChunks = D / 8;
 #pragma unroll
   for (int i = 0; i < (64 * kChunks) / kWGThreads; ++i) {
@@ -122,18 +123,20 @@ __device__ __forceinline__ void store_tile(T* base, uint32_t tile_addr, const in
     const int row = row0 + idx / kChunks, chunk = idx % kChunks;
     int cc[3];
     tile_coord(row, l, cc);
-    bool valid = true;
+    bool valid = true, inside = true;
     int64_t off = 0;
 #pragma unroll
     for (int a = 0; a < 3; ++a) {
       const int x = o[a] + cc[a];
       valid = valid && x < span[a];
+      inside = inside && x < glen[a];
       off += static_cast<int64_t>(x) * dil[a] * tok_stride[a];
     }
     if (valid) {
       const uint32_t addr = tile_addr + (chunk / 8) * kBlockBytes + row * kRowBytes +
                             (((chunk % 8) ^ (row % 8)) << 4);
-      *reinterpret_cast<uint4*>(base + off + chunk * 8) = ld_shared_v4(addr);
+      *reinterpret_cast<uint4*>(base + off + chunk * 8) =
+          inside ? ld_shared_v4(addr) : make_uint4(0u, 0u, 0u, 0u);
     }
   }
 }
