@@ -141,7 +141,7 @@ def _build(p: NAProblem, mesh: Mesh, axis_name: str):
 
 def na_context_parallel(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False,
                         scale: Optional[float] = None, *, mesh: Mesh, axis_name: str,
-                        return_lse: bool = False):
+                        return_lse: bool = False, precision=None):
     """Neighborhood attention (rank 1-3) with spatial axis 0 sharded over ``mesh[axis_name]``.
 
     Arguments and results are those of :func:`natten_jax.na1d` / ``na2d`` / ``na3d`` (rank taken
@@ -152,13 +152,15 @@ def na_context_parallel(query, key, value, kernel_size, stride=1, dilation=1, is
       axis_name: the mesh axis over which the first spatial axis (array axis 1) is split into
         equal contiguous slabs; its size must divide that extent. Other mesh axes replicate.
       return_lse: also return the logsumexp ``[B, S..., H]`` (float32; float64 for float64).
+      precision: how accurately float32 inputs are computed, as in :func:`natten_jax.na2d`
+        (None follows ``jax.default_matmul_precision`` when traced; 16-bit inputs ignore it).
 
     Results are sharded ``PartitionSpec(None, axis_name)``. Exact against
     ``na{rank}d(..., backend="reference")`` on the unsharded arrays, forward and gradients; the
     halo exchange uses ``ppermute`` only (no all-gather). See the module docstring.
     """
     p = check_context_parallel_call(query, key, value, kernel_size, stride, dilation, is_causal,
-                                    scale, mesh, axis_name)
+                                    scale, mesh, axis_name, precision)
     args = (query, key, value)
     if _is_explicit(mesh, axis_name):
         # Explicit axes: shard_map wants the inputs' types to carry its in_specs already.

@@ -364,3 +364,30 @@ def test_halo_plan_covers_windows(L, n, k, s, d, c):
 if __name__ == "__main__":
     out = _worker()
     print("RESULTS " + json.dumps(out))
+
+
+def test_precision_reaches_the_problem(monkeypatch):
+    """``precision=`` is validated as in na2d and carried in the problem the program is built
+    for (float32's einsums take it); None follows jax.default_matmul_precision."""
+    import jax
+    import jax.numpy as jnp
+
+    from natten_jax import context_parallel as cp
+
+    seen = []
+    build = cp._build
+
+    def spy(p, mesh, axis_name):
+        seen.append(p.precision)
+        return build(p, mesh, axis_name)
+
+    monkeypatch.setattr(cp, "_build", spy)
+    q = jnp.ones((1, 8, 4, 2, 4), jnp.float32)
+    m = _one_device_mesh()
+    with pytest.raises(ValueError, match="precision"):
+        cp.na_context_parallel(q, q, q, 3, mesh=m, axis_name="x", precision="bogus")
+    cp.na_context_parallel(q, q, q, 3, mesh=m, axis_name="x", precision="highest")
+    cp.na_context_parallel(q, q, q, 3, mesh=m, axis_name="x", precision="default")
+    with jax.default_matmul_precision("highest"):
+        cp.na_context_parallel(q, q, q, 3, mesh=m, axis_name="x")
+    assert seen == ["highest", "default", "highest"]
