@@ -2,7 +2,7 @@
 
 A kernel that starts to spill can lose 5-10% with no other sign (the sm90 dK/dV kernel did, from
 an inlined early exit: docs/perf-log.md), and no GPU is needed to see it: ``ptxas -v`` tells.
-This compiles every ``src/cuda/fna/*.cu`` for one architecture (default sm_90a, CI's) with
+This compiles every ``src/cuda/fna/*.cu`` for the table's architecture (sm_90a, CI's) with
 ``-Xptxas -v`` (no object kept), reads each kernel's registers and spill bytes, and compares
 them with the table:
 
@@ -134,30 +134,38 @@ def compare(table: dict, now: dict):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", default="90a", help="ptxas target (default 90a)")
+    ap.add_argument("--arch", help="ptxas target (default: the table's; 90a for --update "
+                    "without a table)")
     ap.add_argument("--update", action="store_true", help="rewrite the table from this build")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     args = ap.parse_args(argv)
     if not shutil.which("nvcc"):
         print("kernel_resources: no nvcc on PATH", file=sys.stderr)
         return 2
-    now = measure(args.arch, args.jobs)
+    data = None
+    if os.path.exists(TABLE):
+        with open(TABLE) as fh:
+            data = json.load(fh)
+    arch = args.arch or (data or {}).get("arch", "90a")
+    if not args.update and data is None:
+        print(f"kernel_resources: no table at {os.path.relpath(TABLE, ROOT)} (--update writes "
+              "one)", file=sys.stderr)
+        return 2
+    if not args.update and data.get("arch") != arch:
+        print(f"kernel_resources: the table is for sm_{data.get('arch')}, not sm_{arch}",
+              file=sys.stderr)
+        return 2
+    now = measure(arch, args.jobs)
     if args.update:
-        data = {"about": ("ptxas -v of src/cuda/fna/*.cu for sm_" + args.arch + ", written by "
+        data = {"about": ("ptxas -v of src/cuda/fna/*.cu for sm_" + arch + ", written by "
                           "`python scripts/kernel_resources.py --update`; checked in CI (a "
                           "kernel that spills or uses more registers than listed fails)."),
-                "arch": args.arch, "kernels": now}
+                "arch": arch, "kernels": now}
         with open(TABLE, "w") as fh:
             json.dump(data, fh, indent=1, sort_keys=False)
             fh.write("\n")
         print(f"kernel_resources: {len(now)} kernels written to {os.path.relpath(TABLE, ROOT)}")
         return 0
-    with open(TABLE) as fh:
-        data = json.load(fh)
-    if data.get("arch") != args.arch:
-        print(f"kernel_resources: the table is for sm_{data.get('arch')}, not sm_{args.arch}",
-              file=sys.stderr)
-        return 2
     fails, notes = compare(data["kernels"], now)
     for line in notes:
         print("better:", line)

@@ -342,8 +342,8 @@ __device__ __forceinline__ void dkv_consume(const FnaBwdParams& bp, const Neighb
            e.hkv * p.kv_head_stride;
   int span[3];
   group_span(p, e.gi, span);
-  store_tile<T, D, kBlockBytes>(out, out_tile, p.kv_token_stride, e.gi.dil, e.k0, e.gi.glen, span,
-                                p.kv_tile_log2, 0, t);
+  store_tile<T, D, kBlockBytes>(out, out_tile, p.kv_token_stride, e.gi.dil, e.k0, e.gi.glen,
+                                span, p.kv_tile_log2, 0, t);
 }
 
 template <typename T, int D>

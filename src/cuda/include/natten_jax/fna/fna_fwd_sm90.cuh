@@ -173,8 +173,7 @@ __device__ __forceinline__ void fwd_epilogue(const FnaFwdParams& p, const CtaWor
   for (int a = 0; a < 3; ++a) goff_q += static_cast<int64_t>(c.nb.g[a]) * p.q_token_stride[a];
   T* obase = static_cast<T*>(p.o) + c.b * p.q_batch_stride + goff_q + c.h * p.q_head_stride;
   store_tile<T, D, Cfg::kQBlockBytes>(obase, sbase, p.q_token_stride, c.nb.dil, c.q0, c.nb.glen,
-                                      span,
-                                      c.ql, 64 * w, t);
+                                      span, c.ql, 64 * w, t);
 }
 
 // ---- Consumer warpgroup w (0-based): Q-tile rows [64w, 64w + 64).
