@@ -144,6 +144,30 @@ int main() {
                                          n.window_intersection(2, first, last)};
       if (n.start(2, i[2]) != w.start || n.end(2, i[2]) != w.end || n.coord(2, i[2]) != x)
         std::printf("policy and window.cuh disagree\n");
+      // The fused kernels' Neighborhood (FastDiv divisors) answers the same.
+      const natten_jax::FastDiv fs[3] = {natten_jax::FastDiv(1), natten_jax::FastDiv(1),
+                                         natten_jax::FastDiv(s)};
+      const natten_jax::FastDiv fd[3] = {natten_jax::FastDiv(1), natten_jax::FastDiv(1),
+                                         natten_jax::FastDiv(d)};
+      int fi[3];
+      const auto m = natten_jax::BasicNeighborhood<natten_jax::FastDiv>::of_token(
+          extent, kernel, fs, fd, causal, xs, fi);
+      const natten_jax::Neighborhood ng(extent, kernel, stride, dilation, causal, x % d);
+      const natten_jax::BasicNeighborhood<natten_jax::FastDiv> mg(extent, kernel, fs, fd, causal,
+                                                                  x % d);
+      const int cnt[3] = {2, 3, L}, ls[3] = {0, 1, 2};
+      const natten_jax::FastDiv fcnt[3] = {natten_jax::FastDiv(2), natten_jax::FastDiv(3),
+                                           natten_jax::FastDiv(L)};
+      int to[3], fo[3];
+      natten_jax::tile_origin((x * 7) % (6 * L), cnt, ls, to);
+      natten_jax::tile_origin((x * 7) % (6 * L), fcnt, ls, fo);
+      const natten_jax::Interval u = m.window_union(2, first, last);
+      const natten_jax::Interval v = m.inverse(2, i[2], i[2]);
+      if (fi[2] != i[2] || m.g[2] != n.g[2] || m.glen[2] != n.glen[2] || mg.g[2] != ng.g[2] ||
+          mg.glen[2] != n.glen[2] || ng.glen[2] != n.glen[2] || m.start(2, i[2]) != w.start ||
+          m.end(2, i[2]) != w.end || u.lo != f[1].lo || u.hi != f[1].hi || v.lo != f[0].lo ||
+          v.hi != f[0].hi || to[0] != fo[0] || to[1] != fo[1] || to[2] != fo[2])
+        std::printf("FastDiv policy disagrees\n");
       std::printf("%d %d %d %d %d %d %d %d\n", w.start, w.end, f[0].lo, f[0].hi, f[1].lo,
                   f[1].hi, f[2].lo, f[2].hi);
     }
@@ -182,7 +206,7 @@ def test_policy_on_host_matches_window_py(tmp_path):
     axes = _host_axes()
     stdin = "".join(f"{L} {k} {s} {d} {int(c)} {l}\n" for L, k, s, d, c, l in axes)
     res = subprocess.run([str(exe)], input=stdin, capture_output=True, text=True, check=True)
-    assert "disagree" not in res.stdout
+    assert "disagree" not in res.stdout and "wrong" not in res.stdout
     got = np.array(res.stdout.split(), np.int64).reshape(-1, 8)
     want = np.concatenate([expected_axis(np.arange(L), L, k, s, d, c, l)
                            for L, k, s, d, c, l in axes])

@@ -65,28 +65,34 @@ ffi::Error fill_params(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const f
   }
 
   p = fna::FnaFwdParams{};
+  int heads = 0, heads_kv = 0, stride_[3], dilation_[3];
   NJ_RETURN_IF_ERROR(dim_as_int(qd[0], "batch", p.batch));
-  NJ_RETURN_IF_ERROR(dim_as_int(qd[nd - 2], "heads", p.heads));
-  NJ_RETURN_IF_ERROR(dim_as_int(kd[nd - 2], "key/value heads", p.heads_kv));
+  NJ_RETURN_IF_ERROR(dim_as_int(qd[nd - 2], "heads", heads));
+  NJ_RETURN_IF_ERROR(dim_as_int(kd[nd - 2], "key/value heads", heads_kv));
   NJ_RETURN_IF_ERROR(dim_as_int(qd[nd - 1], "head_dim", p.head_dim));
   NJ_FFI_CHECK(kd[0] == qd[0] && vd[0] == qd[0], "q, k, v batch sizes differ");
   NJ_FFI_CHECK(kd[nd - 1] == p.head_dim && vd[nd - 1] == p.head_dim,
                "k and v head_dim must equal q head_dim");
-  NJ_FFI_CHECK(vd[nd - 2] == p.heads_kv && p.heads % p.heads_kv == 0,
+  NJ_FFI_CHECK(vd[nd - 2] == heads_kv && heads % heads_kv == 0,
                "key/value heads must divide query heads");
+  p.heads = FastDiv(heads);
+  p.heads_kv = FastDiv(heads_kv);
+  p.heads_per_kv = FastDiv(heads / heads_kv);
   for (int a = 0; a < rank; ++a)
     NJ_FFI_CHECK(kd[1 + a] == qd[1 + a] && vd[1 + a] == qd[1 + a], "q, k, v spatial shapes differ");
   NJ_RETURN_IF_ERROR(spatial_extents("fna", qd, 1, rank, p.extent));
   NJ_RETURN_IF_ERROR(window_attrs("fna", rank, p.extent, kernel_size, &stride, dilation,
-                                  is_causal, p.kernel, p.stride, p.dilation, p.causal));
+                                  is_causal, p.kernel, stride_, dilation_, p.causal));
   NJ_RETURN_IF_ERROR(axis_attr("fna", "q_tile", q_tile, rank, 0, 0, 7, p.q_tile_log2));
   NJ_RETURN_IF_ERROR(axis_attr("fna", "kv_tile", kv_tile, rank, 0, 0, 6, p.kv_tile_log2));
   int64_t groups = 1;
   for (int a = 0; a < 3; ++a) {
+    p.stride[a] = FastDiv(stride_[a]);
+    p.dilation[a] = FastDiv(dilation_[a]);
     // Tiles per axis for the longest dilation group (group 0), the grid's extent.
-    p.num_q_tiles[a] = tiles_covering(group_extent(p.extent[a], p.dilation[a], 0),
-                                      p.q_tile_log2[a]);
-    groups *= p.dilation[a];
+    p.num_q_tiles[a] = FastDiv(tiles_covering(group_extent(p.extent[a], dilation_[a], 0),
+                                              p.q_tile_log2[a]));
+    groups *= dilation_[a];
   }
   NJ_FFI_CHECK(static_cast<int64_t>(p.num_q_tiles[0]) * p.num_q_tiles[1] * p.num_q_tiles[2] <=
                    INT_MAX,
@@ -237,8 +243,8 @@ ffi::Error FnaBackwardImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer
                "dout must match q, and lse / delta must be [batch, *spatial, heads]");
   NJ_RETURN_IF_ERROR(check_kernel(true, impl, bp.f, dtype, 0, kernel));
   for (int a = 0; a < 3; ++a)
-    bp.num_kv_tiles[a] = tiles_covering(group_extent(bp.f.extent[a], bp.f.dilation[a], 0),
-                                        bp.f.kv_tile_log2[a]);
+    bp.num_kv_tiles[a] = FastDiv(tiles_covering(
+        group_extent(bp.f.extent[a], bp.f.dilation[a], 0), bp.f.kv_tile_log2[a]));
   bp.f.lse = const_cast<float*>(lse.typed_data());  // read only in the backward
   bp.dout = dout.untyped_data();
   bp.delta = delta.typed_data();

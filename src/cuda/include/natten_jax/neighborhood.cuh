@@ -44,48 +44,70 @@ struct Interval {
   int lo, hi;
 };
 
+// How a Neighborhood holds the per-axis dilations and strides: ints by value; FastDivs
+// (fast_div.h) by pointer into the arrays they were built from, the fused kernels' parameters,
+// so that a kernel reads their multipliers from constant memory where it divides rather than
+// holding them in registers across its main loop (copies cost the sm80 dK/dV kernel 12
+// registers). Indexes like an array and converts to a pointer to its first element.
+template <typename Div>
+struct AxisDivisors {
+  Div v[3];
+  NJ_HOST_DEVICE void set(const Div* src) {
+#pragma unroll
+    for (int a = 0; a < 3; ++a) v[a] = src ? src[a] : Div(1);
+  }
+  NJ_HOST_DEVICE const Div& operator[](int a) const { return v[a]; }
+  NJ_HOST_DEVICE operator const Div*() const { return v; }
+};
+template <>
+struct AxisDivisors<FastDiv> {
+  const FastDiv* v;  // not null: the fused kernels pass every array
+  NJ_HOST_DEVICE void set(const FastDiv* src) { v = src; }
+  NJ_HOST_DEVICE const FastDiv& operator[](int a) const { return v[a]; }
+  NJ_HOST_DEVICE operator const FastDiv*() const { return v; }
+};
+
 // Window rules of the dilation group `group` (flat index over the per-axis dilations, last
 // axis fastest) of a rank-3 problem (rank-1/2 problems pad leading axes with extent, kernel,
-// stride and dilation 1). `stride` may be null (unfused kernels: stride 1 on every axis).
-struct Neighborhood {
+// stride and dilation 1). `stride` may be null with int divisors (unfused kernels: stride 1 on
+// every axis). Div, the type of the dilations and strides: int, or FastDiv where the kernel
+// parameters carry them so (the fused kernels: fna::Neighborhood); the answers are the same.
+template <typename Div>
+struct BasicNeighborhood {
   int g[3];     // the group's offset on each axis (global coordinate = g + dil * in-group index)
   int glen[3];  // the group's extent on each axis
-  int dil[3], ks[3], st[3];
+  AxisDivisors<Div> dil, st;
+  int ks[3];
   bool causal[3];
 
-  Neighborhood() = default;
+  BasicNeighborhood() = default;
 
   template <typename IntT, typename CausalT>
-  NJ_HOST_DEVICE Neighborhood(const IntT* extent, const IntT* kernel, const IntT* stride,
-                              const IntT* dilation, const CausalT* is_causal, int group) {
+  NJ_HOST_DEVICE BasicNeighborhood(const IntT* extent, const IntT* kernel, const Div* stride,
+                                   const Div* dilation, const CausalT* is_causal, int group) {
+    dil.set(dilation);
 #pragma unroll
-    for (int a = 2; a >= 0; --a) {
-      dil[a] = dilation[a];
-      g[a] = group % dil[a];
-      group /= dil[a];
-    }
+    for (int a = 2; a >= 0; --a) group = divmod(group, dil[a], g[a]);
     set_axes(extent, kernel, stride, is_causal);
   }
 
   // The group that holds the token at global coordinates x[3]; x's in-group indices go to i[3]
   // (per-token kernels: the unfused naive kernels, the window_bounds test target).
   template <typename IntT, typename CausalT>
-  static NJ_HOST_DEVICE Neighborhood of_token(const IntT* extent, const IntT* kernel,
-                                              const IntT* stride, const IntT* dilation,
-                                              const CausalT* is_causal, const int* x, int* i) {
-    Neighborhood n;
+  static NJ_HOST_DEVICE BasicNeighborhood of_token(const IntT* extent, const IntT* kernel,
+                                                   const Div* stride, const Div* dilation,
+                                                   const CausalT* is_causal, const int* x,
+                                                   int* i) {
+    BasicNeighborhood n;
+    n.dil.set(dilation);
 #pragma unroll
-    for (int a = 0; a < 3; ++a) {
-      n.dil[a] = dilation[a];
-      n.g[a] = x[a] % n.dil[a];
-      i[a] = x[a] / n.dil[a];
-    }
+    for (int a = 0; a < 3; ++a) i[a] = divmod(x[a], n.dil[a], n.g[a]);
     n.set_axes(extent, kernel, stride, is_causal);
     return n;
   }
 
   // Global coordinate on axis a of in-group index i.
-  NJ_HOST_DEVICE int coord(int a, int i) const { return g[a] + dil[a] * i; }
+  NJ_HOST_DEVICE int coord(int a, int i) const { return g[a] + static_cast<int>(dil[a]) * i; }
 
   // Window [start, end) of in-group query i on axis a.
   NJ_HOST_DEVICE int start(int a, int i) const {
@@ -132,12 +154,12 @@ struct Neighborhood {
  private:
   // The per-axis rules once dil[] and g[] are set.
   template <typename IntT, typename CausalT>
-  NJ_HOST_DEVICE void set_axes(const IntT* extent, const IntT* kernel, const IntT* stride,
+  NJ_HOST_DEVICE void set_axes(const IntT* extent, const IntT* kernel, const Div* stride,
                                const CausalT* is_causal) {
+    st.set(stride);
 #pragma unroll
     for (int a = 0; a < 3; ++a) {
       ks[a] = kernel[a];
-      st[a] = stride ? stride[a] : 1;
       causal[a] = is_causal[a] != 0;
       glen[a] = group_extent(extent[a], dil[a], g[a]);
     }
@@ -156,6 +178,9 @@ struct Neighborhood {
   }
 };
 
+// The window rules with int divisors (unfused kernels, host code).
+using Neighborhood = BasicNeighborhood<int>;
+
 // Local coordinates of row r of a tile of 2^l[0] x 2^l[1] x 2^l[2] tokens (row-major).
 NJ_HOST_DEVICE void tile_coord(int r, const int* l, int* c) {
   c[2] = r & ((1 << l[2]) - 1);
@@ -164,12 +189,13 @@ NJ_HOST_DEVICE void tile_coord(int r, const int* l, int* c) {
 }
 
 // Per-axis tile origins (in-group) of flat tile index t over count[0] x count[1] x count[2]
-// tiles of 2^l[a] tokens (last axis fastest).
-NJ_HOST_DEVICE void tile_origin(int t, const int* count, const int* l, int* o) {
+// tiles of 2^l[a] tokens (last axis fastest); counts: ints or FastDivs.
+template <typename Div>
+NJ_HOST_DEVICE void tile_origin(int t, const Div* count, const int* l, int* o) {
 #pragma unroll
   for (int a = 2; a >= 0; --a) {
-    o[a] = (t % count[a]) << l[a];
-    t /= count[a];
+    t = divmod(t, count[a], o[a]);
+    o[a] <<= l[a];
   }
 }
 
@@ -181,8 +207,9 @@ NJ_HOST_DEVICE int tiles_covering(int extent, int l) { return (extent + (1 << l)
 // per axis the union [ulo, uhi) and the intersection [ilo, ihi) of their windows (either pair may
 // be null). Rows past the group's extent take the window of the last row inside it (kernels
 // compute such rows and never store them). Returns whether the first row lies inside the group.
-NJ_HOST_DEVICE bool rows_windows(const Neighborhood& nb, const int* q0, const int* l, int r0, int n,
-                                 int* ulo, int* uhi, int* ilo, int* ihi) {
+template <typename Div>
+NJ_HOST_DEVICE bool rows_windows(const BasicNeighborhood<Div>& nb, const int* q0, const int* l,
+                                 int r0, int n, int* ulo, int* uhi, int* ilo, int* ihi) {
   int cf[3], cl[3];
   tile_coord(r0, l, cf);
   tile_coord(r0 + n - 1, l, cl);
@@ -209,8 +236,9 @@ NJ_HOST_DEVICE bool rows_windows(const Neighborhood& nb, const int* q0, const in
 
 // The window of row r of a query tile at in-group origin q0 (log2 extents l) on axis a, a row
 // past the group's extent taking the last row's window (see rows_windows).
-NJ_HOST_DEVICE Interval row_window(const Neighborhood& nb, const int* q0, const int* l, int r,
-                                   int a) {
+template <typename Div>
+NJ_HOST_DEVICE Interval row_window(const BasicNeighborhood<Div>& nb, const int* q0,
+                                   const int* l, int r, int a) {
   int c[3];
   tile_coord(r, l, c);
   return nb.window(a, window_detail::imin(q0[a] + c[a], nb.glen[a] - 1));

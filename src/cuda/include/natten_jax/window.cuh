@@ -8,14 +8,13 @@
 //   * the window of in-group index i is [window_start, window_end) of in-group indices.
 // All arguments are non-negative ints (so C++ division equals Python's floor division).
 //
-// Header-only and dependency-free: includable from .cu (host + device) and plain .cc files.
+// The divisors (dilation, stride) are ints or FastDivs (fast_div.h: what the fused kernels carry
+// in their parameters); the results are the same.
+//
+// Header-only: includable from .cu (host + device) and plain .cc files.
 #pragma once
 
-#if defined(__CUDACC__)
-#define NJ_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define NJ_HOST_DEVICE inline
-#endif
+#include "natten_jax/fast_div.h"
 
 namespace natten_jax {
 
@@ -31,20 +30,23 @@ NJ_HOST_DEVICE int window_left(int kernel_size) { return kernel_size / 2; }
 NJ_HOST_DEVICE int window_right(int kernel_size) { return kernel_size / 2 + kernel_size % 2 - 1; }
 
 // Number of tokens of dilation group `group` on an axis of `extent` tokens.
-NJ_HOST_DEVICE int group_extent(int extent, int dilation, int group) {
-  return (extent - group + dilation - 1) / dilation;
+template <typename Div>
+NJ_HOST_DEVICE int group_extent(int extent, const Div& dilation, int group) {
+  return quotient(extent - group + static_cast<int>(dilation) - 1, dilation);
 }
 
 // First in-group index of the window of in-group query `index` (group of `group_len` tokens).
-NJ_HOST_DEVICE int window_start(int index, int kernel_size, int stride, int group_len,
+template <typename Div>
+NJ_HOST_DEVICE int window_start(int index, int kernel_size, const Div& stride, int group_len,
                                 bool is_causal) {
   using window_detail::imax;
   using window_detail::imin;
+  const int s = static_cast<int>(stride), first = quotient(index, stride) * s;
   if (is_causal) {
-    const int leader = imin((index / stride) * stride + stride - 1, group_len - 1);
+    const int leader = imin(first + s - 1, group_len - 1);
     return imax(leader - (kernel_size - 1), 0);
   }
-  const int leader = imin((index / stride) * stride + stride / 2, group_len - 1);
+  const int leader = imin(first + s / 2, group_len - 1);
   return imin(imax(leader - window_left(kernel_size), 0), group_len - kernel_size);
 }
 

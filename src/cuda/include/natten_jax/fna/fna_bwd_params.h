@@ -18,7 +18,7 @@ struct FnaBwdParams {
   void* dq;             // layout of q
   void* dk;             // layout of k
   void* dv;             // layout of v
-  int num_kv_tiles[3];  // KV tiles per axis for dilation group 0 (grid of the dK/dV kernel)
+  FastDiv num_kv_tiles[3];  // KV tiles per axis for dilation group 0 (grid of the dK/dV kernel)
 };
 
 }  // namespace fna

@@ -32,7 +32,7 @@ namespace sm80 {
 constexpr float kLog2e = 1.4426950408889634f;
 
 // Element offset of a token's row (in-group coordinates x) from the group's base pointer.
-__device__ __forceinline__ int64_t token_offset(const int* x, const int* dil,
+__device__ __forceinline__ int64_t token_offset(const int* x, const FastDiv* dil,
                                                 const int64_t* stride) {
   return static_cast<int64_t>(x[0]) * dil[0] * stride[0] +
          static_cast<int64_t>(x[1]) * dil[1] * stride[1] +
@@ -43,7 +43,7 @@ __device__ __forceinline__ int64_t token_offset(const int* x, const int* dil,
 // skipping rows outside `limit`.
 template <typename T, int D>
 __device__ __forceinline__ void store_tile(T* base, const T* smem, const int64_t* tok_stride,
-                                           const int* dil, const int* origin, const int* limit,
+                                           const FastDiv* dil, const int* origin, const int* limit,
                                            const int* l2, int tid) {
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte chunk
   constexpr int kChunks = D / kVec;
@@ -306,11 +306,12 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int b = blockIdx.z;
-  const int hkv = blockIdx.y % p.heads_kv;
+  int hkv;
+  const int group = divmod(static_cast<int>(blockIdx.y), p.heads_kv, hkv);
   int ext[3];
   sample_extents(p, b, ext);
-  const Neighborhood gi(ext, p.kernel, p.stride, p.dilation, p.causal, blockIdx.y / p.heads_kv);
-  const int group_heads = p.heads / p.heads_kv;
+  const Neighborhood gi(ext, p.kernel, p.stride, p.dilation, p.causal, group);
+  const int group_heads = p.heads_per_kv;
   int k0[3], k1[3];
   tile_origin(blockIdx.x, bp.num_kv_tiles, p.kv_tile_log2, k0);
   if (k0[0] >= gi.glen[0] || k0[1] >= gi.glen[1] || k0[2] >= gi.glen[2]) {

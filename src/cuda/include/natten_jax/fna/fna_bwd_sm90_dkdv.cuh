@@ -83,9 +83,9 @@ __device__ __forceinline__ DkvTile dkv_tile(const FnaBwdParams& bp, int x, int y
   const FnaFwdParams& p = bp.f;
   int ext[3];
   sample_extents(p, z, ext);
-  DkvTile e{z, y % p.heads_kv,
-            Neighborhood(ext, p.kernel, p.stride, p.dilation, p.causal, y / p.heads_kv),
-            {0, 0, 0}};
+  int hkv;
+  const int group = divmod(y, p.heads_kv, hkv);
+  DkvTile e{z, hkv, Neighborhood(ext, p.kernel, p.stride, p.dilation, p.causal, group), {0, 0, 0}};
   tile_origin(x, bp.num_kv_tiles, p.kv_tile_log2, e.k0);
   return e;
 }
@@ -360,7 +360,7 @@ __global__ void __launch_bounds__(DkvConfig<D>::kThreads, DkvConfig<D>::kMinBloc
   const Neighborhood& gi = e.gi;
   c.b = e.b;
   c.hkv = e.hkv;
-  c.group_heads = p.heads / p.heads_kv;
+  c.group_heads = p.heads_per_kv;
 #pragma unroll
   for (int a = 0; a < 3; ++a) c.k0[a] = e.k0[a];
   if (c.k0[0] >= gi.glen[0] || c.k0[1] >= gi.glen[1] || c.k0[2] >= gi.glen[2]) {

@@ -8,6 +8,8 @@
 
 #include <cuda_runtime.h>
 
+#include "natten_jax/fast_div.h"
+
 namespace natten_jax {
 namespace fna {
 
@@ -20,12 +22,18 @@ struct FnaFwdParams {
   void* o;        // [B, *S, H, D]
   float* lse;     // [B, *S, H] (natural log)
 
-  int batch, heads, heads_kv, head_dim;
-  int extent[3], kernel[3], stride[3], dilation[3], causal[3];
+  // The kernels divide their block index and in-group coordinates by the FastDiv fields
+  // (fast_div.h: multiply-shift divisors, built on the host); each converts to its int value.
+  int batch, head_dim;
+  FastDiv heads, heads_kv;
+  FastDiv heads_per_kv;  // heads / heads_kv: query heads per key/value head (GQA)
+  int extent[3], kernel[3];
+  FastDiv stride[3], dilation[3];
+  int causal[3];
 
   // Q and KV tiles: 2^log2 tokens per axis; Q tiles hold 64 or 128 tokens, KV boxes 64.
   int q_tile_log2[3], kv_tile_log2[3];
-  int num_q_tiles[3];  // per axis, for dilation group 0 (the longest)
+  FastDiv num_q_tiles[3];  // per axis, for dilation group 0 (the longest)
 
   // Element strides (contiguous heads-last tensors; computed on the host).
   int64_t q_batch_stride, q_token_stride[3], q_head_stride;

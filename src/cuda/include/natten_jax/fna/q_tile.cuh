@@ -14,6 +14,10 @@
 namespace natten_jax {
 namespace fna {
 
+// The window rules in the fused kernels: divisions by the dilations and strides of the
+// parameters (FastDiv) cost a multiply and a shift.
+using Neighborhood = BasicNeighborhood<FastDiv>;
+
 // The extents of sample b: p.extent, or in a ragged batch its valid extents (clamped by the
 // policy's sample_extent; p.valid_extent holds the last p.valid_rank axes).
 __device__ __forceinline__ void sample_extents(const FnaFwdParams& p, int b, int (&ext)[3]) {
@@ -69,7 +73,7 @@ __device__ __forceinline__ void zero_tile(T* base, const int64_t* st, float* lse
 
 // Element offset of a dilation group's first token (goff) and element stride of one in-group
 // step per axis (st) in a heads-last tensor with token strides tok_stride.
-__device__ __forceinline__ void group_layout(const int* g, const int* dil,
+__device__ __forceinline__ void group_layout(const int* g, const FastDiv* dil,
                                              const int64_t* tok_stride, int64_t& goff,
                                              int64_t (&st)[3]) {
   goff = 0;
@@ -108,11 +112,11 @@ struct QTileWork {
   // the caller stores zeros): the CTA computes nothing.
   __device__ __forceinline__ bool init(const FnaFwdParams& p) {
     b = blockIdx.z;
-    h = blockIdx.y % p.heads;
-    hkv = h / (p.heads / p.heads_kv);
+    const int group = divmod(static_cast<int>(blockIdx.y), p.heads, h);
+    hkv = quotient(h, p.heads_per_kv);
     int ext[3];
     sample_extents(p, b, ext);
-    nb = Neighborhood(ext, p.kernel, p.stride, p.dilation, p.causal, blockIdx.y / p.heads);
+    nb = Neighborhood(ext, p.kernel, p.stride, p.dilation, p.causal, group);
     int span[3];
     group_span(p, nb, span);
     tile_origin(blockIdx.x, p.num_q_tiles, p.q_tile_log2, q0);
@@ -190,13 +194,15 @@ template <typename T, int D>
 __device__ __noinline__ void store_padded_kv_tile(const FnaBwdParams& bp, int n) {
   const FnaFwdParams& p = bp.f;
   const int b = static_cast<int>(blockIdx.z), y = static_cast<int>(blockIdx.y);
+  int hkv;
+  const int group = divmod(y, p.heads_kv, hkv);
   int ext[3], span[3], k0[3];
   sample_extents(p, b, ext);
-  const Neighborhood gi(ext, p.kernel, p.stride, p.dilation, p.causal, y / p.heads_kv);
+  const Neighborhood gi(ext, p.kernel, p.stride, p.dilation, p.causal, group);
   group_span(p, gi, span);
   tile_origin(static_cast<int>(blockIdx.x), bp.num_kv_tiles, p.kv_tile_log2, k0);
   if (k0[0] >= span[0] || k0[1] >= span[1] || k0[2] >= span[2]) return;
-  const int t = static_cast<int>(threadIdx.x), hkv = y % p.heads_kv;
+  const int t = static_cast<int>(threadIdx.x);
   store_kv_zeros<T, D>(p, bp.dk, gi, span, b, hkv, k0, t, n);
   store_kv_zeros<T, D>(p, bp.dv, gi, span, b, hkv, k0, t, n);
 }

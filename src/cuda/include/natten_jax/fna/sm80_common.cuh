@@ -63,7 +63,7 @@ __device__ __forceinline__ void next_box(int* o, const int* lo, const int* nbox,
 // `limit` on every axis, else zeros. Each `base[i]` already points at (batch, group, head).
 template <typename T, int D, int N>
 __device__ __forceinline__ void load_tiles(T* const (&smem)[N], const T* const (&base)[N],
-                                           const int64_t* tok_stride, const int* dil,
+                                           const int64_t* tok_stride, const FastDiv* dil,
                                            const int* origin, const int* limit, const int* l2,
                                            int tid) {
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte chunk

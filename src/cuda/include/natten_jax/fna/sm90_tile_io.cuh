@@ -114,7 +114,7 @@ __device__ __forceinline__ void stage_acc(uint32_t tile_addr, const float (&acc)
 // padding), rows outside the tensor's group (x >= span) skipped; t: thread in the warpgroup.
 template <typename T, int D, int kBlockBytes>
 __device__ __forceinline__ void store_tile(T* base, uint32_t tile_addr, const int64_t* tok_stride,
-                                           const int* dil, const int* o, const int* glen,
+                                           const FastDiv* dil, const int* o, const int* glen,
                                            const int* span, const int* l, int row0, int t) {
   constexpr int kChunks = D / 8;
 #pragma unroll
