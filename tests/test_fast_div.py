@@ -4,14 +4,9 @@ it replaces: compiled with the host C++ compiler (the header is host-includable)
 numerator below 2^17 for divisors 1..2^12, the top of the numerator range, and divisors near
 powers of two up to INT_MAX."""
 
-import os
-import shutil
 import subprocess
 
-import pytest
-
-INCLUDE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src",
-                       "cuda", "include")
+import host_cxx
 
 _PROGRAM = r"""
 #include <climits>
@@ -57,15 +52,8 @@ int main() {
 
 
 def test_fast_div_equals_integer_division(tmp_path):
-    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
-    if cxx is None:
-        pytest.skip("no host C++ compiler")
-    src = tmp_path / "fd.cc"
-    src.write_text(_PROGRAM)
-    exe = tmp_path / "fd"
-    subprocess.run([cxx, "-std=c++17", "-O2", "-Wall", "-Werror", "-I", INCLUDE, str(src), "-o",
-                    str(exe)], check=True, capture_output=True)
-    res = subprocess.run([str(exe)], capture_output=True, text=True)
+    exe = host_cxx.compile_program(tmp_path, _PROGRAM, "fast_div", opt="-O2")
+    res = subprocess.run([exe], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-2000:]
     checked = int(res.stdout.split()[-3])
     assert checked > 4096 * (1 << 17), res.stdout

@@ -9,19 +9,15 @@ both headers with the host C++ compiler (when one is installed), so that they ar
 against window.py on machines without a GPU too.
 """
 
-import os
-import shutil
 import subprocess
 
 import jax
 import numpy as np
 import pytest
 
+import host_cxx
 from natten_jax import _ffi
 from natten_jax import window as W
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-INCLUDE = os.path.join(REPO, "src", "cuda", "include")
 
 
 def expected_axis(x, L, k, s, d, c, tile_log2):
@@ -195,17 +191,10 @@ def _host_axes():
 def test_policy_on_host_matches_window_py(tmp_path):
     """window.cuh and neighborhood.cuh are host-includable: compile them with the C++ compiler
     and compare every field with window.py on the CPU."""
-    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
-    if cxx is None:
-        pytest.skip("no host C++ compiler")
-    src = tmp_path / "w.cc"
-    src.write_text(_HOST_PROGRAM)
-    exe = tmp_path / "w"
-    subprocess.run([cxx, "-std=c++17", "-O1", "-Wall", "-Wno-unknown-pragmas", "-Werror", "-I", INCLUDE, str(src), "-o",
-                    str(exe)], check=True, capture_output=True)
+    exe = host_cxx.compile_program(tmp_path, _HOST_PROGRAM, "window")
     axes = _host_axes()
     stdin = "".join(f"{L} {k} {s} {d} {int(c)} {l}\n" for L, k, s, d, c, l in axes)
-    res = subprocess.run([str(exe)], input=stdin, capture_output=True, text=True, check=True)
+    res = subprocess.run([exe], input=stdin, capture_output=True, text=True, check=True)
     assert "disagree" not in res.stdout and "wrong" not in res.stdout
     got = np.array(res.stdout.split(), np.int64).reshape(-1, 8)
     want = np.concatenate([expected_axis(np.arange(L), L, k, s, d, c, l)
