@@ -199,6 +199,22 @@ NJ_HOST_DEVICE void tile_origin(int t, const Div* count, const int* l, int* o) {
   }
 }
 
+// Rows [r0, r0 + 2^n) of a tile of 2^l[0] x 2^l[1] x 2^l[2] tokens at origin o (row-major; 2^n
+// dividing the tile, r0 a multiple of it) form a sub-box: its origin so and log2 extents sl (the
+// outermost axes give up their bits first).
+NJ_HOST_DEVICE void sub_box(const int* o, const int* l, int r0, int n, int* so, int* sl) {
+  int c[3];
+  tile_coord(r0, l, c);
+  int drop = l[0] + l[1] + l[2] - n;
+#pragma unroll
+  for (int a = 0; a < 3; ++a) {
+    const int d = window_detail::imin(l[a], drop);
+    sl[a] = l[a] - d;
+    drop -= d;
+    so[a] = o[a] + c[a];
+  }
+}
+
 // Tiles of 2^l tokens that cover `extent` tokens.
 NJ_HOST_DEVICE int tiles_covering(int extent, int l) { return (extent + (1 << l) - 1) >> l; }
 
