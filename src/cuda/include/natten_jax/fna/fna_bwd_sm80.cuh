@@ -78,7 +78,11 @@ __global__ void __launch_bounds__(kThreads, 2)
   constexpr int kPitch = tile_pitch<T, D>();
   constexpr int kDTiles = D / 8;
   constexpr int kKChunks = D / 16;
-  constexpr int kNTiles = kTileKV / 8;
+  // Keys per step: a KV box, or at head dim 32 (as in the forward) two 32-key halves that a
+  // warp skips when its windows miss them.
+  constexpr bool kSkipHalves = D <= 32;
+  constexpr int kStepN = kSkipHalves ? kTileKV / 2 : kTileKV;
+  constexpr int kNTiles = kStepN / 8;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
@@ -181,9 +185,18 @@ __global__ void __launch_bounds__(kThreads, 2)
     next_box(o_cur, lo, nbox, p.kv_tile_log2);
     bool touch, full_ax[3];
     classify_box(o, p.kv_tile_log2, wlo, whi, wilo, wihi, warp_active, touch, full_ax);
-    const bool full = full_ax[0] && full_ax[1] && full_ax[2];
-    if (touch) {
-      // S = Q K^T and dP = dO V^T (16 x 64 per warp).
+#pragma unroll 1
+    for (int n0 = 0; touch && n0 < kTileKV; n0 += kStepN) {
+      bool full = full_ax[0] && full_ax[1] && full_ax[2];
+      if constexpr (kSkipHalves) {  // the half's keys: a sub-box, classified like the box
+        int so[3], sl[3];
+        bool step_touch, step_full[3];
+        sub_box(o, p.kv_tile_log2, n0, 5, so, sl);
+        classify_box(so, sl, wlo, whi, wilo, wihi, warp_active, step_touch, step_full);
+        if (!step_touch) continue;
+        full = step_full[0] && step_full[1] && step_full[2];
+      }
+      // S = Q K^T and dP = dO V^T (16 x kStepN per warp).
       float s[kNTiles][4], dp[kNTiles][4];
 #pragma unroll
       for (int n = 0; n < kNTiles; ++n)
@@ -197,8 +210,8 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
         for (int np = 0; np < kNTiles / 2; ++np) {
           uint32_t kb[F::kB], vb[F::kB];
-          F::load_b(kb, k_s, kPitch, np * 16, kc * 16, lane);
-          F::load_b(vb, v_s, kPitch, np * 16, kc * 16, lane);
+          F::load_b(kb, k_s, kPitch, n0 + np * 16, kc * 16, lane);
+          F::load_b(vb, v_s, kPitch, n0 + np * 16, kc * 16, lane);
           F::template mma<Pass::kScores>(s[2 * np], qa, kb, 0);
           F::template mma<Pass::kScores>(s[2 * np + 1], qa, kb, 1);
           F::template mma<Pass::kScores>(dp[2 * np], da, vb, 0);
@@ -229,26 +242,26 @@ __global__ void __launch_bounds__(kThreads, 2)
         // innermost axis, their axes 0 and 1 depend on n alone (see the forward kernel).
         p_ds([&](int n, int r, int e) {
           int c[3];
-          tile_coord(n * 8, p.kv_tile_log2, c);
+          tile_coord(n0 + n * 8, p.kv_tile_log2, c);
           return in_axis(0, r, c[0]) & in_axis(1, r, c[1]) &
                  in_axis(2, r, c[2] + 2 * (lane % 4) + e);  // & (not &&): no branches
         });
       } else {
         p_ds([&](int n, int r, int e) {
           int c[3];
-          tile_coord(n * 8 + 2 * (lane % 4) + e, p.kv_tile_log2, c);
+          tile_coord(n0 + n * 8 + 2 * (lane % 4) + e, p.kv_tile_log2, c);
           return in_axis(0, r, c[0]) & in_axis(1, r, c[1]) & in_axis(2, r, c[2]);
         });
       }
       // dQ += dS K.
 #pragma unroll
-      for (int kk = 0; kk < kTileKV / 16; ++kk) {
+      for (int kk = 0; kk < kStepN / 16; ++kk) {
         uint32_t a[F::kA];
         F::pack_a(a, dp[2 * kk], dp[2 * kk + 1]);
 #pragma unroll
         for (int dn = 0; dn < kDTiles / 2; ++dn) {
           uint32_t kb[F::kB];
-          F::load_bt(kb, k_s, kPitch, kk * 16, dn * 16, lane);
+          F::load_bt(kb, k_s, kPitch, n0 + kk * 16, dn * 16, lane);
           F::template mma<Pass::kOther>(acc[2 * dn], a, kb, 0);
           F::template mma<Pass::kOther>(acc[2 * dn + 1], a, kb, 1);
         }
