@@ -164,6 +164,13 @@ int main() {
           m.end(2, i[2]) != w.end || u.lo != f[1].lo || u.hi != f[1].hi || v.lo != f[0].lo ||
           v.hi != f[0].hi || to[0] != fo[0] || to[1] != fo[1] || to[2] != fo[2])
         std::printf("FastDiv policy disagrees\n");
+      // inverse_all: the queries whose windows hold every key of [y0, y1], by brute force.
+      const int y0 = i[2], y1 = y0 + l < n.glen[2] ? y0 + l : n.glen[2] - 1;
+      const natten_jax::Interval all = n.inverse_all(2, y0, y1);
+      for (int q = 0; q < n.glen[2]; ++q) {
+        const bool holds = n.start(2, q) <= y0 && n.end(2, q) > y1;
+        if (holds != (q >= all.lo && q < all.hi)) std::printf("inverse_all disagrees\n");
+      }
       std::printf("%d %d %d %d %d %d %d %d\n", w.start, w.end, f[0].lo, f[0].hi, f[1].lo,
                   f[1].hi, f[2].lo, f[2].hi);
     }

@@ -145,6 +145,14 @@ struct BasicNeighborhood {
     return inverse(a, y0, y1, window_detail::imax(y0 - ks[a] + 1, 0),
                    window_detail::imin(y1 + ks[a], glen[a]));
   }
+  // The queries whose windows hold every key of [y0, y1] (0 <= y0 <= y1 < glen[a]; empty when
+  // hi <= lo): end(i) > y1 and start(i) <= y0, an interval, searched where such queries can be
+  // (they see y0 and y1, so y1 - ks < i < y0 + ks). A key-stationary kernel needs no mask there.
+  NJ_HOST_DEVICE Interval inverse_all(int a, int y0, int y1) const {
+    const int lo = window_detail::imax(y1 - ks[a] + 1, 0);
+    const int hi = window_detail::imax(window_detail::imin(y0 + ks[a], glen[a]), lo);
+    return Interval{first_query(lo, hi, a, y1, true), first_query(lo, hi, a, y0, false)};
+  }
 
   // Last in-group index of a tile of 2^l tokens from `origin` on axis a, clipped to the group.
   NJ_HOST_DEVICE int tile_last(int a, int origin, int l) const {
