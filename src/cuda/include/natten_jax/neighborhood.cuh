@@ -145,14 +145,6 @@ struct BasicNeighborhood {
     return inverse(a, y0, y1, window_detail::imax(y0 - ks[a] + 1, 0),
                    window_detail::imin(y1 + ks[a], glen[a]));
   }
-  // The queries whose windows hold every key of [y0, y1] (0 <= y0 <= y1 < glen[a]; empty when
-  // hi <= lo): end(i) > y1 and start(i) <= y0, an interval, searched where such queries can be
-  // (they see y0 and y1, so y1 - ks < i < y0 + ks). A key-stationary kernel needs no mask there.
-  NJ_HOST_DEVICE Interval inverse_all(int a, int y0, int y1) const {
-    const int lo = window_detail::imax(y1 - ks[a] + 1, 0);
-    const int hi = window_detail::imax(window_detail::imin(y0 + ks[a], glen[a]), lo);
-    return Interval{first_query(lo, hi, a, y1, true), first_query(lo, hi, a, y0, false)};
-  }
 
   // Last in-group index of a tile of 2^l tokens from `origin` on axis a, clipped to the group.
   NJ_HOST_DEVICE int tile_last(int a, int origin, int l) const {
@@ -204,22 +196,6 @@ NJ_HOST_DEVICE void tile_origin(int t, const Div* count, const int* l, int* o) {
   for (int a = 2; a >= 0; --a) {
     t = divmod(t, count[a], o[a]);
     o[a] <<= l[a];
-  }
-}
-
-// Rows [r0, r0 + 2^n) of a tile of 2^l[0] x 2^l[1] x 2^l[2] tokens at origin o (row-major; 2^n
-// dividing the tile, r0 a multiple of it) form a sub-box: its origin so and log2 extents sl (the
-// outermost axes give up their bits first).
-NJ_HOST_DEVICE void sub_box(const int* o, const int* l, int r0, int n, int* so, int* sl) {
-  int c[3];
-  tile_coord(r0, l, c);
-  int drop = l[0] + l[1] + l[2] - n;
-#pragma unroll
-  for (int a = 0; a < 3; ++a) {
-    const int d = window_detail::imin(l[a], drop);
-    sl[a] = l[a] - d;
-    drop -= d;
-    so[a] = o[a] + c[a];
   }
 }
 

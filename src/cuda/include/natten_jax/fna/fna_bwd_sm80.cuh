@@ -78,11 +78,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   constexpr int kPitch = tile_pitch<T, D>();
   constexpr int kDTiles = D / 8;
   constexpr int kKChunks = D / 16;
-  // Keys per step: a KV box, or at head dim 32 (as in the forward) two 32-key halves that a
-  // warp skips when its windows miss them.
-  constexpr bool kSkipHalves = D <= 32;
-  constexpr int kStepN = kSkipHalves ? kTileKV / 2 : kTileKV;
-  constexpr int kNTiles = kStepN / 8;
+  constexpr int kNTiles = kTileKV / 8;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
@@ -185,18 +181,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     next_box(o_cur, lo, nbox, p.kv_tile_log2);
     bool touch, full_ax[3];
     classify_box(o, p.kv_tile_log2, wlo, whi, wilo, wihi, warp_active, touch, full_ax);
-#pragma unroll 1
-    for (int n0 = 0; touch && n0 < kTileKV; n0 += kStepN) {
-      bool full = full_ax[0] && full_ax[1] && full_ax[2];
-      if constexpr (kSkipHalves) {  // the half's keys: a sub-box, classified like the box
-        int so[3], sl[3];
-        bool step_touch, step_full[3];
-        sub_box(o, p.kv_tile_log2, n0, 5, so, sl);
-        classify_box(so, sl, wlo, whi, wilo, wihi, warp_active, step_touch, step_full);
-        if (!step_touch) continue;
-        full = step_full[0] && step_full[1] && step_full[2];
-      }
-      // S = Q K^T and dP = dO V^T (16 x kStepN per warp).
+    const bool full = full_ax[0] && full_ax[1] && full_ax[2];
+    if (touch) {
+      // S = Q K^T and dP = dO V^T (16 x 64 per warp).
       float s[kNTiles][4], dp[kNTiles][4];
 #pragma unroll
       for (int n = 0; n < kNTiles; ++n)
@@ -210,8 +197,8 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
         for (int np = 0; np < kNTiles / 2; ++np) {
           uint32_t kb[F::kB], vb[F::kB];
-          F::load_b(kb, k_s, kPitch, n0 + np * 16, kc * 16, lane);
-          F::load_b(vb, v_s, kPitch, n0 + np * 16, kc * 16, lane);
+          F::load_b(kb, k_s, kPitch, np * 16, kc * 16, lane);
+          F::load_b(vb, v_s, kPitch, np * 16, kc * 16, lane);
           F::template mma<Pass::kScores>(s[2 * np], qa, kb, 0);
           F::template mma<Pass::kScores>(s[2 * np + 1], qa, kb, 1);
           F::template mma<Pass::kScores>(dp[2 * np], da, vb, 0);
@@ -242,26 +229,26 @@ __global__ void __launch_bounds__(kThreads, 2)
         // innermost axis, their axes 0 and 1 depend on n alone (see the forward kernel).
         p_ds([&](int n, int r, int e) {
           int c[3];
-          tile_coord(n0 + n * 8, p.kv_tile_log2, c);
+          tile_coord(n * 8, p.kv_tile_log2, c);
           return in_axis(0, r, c[0]) & in_axis(1, r, c[1]) &
                  in_axis(2, r, c[2] + 2 * (lane % 4) + e);  // & (not &&): no branches
         });
       } else {
         p_ds([&](int n, int r, int e) {
           int c[3];
-          tile_coord(n0 + n * 8 + 2 * (lane % 4) + e, p.kv_tile_log2, c);
+          tile_coord(n * 8 + 2 * (lane % 4) + e, p.kv_tile_log2, c);
           return in_axis(0, r, c[0]) & in_axis(1, r, c[1]) & in_axis(2, r, c[2]);
         });
       }
       // dQ += dS K.
 #pragma unroll
-      for (int kk = 0; kk < kStepN / 16; ++kk) {
+      for (int kk = 0; kk < kTileKV / 16; ++kk) {
         uint32_t a[F::kA];
         F::pack_a(a, dp[2 * kk], dp[2 * kk + 1]);
 #pragma unroll
         for (int dn = 0; dn < kDTiles / 2; ++dn) {
           uint32_t kb[F::kB];
-          F::load_bt(kb, k_s, kPitch, n0 + kk * 16, dn * 16, lane);
+          F::load_bt(kb, k_s, kPitch, kk * 16, dn * 16, lane);
           F::template mma<Pass::kOther>(acc[2 * dn], a, kb, 0);
           F::template mma<Pass::kOther>(acc[2 * dn + 1], a, kb, 1);
         }
@@ -305,10 +292,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   constexpr int kPitch = tile_pitch<T, D>();
   constexpr int kDTiles = D / 8;
   constexpr int kKChunks = D / 16;
-  // 16-bit, head dim 32: steps of half a Q box (a sub-box), which a warp skips when none of its
-  // queries sees the warp's keys and computes unmasked when all of them see all of its keys.
-  constexpr bool kSkipHalves = sizeof(T) == 2 && D <= 32;
-  constexpr int kStepQ = kSkipHalves ? 32 : dkdv_step_q<D>();
+  constexpr int kStepQ = dkdv_step_q<D>();
   constexpr int kNTiles = kStepQ / 8;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -352,29 +336,6 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
   const int total = boxes * group_heads;
 
-  // Per warp (kSkipHalves): its 16 keys form a sub-box of the KV tile; the queries whose
-  // windows meet one of them, [wqlo, wqhi), and those whose windows hold all of them, [wflo,
-  // wfhi), per axis. A Q step outside the first is skipped by the warp; one inside the second
-  // needs no mask (never when some of the warp's keys lie past the group).
-  int wqlo[3], wqhi[3], wflo[3], wfhi[3];
-  bool warp_active = true;
-  if constexpr (kSkipHalves) {
-    int wk0[3], wkl[3];
-    sub_box(k0, p.kv_tile_log2, warp * 16, 4, wk0, wkl);
-#pragma unroll
-    for (int a = 0; a < 3; ++a) {
-      const int y0 = min(wk0[a], gi.glen[a] - 1);
-      const int y1 = min(wk0[a] + (1 << wkl[a]), gi.glen[a]) - 1;
-      warp_active = warp_active && wk0[a] < gi.glen[a];
-      const Interval u = gi.inverse(a, y0, y1), i = gi.inverse_all(a, y0, y1);
-      const bool inside = wk0[a] + (1 << wkl[a]) <= gi.glen[a];
-      wqlo[a] = u.lo;
-      wqhi[a] = u.hi;
-      wflo[a] = i.lo;
-      wfhi[a] = inside ? i.hi : i.lo;
-    }
-  }
-
   // This thread's two key rows (in-group coordinates).
   int kc[2][3];
 #pragma unroll
@@ -401,8 +362,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   cp_async_commit();
 
   // The next (head, Q box) to load: boxes in row-major order per head of the group, advanced
-  // like an odometer (no division per step); qc: the box computed on.
-  int qh = hkv * group_heads, qo[3] = {ilo[0], ilo[1], ilo[2]}, qc[3] = {ilo[0], ilo[1], ilo[2]};
+  // like an odometer (no division per step).
+  int qh = hkv * group_heads, qo[3] = {ilo[0], ilo[1], ilo[2]};
   // Q and dO rows by cp.async; each query row's window, lse (base 2) and delta by plain loads.
   auto load_q = [&](int stage) {
     const int h = qh, o[3] = {qo[0], qo[1], qo[2]};
@@ -465,21 +426,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     const int* win = sWin + stage * kTileKV * 6;
     const float* lse_s = sLse + stage * kTileKV;
     const float* dl_s = sDelta + stage * kTileKV;
-    const int oq[3] = {qc[0], qc[1], qc[2]};
-    next_box(qc, ilo, nq, p.q_tile_log2);
-    if (qc[0] >= ilo[0] + (nq[0] << p.q_tile_log2[0])) qc[0] = ilo[0];  // next head
 
 #pragma unroll 1
     for (int q0 = 0; q0 < kTileKV; q0 += kStepQ) {
-      bool full = false;
-      if constexpr (kSkipHalves) {  // the step's queries: a sub-box of the Q box
-        int so[3], sl[3];
-        bool step_touch, step_full[3];
-        sub_box(oq, p.q_tile_log2, q0, 5, so, sl);
-        classify_box(so, sl, wqlo, wqhi, wflo, wfhi, warp_active, step_touch, step_full);
-        if (!step_touch) continue;
-        full = step_full[0] && step_full[1] && step_full[2];
-      }
       // S^T = K Q^T and dP^T = V dO^T (16 keys x kStepQ queries per warp).
       float s[kNTiles][4], dp[kNTiles][4];
 #pragma unroll
@@ -513,9 +462,8 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
             // & (not &&) and exp before the select: predicated code, no branch per element
-            const bool in = full || (in_window(kc[r][0], w[0], w[1]) &
-                                     in_window(kc[r][1], w[2], w[3]) &
-                                     in_window(kc[r][2], w[4], w[5]));
+            const bool in = in_window(kc[r][0], w[0], w[1]) & in_window(kc[r][1], w[2], w[3]) &
+                            in_window(kc[r][2], w[4], w[5]);
             const float ev = units.backward_exp(s[n][2 * r + e], l2);
             const float pv = in ? ev : 0.f;
             s[n][2 * r + e] = pv;

@@ -54,11 +54,8 @@ __global__ void __launch_bounds__(kThreads, MinCtas)
   constexpr int kDTiles = D / 8;
   constexpr int kKChunks = D / 16;
   // Keys per softmax step: a KV box in one step, or in two halves where S would crowd out the
-  // output accumulators (MT * D > 128). At head dim 32, where the softmax outweighs the
-  // products, in two halves (sub-boxes) that a warp skips when its windows miss them: ~17%
-  // fewer keys computed per query on NAT-sized windows (7 x 7 against 8 x 8 Q tiles).
-  constexpr bool kSkipHalves = D <= 32;
-  constexpr int kStepN = (MT * D > 128 || kSkipHalves) ? kTileKV / 2 : kTileKV;
+  // output accumulators (MT * D > 128).
+  constexpr int kStepN = (MT * D > 128) ? kTileKV / 2 : kTileKV;
   constexpr int kNTiles = kStepN / 8;
   constexpr bool kQRegs = q_in_registers<T, D, MT>();
 
@@ -119,9 +116,18 @@ __global__ void __launch_bounds__(kThreads, MinCtas)
   
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
-    // Rows [64m, 64m + 64) of the Q tile: a sub-box at om with log2 extents l2.
-    int om[3], l2[3];
-    sub_box(q0, p.q_tile_log2, m * kTileKV, 6, om, l2);
+    // Rows [64m, 64m + 64) of the Q tile: origin shifted by tile_coord(64m).
+    int cm[3], om[3];
+    tile_coord(m * kTileKV, p.q_tile_log2, cm);
+    int l2[3] = {p.q_tile_log2[0], p.q_tile_log2[1], p.q_tile_log2[2]};
+    // A 64-row slice of a 2^7-row tile is a 2^6-row sub-box: drop one bit from the outermost
+    // axis that has one (row-major order).
+    if (MT > 1) {
+      int a = (l2[0] > 0) ? 0 : ((l2[1] > 0) ? 1 : 2);
+      l2[a] -= 1;
+    }
+#pragma unroll
+    for (int a = 0; a < 3; ++a) om[a] = q0[a] + cm[a];
     T* const dst[1] = {sQ + m * kTileKV * kPitch};
     const T* const src[1] = {qbase};
     load_tiles<T, D, 1>(dst, src, p.q_token_stride, nb.dil, om, nb.glen, l2, tid);
@@ -179,18 +185,10 @@ __global__ void __launch_bounds__(kThreads, MinCtas)
     next_box(o_cur, lo, nbox, p.kv_tile_log2);
     bool touch, full_ax[3];
     classify_box(o, p.kv_tile_log2, wlo, whi, wilo, wihi, warp_active, touch, full_ax);
+    const bool full = full_ax[0] && full_ax[1] && full_ax[2];
     if (touch) {
 #pragma unroll 1
      for (int n0 = 0; n0 < kTileKV; n0 += kStepN) {
-      bool full = full_ax[0] && full_ax[1] && full_ax[2];
-      if constexpr (kSkipHalves) {  // the half's keys: a sub-box, classified like the box
-        int so[3], sl[3];
-        bool step_touch, step_full[3];
-        sub_box(o, p.kv_tile_log2, n0, 5, so, sl);
-        classify_box(so, sl, wlo, whi, wilo, wihi, warp_active, step_touch, step_full);
-        if (!step_touch) continue;
-        full = step_full[0] && step_full[1] && step_full[2];
-      }
       // S = Q K^T (16 MT x kStepN per warp); each K fragment feeds MT MMAs.
       float s[MT][kNTiles][4];
 #pragma unroll
