@@ -5,7 +5,8 @@
 # checkout (B). Each tree is built by its own scripts/gpu_check.sh (SKIP_BUILD=1: reuse the
 # modules already built next to the sources); then scripts/headline_times.py times both in
 # separate processes, alternately (A B A B ...), and the medians per problem and mode are printed
-# last with their ratio.
+# last with their ratio. Every log and JSON is also packed into $OUT/ab.tgz (the device tool
+# brings back only a few files).
 #
 #   AB_ROUNDS=3 AB_PROBLEMS="2d_gen 3d_video 1d_long 2d_nat_t" bash scripts/gpu_headline_ab.sh
 set -uo pipefail
@@ -53,3 +54,4 @@ for (p, m), d in ms.items():
     runs = " ".join(f"{x:.3f}" for x in d.get("A", [])) + " | " + " ".join(f"{x:.3f}" for x in d.get("B", []))
     print(f"{p:<18}{m:<8}{a:9.3f}{b:9.3f}{b / a:7.3f}  {runs}")
 PY
+tar czf "$OUT/ab.tgz" -C "$OUT" ab
