@@ -475,10 +475,11 @@ def check_av_call(rank: int, attn, value, kernel_size, dilation, is_causal,
 
 
 def check_context_parallel_call(query, key, value, kernel_size, stride, dilation, is_causal,
-                                scale, mesh, axis_name, precision=None) -> NAProblem:
+                                scale, mesh, axis_name, precision=None,
+                                valid_extent=None) -> NAProblem:
     """Validate one ``na_context_parallel`` call: the mesh and its axis, then the usual
-    ``na{rank}d`` checks (rank from ``query.ndim - 3``; ``precision`` as there), then that the
-    axis's size divides the first spatial extent."""
+    ``na{rank}d`` checks (rank from ``query.ndim - 3``; ``precision`` and ``valid_extent`` as
+    there), then that the axis's size divides the first spatial extent."""
     from jax.sharding import Mesh
 
     if not isinstance(mesh, Mesh):
@@ -495,7 +496,7 @@ def check_context_parallel_call(query, key, value, kernel_size, stride, dilation
             f"na_context_parallel expects `query` of rank 4, 5 or 6 ([batch, 1-3 spatial, heads, "
             f"head_dim]), got shape {tuple(query.shape)}.")
     p = check_na_call(query.ndim - 3, query, key, value, kernel_size, stride, dilation,
-                      is_causal, scale, precision=precision)
+                      is_causal, scale, valid_extent=valid_extent, precision=precision)
     n = int(mesh.shape[axis_name])
     if p.spatial[0] % n != 0:
         raise ValueError(

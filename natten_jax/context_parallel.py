@@ -19,6 +19,15 @@ into equal contiguous slabs over one mesh axis. Inside ``shard_map`` each device
    block runs under ``jax.checkpoint``: the backward pass recomputes a block's gathered windows
    instead of keeping them, so training memory grows with the slab's tokens, not tokens x window.
 
+Ragged batches (``valid_extent``, as in :func:`natten_jax.na2d`): the windows depend on each
+sample's extent, a runtime operand, so the halo plan cannot be read off the tensor's extent.
+A window holds its query, so its keys on axis 0 lie within ``(kernel - 1) * dilation`` rows of
+it (none after it when causal): :func:`ragged_halo` takes those widths, which serve every
+extent. Each device zeroes its slab's padded tokens before the exchange, gathers every sample's
+windows (:func:`natten_jax.window.window_offsets` of its clamped extent, in global coordinates,
+shifted to the extended slab) and writes output 0 and logsumexp 0.0 at padded queries, as the
+reference backend does.
+
 Nothing is all-gathered: communication is ``2 * ceil(left / slab) + 2 * ceil(right / slab)``
 collective-permutes of at most one slab each (key and value), and their transposes in the
 backward pass (``jax.grad`` differentiates through ``ppermute``). Numerics are the reference
@@ -37,10 +46,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from natten_jax.checks import NAProblem, check_context_parallel_call
-from natten_jax.reference import attend_rows
-from natten_jax.window import window_offsets
+from natten_jax.reference import attend_rows, keep
+from natten_jax.window import sample_extent, valid_tokens, window_offsets
 
-__all__ = ["na_context_parallel", "halo_plan"]
+__all__ = ["na_context_parallel", "halo_plan", "ragged_halo"]
 
 
 def _shard_map(f, mesh, in_specs, out_specs):
@@ -90,6 +99,33 @@ def halo_plan(extent: int, num_devices: int, kernel_size: int, stride: int, dila
     return left, right, local.astype(np.int32), valid
 
 
+def ragged_halo(extent: int, num_devices: int, kernel_size: int, dilation: int,
+                is_causal: bool):
+    """Halo widths ``(left, right)`` on axis 0 that serve a ragged batch whatever its extents:
+    a window holds its query, so its keys lie within ``(kernel_size - 1) * dilation`` rows of it
+    (none after it when causal), and no device needs more rows than the others hold."""
+    reach = min((kernel_size - 1) * dilation, extent - extent // num_devices)
+    return reach, 0 if is_causal else reach
+
+
+def _ragged_rows(p: NAProblem, valid_extent, r, slab: int, left: int, right: int):
+    """Device ``r``'s view of a ragged batch: its slab's tokens inside their samples (bool ``[B,
+    slab, *rest]``), the axis-0 window coordinates of its queries in the extended slab and their
+    validity (``[B, slab, k0]``), and the windows of the other axes (``[B, La, ka]``)."""
+    ext = sample_extent(valid_extent, p.kernel_size, p.dilation, p.spatial)
+    start = r * slab
+    inside = jax.lax.dynamic_slice_in_dim(valid_tokens(p.spatial, ext), start, slab, axis=1)
+    offsets = window_offsets(p.spatial, p.kernel_size, p.stride, p.dilation, p.is_causal,
+                             valid_extent=ext)
+    coords0, valid0 = (jax.lax.dynamic_slice_in_dim(jnp.asarray(x), start, slab, axis=1)
+                       for x in offsets[0])
+    local = coords0 - (start - left)
+    # Masked (causal) entries may point anywhere in the sample: clamp them into the slab.
+    local = jnp.where(valid0, local, jnp.clip(local, 0, slab + left + right - 1))
+    return (inside, local, valid0, [None] + [c for c, _ in offsets[1:]],
+            [None] + [m for _, m in offsets[1:]])
+
+
 def _extend(x, axis_name: str, n: int, slab: int, left: int, right: int):
     """Local slab ``x`` [B, slab, ...] -> [B, left + slab + right, ...] with the halo rows of the
     neighbouring devices (rows outside the global extent, at the borders, are zeros)."""
@@ -117,6 +153,27 @@ def _build(p: NAProblem, mesh: Mesh, axis_name: str):
     """The jitted shard_map program of one static problem (cached: built and compiled once)."""
     n = int(mesh.shape[axis_name])
     slab = p.spatial[0] // n
+    spec = PartitionSpec(None, axis_name)
+    if p.ragged:
+        left, right = ragged_halo(p.spatial[0], n, p.kernel_size[0], p.dilation[0],
+                                  p.is_causal[0])
+
+        def per_device_ragged(q, k, v, valid_extent):
+            # Padded tokens zeroed before anything reads them (halos included: each device
+            # zeroes its own slab before the exchange); every sample gathers its own windows.
+            r = jax.lax.axis_index(axis_name)
+            inside, local, valid, coords, masks = _ragged_rows(p, valid_extent, r, slab, left,
+                                                               right)
+            q, k, v = (keep(inside, x) for x in (q, k, v))
+            ke = _extend(k, axis_name, n, slab, left, right)
+            ve = _extend(v, axis_name, n, slab, left, right)
+            out, lse = attend_rows(p, q, ke, ve, local, valid, coords, masks, per_sample=True)
+            return keep(inside, out), keep(inside, lse)
+
+        return jax.jit(_shard_map(per_device_ragged, mesh,
+                                  in_specs=(spec, spec, spec, PartitionSpec()),
+                                  out_specs=(spec, spec)))
+
     left, right, local0, valid0 = halo_plan(p.spatial[0], n, p.kernel_size[0], p.stride[0],
                                             p.dilation[0], p.is_causal[0])
     offsets = window_offsets(p.spatial, p.kernel_size, p.stride, p.dilation, p.is_causal)
@@ -134,14 +191,13 @@ def _build(p: NAProblem, mesh: Mesh, axis_name: str):
         row_valid = jnp.asarray(valid0)[r]
         return attend_rows(p, q, ke, ve, row_coords, row_valid, coords, masks)
 
-    spec = PartitionSpec(None, axis_name)
     return jax.jit(_shard_map(per_device, mesh, in_specs=(spec, spec, spec),
                               out_specs=(spec, spec)))
 
 
 def na_context_parallel(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False,
                         scale: Optional[float] = None, *, mesh: Mesh, axis_name: str,
-                        return_lse: bool = False, precision=None):
+                        return_lse: bool = False, precision=None, valid_extent=None):
     """Neighborhood attention (rank 1-3) with spatial axis 0 sharded over ``mesh[axis_name]``.
 
     Arguments and results are those of :func:`natten_jax.na1d` / ``na2d`` / ``na3d`` (rank taken
@@ -154,17 +210,27 @@ def na_context_parallel(query, key, value, kernel_size, stride=1, dilation=1, is
       return_lse: also return the logsumexp ``[B, S..., H]`` (float32; float64 for float64).
       precision: how accurately float32 inputs are computed, as in :func:`natten_jax.na2d`
         (None follows ``jax.default_matmul_precision`` when traced; 16-bit inputs ignore it).
+      valid_extent: a ragged batch, as in :func:`natten_jax.na2d`: integer ``[batch, rank]``,
+        sample ``b`` occupying the leading ``valid_extent[b, a]`` positions of each spatial
+        axis (a runtime operand, replicated on every device; concrete values are checked,
+        traced ones clamped). Output 0 and logsumexp 0.0 at padded queries, zero gradients for
+        padded tokens.
 
     Results are sharded ``PartitionSpec(None, axis_name)``. Exact against
     ``na{rank}d(..., backend="reference")`` on the unsharded arrays, forward and gradients; the
     halo exchange uses ``ppermute`` only (no all-gather). See the module docstring.
     """
     p = check_context_parallel_call(query, key, value, kernel_size, stride, dilation, is_causal,
-                                    scale, mesh, axis_name, precision)
+                                    scale, mesh, axis_name, precision, valid_extent)
     args = (query, key, value)
     if _is_explicit(mesh, axis_name):
         # Explicit axes: shard_map wants the inputs' types to carry its in_specs already.
         spec = NamedSharding(mesh, PartitionSpec(None, axis_name))
         args = tuple(jax.reshard(x, spec) for x in args)
+    if valid_extent is not None:
+        ve = jnp.asarray(valid_extent, jnp.int32)
+        if _is_explicit(mesh, axis_name):
+            ve = jax.reshard(ve, NamedSharding(mesh, PartitionSpec()))
+        args += (ve,)
     out, lse = _build(p, mesh, axis_name)(*args)
     return (out, lse) if return_lse else out

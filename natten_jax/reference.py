@@ -212,7 +212,7 @@ def na_reference(p: NAProblem, query, key, value, additional_keys=None, addition
                        coords, masks, additional_keys, additional_values)
 
 
-def _keep(mask, x):
+def keep(mask, x):
     """``x`` where ``mask`` (broadcast over x's trailing axes), else 0: a select, so neither a
     NaN in x nor its gradient crosses to the masked-out entries."""
     mask = mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim))
@@ -228,8 +228,8 @@ def na_reference_ragged(p: NAProblem, query, key, value, additional_keys, additi
     extra_valid = None
     if additional_lengths is not None:
         extra_valid = used_extra(additional_lengths, p.num_extra)  # [B, N]
-        additional_keys = _keep(extra_valid, additional_keys)
-        additional_values = _keep(extra_valid, additional_values)
+        additional_keys = keep(extra_valid, additional_keys)
+        additional_values = keep(extra_valid, additional_values)
     if valid_extent is None:
         offsets = window_offsets(p.spatial, p.kernel_size, p.stride, p.dilation, p.is_causal)
         coords, masks = [c for c, _ in offsets], [m for _, m in offsets]
@@ -238,11 +238,11 @@ def na_reference_ragged(p: NAProblem, query, key, value, additional_keys, additi
                            additional_values, extra_valid=extra_valid)
     ext = sample_extent(jnp.asarray(valid_extent), p.kernel_size, p.dilation, p.spatial)
     inside = valid_tokens(p.spatial, ext)  # [B, *spatial]
-    query, key, value = (_keep(inside, x) for x in (query, key, value))
+    query, key, value = (keep(inside, x) for x in (query, key, value))
     offsets = window_offsets(p.spatial, p.kernel_size, p.stride, p.dilation, p.is_causal,
                              valid_extent=ext)
     coords, masks = [c for c, _ in offsets], [m for _, m in offsets]
     out, lse = attend_rows(p, query, key, value, coords[0], masks[0], coords, masks,
                            additional_keys, additional_values, per_sample=True,
                            extra_valid=extra_valid)
-    return _keep(inside, out), _keep(inside, lse)
+    return keep(inside, out), keep(inside, lse)

@@ -46,6 +46,22 @@ CASES = {
                                               dilation=(2, 1, 1)), False),
 }
 
+# Ragged batches (valid_extent): name: (spatial, heads, kv heads, head_dim, NA kwargs, per-sample
+# extents). Samples end inside a slab, on a slab boundary, within a halo of the tensor's end, at
+# the smallest extent kernel * dilation, and at full extent; padding is NaN.
+RAGGED_CASES = {
+    "1d": ((16,), 2, 2, 8, dict(kernel_size=5), [[16], [7], [5], [12]]),
+    "1d_causal": ((16,), 2, 1, 8, dict(kernel_size=4, is_causal=True), [[16], [5], [13], [4]]),
+    "1d_wide": ((16,), 2, 2, 8, dict(kernel_size=11), [[16], [11], [12], [15]]),
+    "1d_all": ((20,), 4, 2, 8, dict(kernel_size=3, stride=2, dilation=3, is_causal=True),
+               [[20], [9], [14], [10]]),
+    "2d": ((12, 9), 4, 2, 8, dict(kernel_size=(3, 5), stride=(1, 2), dilation=(2, 1),
+                                  is_causal=(False, True)), [[12, 9], [7, 5], [9, 6], [6, 9]]),
+    "3d": ((8, 6, 5), 4, 2, 8, dict(kernel_size=(3, 3, 2), dilation=(1, 2, 1),
+                                    is_causal=(True, False, True)),
+           [[8, 6, 5], [4, 6, 3], [5, 6, 2], [3, 6, 5]]),
+}
+
 
 # =============================================================================================
 # Worker (runs in the subprocess: ``python tests/test_context_parallel.py``)
@@ -134,6 +150,47 @@ def _worker():  # noqa: C901 (one linear list of cases)
 
     for name, (S, H, Hkv, D, Dv, kw, grads) in CASES.items():
         run_case(name, lambda: compare(mesh_x, "x", S, H, Hkv, D, Dv, kw, grads))
+
+    def compare_ragged(S, H, Hkv, D, kw, extents, m=mesh_x):
+        """Output, lse and value_and_grad against the reference on the unsharded ragged batch,
+        with NaN in every padded token; also jitted with the extents traced."""
+        ve = np.asarray(extents, np.int32)
+        q, k, v, wo, wl = data(S, H, Hkv, D, D, B=len(extents), seed=3)
+        inside = natten_jax.window.valid_tokens(S, natten_jax.window.sample_extent(
+            ve, kw["kernel_size"], kw.get("dilation", 1), S))
+        q, k, v = (jnp.where(inside[..., None, None], x, jnp.nan) for x in (q, k, v))
+        ref_na = getattr(natten_jax, f"na{len(S)}d")
+
+        def ref(q, k, v, e):
+            return ref_na(q, k, v, **kw, backend="reference", return_lse=True, valid_extent=e)
+
+        def cp(q, k, v, e):
+            return na_context_parallel(q, k, v, **kw, mesh=m, axis_name="x",
+                                       return_lse=True, valid_extent=e)
+
+        def loss(f):
+            def go(q, k, v, e):
+                out, lse = f(q, k, v, e)
+                return jnp.sum(out * wo) + jnp.sum(lse * wl)
+            return jax.value_and_grad(go, (0, 1, 2))
+
+        (ro, rl), (co, cl) = ref(q, k, v, ve), cp(q, k, v, ve)
+        (rv, rg), (cv, cg) = loss(ref)(q, k, v, ve), jax.jit(loss(cp))(q, k, v, ve)
+        finite = all(bool(jnp.isfinite(x).all()) for x in (co, cl, cv) + tuple(cg))
+        pad_zero = bool(jnp.all(jnp.where(inside[..., None, None], 0.0, co) == 0)) and all(
+            bool(jnp.all(jnp.where(inside[..., None, None], 0.0, g) == 0)) for g in cg)
+        hlo = jax.jit(cp).lower(q, k, v, ve).compile().as_text()
+        return {"err_out": max_err(co, ro), "err_lse": max_err(cl, rl),
+                "err_loss": max_err(cv, rv),
+                "err_grad": max(max_err(a, b) for a, b in zip(cg, rg)),
+                "finite": finite, "pad_zero": pad_zero, "all_gather": "all-gather" in hlo,
+                "permute": "collective-permute" in hlo}
+
+    for name, (S, H, Hkv, D, kw, extents) in RAGGED_CASES.items():
+        run_case("ragged_" + name, lambda: compare_ragged(S, H, Hkv, D, kw, extents))
+    S, H, Hkv, D, kw, extents = RAGGED_CASES["2d"]  # explicit mesh axes
+    run_case("ragged_explicit", lambda: compare_ragged(S, H, Hkv, D, kw, extents,
+                                                       m=mesh((4,), ("x",), explicit=True)))
 
     # A 2 x 2 mesh sharding axis 0 over "y" only (replicated over "x"), unsharded inputs.
     mesh_xy = mesh((2, 2), ("x", "y"))
@@ -226,6 +283,18 @@ def test_matches_reference(results, name):
     _check(r, CASES[name][-1])
     assert r["permute"], r
     assert r["out_spec"] == [None, "x"], r
+
+
+@pytest.mark.parametrize("name", sorted(RAGGED_CASES) + ["explicit"])
+def test_ragged_matches_reference(results, name):
+    """valid_extent: output, lse and gradients equal the reference backend's ragged batch
+    (extents traced under jit), finite with NaN padding, exactly 0 at padded tokens; halos by
+    collective-permute only."""
+    r = _get(results, "ragged_" + name)
+    assert r["err_out"] <= TOL and r["err_lse"] <= TOL, r
+    assert r["err_loss"] <= TOL and r["err_grad"] <= GRAD_TOL, r
+    assert r["finite"] and r["pad_zero"], r
+    assert r["permute"] and not r["all_gather"], r
 
 
 def test_mesh_2x2_other_axis(results):
@@ -359,6 +428,69 @@ def test_halo_plan_covers_windows(L, n, k, s, d, c):
     need_r = max(coords[r * slab:(r + 1) * slab][v[r * slab:(r + 1) * slab]].max() + 1
                  - (r + 1) * slab for r in range(n))
     assert (left, right) == (max(need_l, 0), max(need_r, 0))
+
+
+@pytest.mark.parametrize("L,n,k,s,d,c", [
+    (16, 4, 5, 1, 1, False), (16, 4, 4, 1, 1, True), (16, 4, 11, 1, 1, False),
+    (20, 4, 3, 2, 3, True), (12, 3, 5, 3, 2, False), (24, 8, 7, 1, 1, False),
+])
+def test_ragged_halo_covers_every_extent(L, n, k, s, d, c):
+    """ragged_halo's widths hold the windows of every device's queries for every sample extent
+    from kernel * dilation to L (wider than halo_plan's for the tensor's extent where windows are
+    centred: a sample ending inside a slab shifts its windows back by up to k - 1)."""
+    from natten_jax.context_parallel import ragged_halo
+    from natten_jax.window import window_offsets
+
+    left, right = ragged_halo(L, n, k, d, c)
+    slab = L // n
+    widest = [0, 0]
+    for e in range(k * d, L + 1):
+        ((coords, v),) = window_offsets((L,), (k,), (s,), (d,), (c,),
+                                        valid_extent=np.array([[e]]))
+        coords, v = coords[0], v[0]
+        for r in range(n):
+            rows = slice(r * slab, min((r + 1) * slab, e))
+            if rows.start >= rows.stop:
+                continue
+            got = coords[rows][v[rows]]
+            widest[0] = max(widest[0], r * slab - got.min())
+            widest[1] = max(widest[1], got.max() + 1 - (r + 1) * slab)
+    assert widest[0] <= left and widest[1] <= right, (widest, left, right)
+    if c:
+        assert right == 0
+
+
+def test_ragged_errors_single_process():
+    """valid_extent is checked as in na2d (shape, range), naming the argument."""
+    import jax.numpy as jnp
+
+    from natten_jax.context_parallel import na_context_parallel
+
+    m = _one_device_mesh()
+    q = jnp.zeros((2, 8, 4, 2, 4), jnp.float32)
+    with pytest.raises(ValueError, match="valid_extent"):
+        na_context_parallel(q, q, q, 3, mesh=m, axis_name="x", valid_extent=[[8, 4]])
+    with pytest.raises(ValueError, match="valid_extent"):
+        na_context_parallel(q, q, q, 3, mesh=m, axis_name="x",
+                            valid_extent=[[8, 4], [2, 4]])
+
+
+def test_ragged_single_device_mesh_matches_reference():
+    import jax.numpy as jnp
+
+    import natten_jax
+    from natten_jax.context_parallel import na_context_parallel
+
+    rng = np.random.default_rng(4)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 9, 4, 2, 4)), jnp.float32) for _ in range(3))
+    kw = dict(kernel_size=(3, 2), dilation=(2, 1), is_causal=(True, False))
+    ve = np.array([[9, 4], [6, 3]], np.int32)
+    out, lse = na_context_parallel(q, k, v, **kw, mesh=_one_device_mesh(), axis_name="x",
+                                   return_lse=True, valid_extent=ve)
+    ro, rl = natten_jax.na2d(q, k, v, **kw, backend="reference", return_lse=True,
+                             valid_extent=ve)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ro), atol=TOL, rtol=TOL)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(rl), atol=TOL, rtol=TOL)
 
 
 if __name__ == "__main__":
