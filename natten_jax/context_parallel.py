@@ -223,14 +223,12 @@ def na_context_parallel(query, key, value, kernel_size, stride=1, dilation=1, is
     p = check_context_parallel_call(query, key, value, kernel_size, stride, dilation, is_causal,
                                     scale, mesh, axis_name, precision, valid_extent)
     args = (query, key, value)
+    specs = (PartitionSpec(None, axis_name),) * 3
+    if valid_extent is not None:  # replicated on every device
+        args += (jnp.asarray(valid_extent, jnp.int32),)
+        specs += (PartitionSpec(),)
     if _is_explicit(mesh, axis_name):
         # Explicit axes: shard_map wants the inputs' types to carry its in_specs already.
-        spec = NamedSharding(mesh, PartitionSpec(None, axis_name))
-        args = tuple(jax.reshard(x, spec) for x in args)
-    if valid_extent is not None:
-        ve = jnp.asarray(valid_extent, jnp.int32)
-        if _is_explicit(mesh, axis_name):
-            ve = jax.reshard(ve, NamedSharding(mesh, PartitionSpec()))
-        args += (ve,)
+        args = tuple(jax.reshard(x, NamedSharding(mesh, s)) for x, s in zip(args, specs))
     out, lse = _build(p, mesh, axis_name)(*args)
     return (out, lse) if return_lse else out

@@ -30,7 +30,10 @@ int main() {
   for (int k = 0; k <= 31; ++k)
     for (long long e = -2; e <= 2; ++e) {
       const long long v = (1LL << k) + e;
-      if (v >= 1 && v <= INT_MAX) { big_d.push_back(static_cast<int>(v)); big_n.push_back(static_cast<int>(v)); }
+      if (v >= 1 && v <= INT_MAX) {
+        big_d.push_back(static_cast<int>(v));
+        big_n.push_back(static_cast<int>(v));
+      }
     }
   for (int n = INT_MAX - 4096; n < INT_MAX; ++n) big_n.push_back(n);
   big_n.push_back(INT_MAX);

@@ -1,8 +1,9 @@
 // Division by a divisor fixed for a whole launch (heads, dilation, stride, tile counts) as a
 // multiply-high, an add and a shift, instead of the ~20-instruction sequence a runtime integer
 // division compiles to. The fused kernels decode their block index and build their windows from
-// a few dozen such divisions per CTA; on small problems (NAT/DiNAT layers: ~12k CTAs of 4 KV
-// boxes each) those were ~10% of the instructions a CTA issues.
+// a few dozen such divisions per CTA: ~600 of the ~3,500 SASS instructions of each head-dim-32
+// sm80 kernel, which on small problems (NAT/DiNAT layers: ~12k CTAs of ~4 KV boxes each) run
+// once per CTA against a short main loop (docs/perf-log.md, FastDiv).
 //
 // FastDiv(d) is built on the host (its constructor divides 64-bit integers) and carried in the
 // kernel parameters; it converts to int (its divisor) where a plain value is wanted. quotient(n,
