@@ -167,6 +167,8 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true",
                     help="tiny problems, 3 reps, no loop timing (runs on CPU in seconds)")
     ap.add_argument("--list", action="store_true", help="list the problems and exit")
+    ap.add_argument("--anchors", action="store_true",
+                    help="also the showcase problems of problems-anchors.json (after the others)")
     a = ap.parse_args(argv)
     if a.quick:
         a.reps = min(a.reps, 3)
@@ -210,7 +212,8 @@ def run_job(kind: str, name: str, p, sets, args, left_s: float, precision=None) 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    probs = problems.select(problems.load(quick=args.quick), args.problems)
+    probs = problems.select(problems.load(quick=args.quick, anchors=args.anchors),
+                            args.problems)
     if args.list:
         for p in probs:
             print(p.name, p.to_json())

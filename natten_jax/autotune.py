@@ -184,16 +184,10 @@ def candidates(p: NAProblem, backward: bool = False, mode: str = "thorough",
     model's choice; ``thorough``: all of them."""
     impl = _impl(p, backward, impl)
     ranked = []
-    for qn in _q_sizes(p, backward):
-        for qt in tiles._candidates(p.rank, qn):
-            for kt in tiles._candidates(p.rank, tiles.KV_TILE_LOG2):
-                pairs = tiles.visited_pairs(tuple(p.spatial), tuple(p.kernel_size),
-                                            tuple(p.stride), tuple(p.dilation),
-                                            tuple(p.is_causal), qt, kt)
-                cost = pairs * tiles._pair_cost(sum(qt), p.head_dim,
-                                                "sm80" if backward else impl)
-                order = (cost, tuple(-x for x in reversed(qt)), tuple(-x for x in reversed(kt)))
-                ranked.append((order, (tuple(qt), tuple(kt))))
+    for qt, kt in tiles.tile_shapes(p.rank, _q_sizes(p, backward), impl, backward):
+        cost = _modelled_cost(p, "sm80" if backward else impl, (qt, kt))
+        order = (cost, tuple(-x for x in reversed(qt)), tuple(-x for x in reversed(kt)))
+        ranked.append((order, (tuple(qt), tuple(kt))))
     ranked.sort()
     out = [t for _, t in ranked]
     if mode == "thorough":
@@ -205,15 +199,16 @@ def candidates(p: NAProblem, backward: bool = False, mode: str = "thorough",
     return chosen
 
 
-def _legal(p: NAProblem, backward: bool, t) -> Optional[Tiles]:
-    """``t`` (from the cache file) as a Tiles tuple if the kernel accepts it, else None."""
+def _legal(p: NAProblem, backward: bool, t, impl: str) -> Optional[Tiles]:
+    """``t`` (from the cache file) as a Tiles tuple if kernel ``impl`` accepts it, else None."""
     try:
         qt, kt = (tuple(int(x) for x in t[0]), tuple(int(x) for x in t[1]))
     except (TypeError, ValueError, IndexError, KeyError):
         return None
     if len(qt) != p.rank or len(kt) != p.rank or min(qt + kt) < 0:
         return None
-    if sum(qt) not in _q_sizes(p, backward) or sum(kt) != tiles.KV_TILE_LOG2:
+    if (sum(qt) not in _q_sizes(p, backward)
+            or sum(kt) not in tiles.kv_tile_sizes(sum(qt), impl, backward)):
         return None
     return qt, kt
 
@@ -345,10 +340,11 @@ def _memory_for(path: str) -> Dict[str, dict]:
     return mem
 
 
-def _usable(p: NAProblem, backward: bool, entry: Optional[dict], mode: str) -> Optional[Tiles]:
+def _usable(p: NAProblem, backward: bool, entry: Optional[dict], mode: str,
+            impl: str) -> Optional[Tiles]:
     if not entry or _MODE_RANK.get(entry.get("mode"), 0) < _MODE_RANK[mode]:
         return None
-    return _legal(p, backward, (entry.get("q_tile"), entry.get("kv_tile")))
+    return _legal(p, backward, (entry.get("q_tile"), entry.get("kv_tile")), impl)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -379,7 +375,7 @@ def select_tiles(p: NAProblem, *, backward: bool = False, mode: Optional[str] = 
     entry = _memory_for(path).get(key)
     if entry is not None and entry.get("failed"):  # nothing could be timed in this process
         return _heuristic(p, backward, impl)
-    got = _usable(p, backward, entry, mode)
+    got = _usable(p, backward, entry, mode, impl)
     if got is not None:
         return got
     with _state_lock:
@@ -387,10 +383,10 @@ def select_tiles(p: NAProblem, *, backward: bool = False, mode: Optional[str] = 
     with tlock, _file_lock(_key_lock_path(path, key)):
         # Another thread or process may have tuned this key while we waited for the locks.
         mem = _memory_for(path)
-        got = _usable(p, backward, mem.get(key), mode)
+        got = _usable(p, backward, mem.get(key), mode, impl)
         if got is None:
             disk = _read_file(path).get(key)
-            got = _usable(p, backward, disk, mode)
+            got = _usable(p, backward, disk, mode, impl)
             if got is not None:
                 mem[key] = disk
         if got is not None:
@@ -400,7 +396,7 @@ def select_tiles(p: NAProblem, *, backward: bool = False, mode: Optional[str] = 
         if entry.get("failed"):
             return _heuristic(p, backward, impl)
         _persist(path, key, entry)
-        return _usable(p, backward, entry, mode)
+        return _usable(p, backward, entry, mode, impl)
 
 
 def _pick(times: Dict, preferred, order: Callable):
@@ -588,7 +584,7 @@ def bwd_impl(head_dim: int, config: FusedConfig, dtype=None) -> str:
 def _modelled_cost(p: NAProblem, impl: str, t: Tiles) -> float:
     pairs = tiles.visited_pairs(tuple(p.spatial), tuple(p.kernel_size), tuple(p.stride),
                                 tuple(p.dilation), tuple(p.is_causal), tuple(t[0]), tuple(t[1]))
-    return pairs * tiles._pair_cost(sum(t[0]), p.head_dim, impl)
+    return pairs * tiles._pair_cost(sum(t[0]), p.head_dim, impl, sum(t[1]))
 
 
 def resolve_impl(p: NAProblem) -> str:

@@ -17,16 +17,18 @@ import numpy as np
 from natten_jax.config import KERNEL_IMPLS, Q_TILES
 from natten_jax.window import group_extent, window_bounds
 
-KV_TILE_LOG2 = 6  # 64 keys per KV box
+KV_TILE_LOG2 = 6  # 64 keys per KV box (every kernel)
+SM90_WIDE_KV_TILE_LOG2 = 7  # 128 keys: the sm90 forward with 128-query tiles may take these
 Q_TILE_LOG2 = (6, 7)  # 64 queries (one m16 tile per warp) or 128 (two per warp)
 
 # Relative cost of one visited (query, key) pair by Q tile size (log2), measured on an H100
 # (docs/perf-log.md, v3): 128-query tiles feed two MMAs per K/V fragment read from shared memory,
 # 16% more visited TFLOP/s at head dim 128; at head dim 32 the kernel is latency-bound and fewer,
 # larger CTAs are slower (2d_nat_t: 0.37 -> 0.52 ms).
-def _pair_cost(q_log2: int, head_dim: int, impl: str = "sm80") -> float:
+def _pair_cost(q_log2: int, head_dim: int, impl: str = "sm80",
+               kv_log2: int = KV_TILE_LOG2) -> float:
     if impl == "sm90":
-        return _SM90_PAIR_COST[q_log2]
+        return _SM90_PAIR_COST[q_log2, kv_log2]
     if q_log2 == 6:
         return 1.0
     return 0.87 if head_dim >= 64 else 1.4
@@ -39,10 +41,28 @@ def _pair_cost(q_log2: int, head_dim: int, impl: str = "sm80") -> float:
 # natten_jax.autotune (impl_candidates, bwd_impl).
 IMPLS = KERNEL_IMPLS
 SM90_HEAD_DIMS = (64, 128)
-# Per-pair cost of the sm90 kernel relative to sm80's 64-query tiles, measured on an H100
-# (docs/perf-log.md, v4): ~305-370 visited TFLOP/s with 64-query tiles, ~345-400 with 128, against
-# sm80's ~190-216 with 64.
-_SM90_PAIR_COST = {6: 0.60, 7: 0.55}
+# Per-pair cost of the sm90 kernel by (Q tile, KV box) log2 sizes, relative to sm80's 64-query
+# tiles, measured on an H100 (docs/perf-log.md, v4): ~305-370 visited TFLOP/s with 64-query
+# tiles, ~345-400 with 128, against sm80's ~190-216 with 64; 128-key boxes: docs/perf-log.md,
+# "128-key boxes".
+_SM90_PAIR_COST = {(6, 6): 0.60, (7, 6): 0.55, (7, 7): 0.495}
+
+
+def kv_tile_sizes(q_log2: int, impl: str = "sm80", backward: bool = False) -> Tuple[int, ...]:
+    """Log2 KV box sizes a kernel takes with ``q_log2`` Q tiles: 64 keys, and 128 in the sm90
+    forward with 128-query tiles (kernel_table.h: kSm90FwdWideKvTileTokens)."""
+    if not backward and impl == "sm90" and q_log2 == Q_TILE_LOG2[1]:
+        return (KV_TILE_LOG2, SM90_WIDE_KV_TILE_LOG2)
+    return (KV_TILE_LOG2,)
+
+
+def tile_shapes(rank: int, q_sizes: Sequence[int], impl: str = "sm80", backward: bool = False):
+    """Every legal (Q tile, KV box) pair of log2 extents per axis, Q tiles of ``q_sizes``."""
+    for qn in q_sizes:
+        for qt in _candidates(rank, qn):
+            for kn in kv_tile_sizes(qn, impl, backward):
+                for kt in _candidates(rank, kn):
+                    yield qt, kt
 
 
 # ---- float32 (issue 23) ---------------------------------------------------------------------
@@ -152,13 +172,12 @@ def _choose_tiles(spatial, kernel_size, stride, dilation, is_causal, head_dim, q
                   impl="sm80"):
     best = None
     rank = len(spatial)
-    for qt in (t for n in q_sizes for t in _candidates(rank, n)):
-        for kt in _candidates(rank, KV_TILE_LOG2):
-            pairs = visited_pairs(spatial, kernel_size, stride, dilation, is_causal, qt, kt)
-            cost = pairs * _pair_cost(sum(qt), head_dim, impl)
-            key = (cost, tuple(-x for x in reversed(qt)), tuple(-x for x in reversed(kt)))
-            if best is None or key < best[0]:
-                best = (key, qt, kt)
+    for qt, kt in tile_shapes(rank, q_sizes, impl):
+        pairs = visited_pairs(spatial, kernel_size, stride, dilation, is_causal, qt, kt)
+        cost = pairs * _pair_cost(sum(qt), head_dim, impl, sum(kt))
+        key = (cost, tuple(-x for x in reversed(qt)), tuple(-x for x in reversed(kt)))
+        if best is None or key < best[0]:
+            best = (key, qt, kt)
     return best[1], best[2]
 
 

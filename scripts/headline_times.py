@@ -5,7 +5,8 @@ the same script times any natten_jax tree: put the tree first on PYTHONPATH.
 
     PYTHONPATH=<tree> python3 scripts/headline_times.py --out times.json [--problems 2d_gen ...]
 
-Problems: benchmarks/problems.json of this checkout (the four problems and their variants).
+Problems: benchmarks/problems.json of this checkout (the four problems and their variants) and
+benchmarks/problems-anchors.json (NATTEN's showcase problems and their block-dense gna variants).
 Forward: a jitted call; forward+backward: jax.grad of sum(out * g) w.r.t. q, k, v. Each time is
 the median over `--reps` timed batches of `--iters` calls (after a warm-up), bf16.
 """
@@ -26,12 +27,16 @@ import jax.numpy as jnp  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def problems(path):
-    spec = json.load(open(path))
-    out = {name: dict(p) for name, p in spec["problems"].items()}
-    for variant, per in spec.get("variants", {}).items():
-        for name, extra in per.items():
-            out[f"{name}_{variant}"] = {**spec["problems"][name], **extra}
+def problems(*paths):
+    out = {}
+    for path in paths:
+        if not os.path.exists(path):  # an older tree without the anchors file
+            continue
+        spec = json.load(open(path))
+        out.update({name: dict(p) for name, p in spec["problems"].items()})
+        for variant, per in spec.get("variants", {}).items():
+            for name, extra in per.items():
+                out[f"{name}_{variant}"] = {**spec["problems"][name], **extra}
     return out
 
 
@@ -57,8 +62,10 @@ def main():
     args = ap.parse_args()
     import natten_jax
 
-    spec = problems(os.path.join(HERE, "..", "benchmarks", "problems.json"))
-    names = args.problems or list(spec)
+    bench = os.path.join(HERE, "..", "benchmarks")
+    spec = problems(os.path.join(bench, "problems.json"),
+                    os.path.join(bench, "problems-anchors.json"))
+    names = args.problems or list(problems(os.path.join(bench, "problems.json")))
     rows = []
     for name in names:
         p = spec[name]

@@ -9,9 +9,12 @@
 environment variables ``NATTEN_JAX_FNA_IMPL`` / ``NATTEN_JAX_FNA_BWD_IMPL``, else ``auto``: the
 sm90 kernels on a Hopper GPU). The sm90 (wgmma) kernels cover the head dim 64 and 128 cases
 (head dim 32 stays on sm80); each case also runs as a ragged batch (valid_extent) and in
-float32 (TF32, both precisions: sm80 kernels). Outputs are poisoned with NaN before the kernels run. Each line
-names the kernels the case ran (the custom calls' ``impl`` attributes). Exit status 1 if an
-output or a gradient has a non-finite element.
+float32 (TF32, both precisions: sm80 kernels). Where the sm90 forward runs, each bf16 case
+also runs it once per kernel variant (64-query tiles with 64-key boxes, 128-query tiles with
+64- and with 128-key boxes); ``--forward-variants`` runs only these (a quick racecheck of the
+forward). Outputs are poisoned with NaN before the kernels run. Each line names the kernels the
+case ran (the custom calls' ``impl`` attributes). Exit status 1 if an output or a gradient has
+a non-finite element.
 """
 import argparse
 import itertools
@@ -46,6 +49,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--forward-impl", choices=("auto",) + tiles.IMPLS)
     ap.add_argument("--backward-impl", choices=("auto",) + tiles.IMPLS)
+    ap.add_argument("--forward-variants", action="store_true",
+                    help="only the sm90 forward's kernel variants, bf16")
     a = ap.parse_args()
     chosen = {"forward_impl": a.forward_impl, "backward_impl": a.backward_impl}
     config = default_config().replace(backward="kernel",
@@ -53,7 +58,7 @@ def main() -> int:
     fused.POISON_OUTPUTS = True  # an element a kernel does not write stays NaN
     ok = True
     for (i, (f, sp, k, s, d, c, D)), (dtype, ragged, precision) in itertools.product(
-            enumerate(CASES), VARIANTS):
+            enumerate(CASES), VARIANTS[:1] if a.forward_variants else VARIANTS):
         key = jax.random.split(jax.random.PRNGKey(i), 3)
         q = jax.random.normal(key[0], (2, *sp, 4, D)).astype(dtype)
         kk = jax.random.normal(key[1], (2, *sp, 2, D)).astype(dtype)
@@ -61,18 +66,41 @@ def main() -> int:
         ve = jnp.asarray([list(sp), RAGGED[i]], jnp.int32) if ragged else None
         na = lambda q, kk, v: f(q, kk, v, k, s, d, c, backend="fused",  # noqa: E731
                                 backend_config=config, valid_extent=ve, precision=precision)
+        p = check_na_call(len(sp), q, kk, v, k, s, d, c, None, backend_config=config)
+        if dtype == "bfloat16" and not ragged:
+            ok &= forward_variants(p, q, kk, v)
+        if a.forward_variants:
+            continue
         out = na(q, kk, v).block_until_ready()
         grads = jax.grad(lambda q, kk, v: jnp.sum(na(q, kk, v).astype(jnp.float32) ** 2),
                          argnums=(0, 1, 2))(q, kk, v)
         finite = all(bool(jnp.isfinite(g.astype(jnp.float32)).all()) for g in (out, *grads))
         ok &= finite
-        p = check_na_call(len(sp), q, kk, v, k, s, d, c, None, backend_config=config)
         impls = [tiles.IMPLS[int(np.asarray(fused._attrs(p, backward=b)["impl"]))]
                  for b in (False, True)]
         print(f"rank {len(sp)} head dim {D} {dtype}{' ragged' if ragged else ''}"
               f"{' ' + precision if precision else ''}: forward {impls[0]}, backward "
               f"{impls[1]}; all elements finite: {finite}", flush=True)
     return 0 if ok else 1
+
+
+def forward_variants(p, q, k, v) -> bool:
+    """The sm90 forward once per kernel variant (if it runs this case): whether every output
+    element is finite."""
+    if tiles.IMPLS[int(np.asarray(fused._attrs(p)["impl"]))] != "sm90":
+        return True
+    geo = (tuple(p.spatial), tuple(p.kernel_size), tuple(p.stride), tuple(p.dilation),
+           tuple(p.is_causal))
+    ok = True
+    for qn, kn in ((6, 6), (7, 6), (7, 7)):
+        shapes = [t for t in tiles.tile_shapes(p.rank, (qn,), "sm90") if sum(t[1]) == kn]
+        tl = min(shapes, key=lambda t: tiles.visited_pairs(*geo, *t))
+        out, lse = fused._forward_call(p, q, k, v, tiles=tl, impl="sm90")
+        finite = bool(jnp.isfinite(out.astype(jnp.float32)).all())
+        ok &= finite
+        print(f"rank {p.rank} head dim {p.head_dim} sm90 forward, tiles {tl}: all elements "
+              f"finite: {finite}", flush=True)
+    return ok
 
 
 if __name__ == "__main__":

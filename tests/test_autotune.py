@@ -156,6 +156,22 @@ def test_candidates_are_legal_and_ranked():
         assert autotune.candidates(problem(q_tile=q_tile), True, "thorough") == back
 
 
+def test_sm90_forward_candidates_include_128_key_boxes():
+    """The sm90 forward takes 128-key boxes with 128-query tiles (kernel_table.h); nothing
+    else does, and a cached entry naming them is legal for that kernel only."""
+    p = problem()
+    full = autotune.candidates(p, False, "thorough", impl="sm90")
+    assert len(full) == len(set(full)) == (7 + 8) * 7 + 8 * 8
+    assert {(sum(q), sum(k)) for q, k in full} == {(6, 6), (7, 6), (7, 7)}
+    assert all(sum(k) == 6 for _, k in autotune.candidates(p, False, "thorough", impl="sm80"))
+    assert all(sum(k) == 6 for _, k in autotune.candidates(p, True, "thorough", impl="sm90"))
+    wide = ((3, 4), (3, 4))
+    assert autotune._legal(p, False, wide, "sm90") == wide
+    assert autotune._legal(p, False, wide, "sm80") is None
+    assert autotune._legal(p, True, wide, "sm90") is None
+    assert autotune._legal(p, False, ((3, 3), (3, 4)), "sm90") is None  # 64-query tile
+
+
 def test_q_tile_config_tunes_and_caches_apart(cache):
     p, p64 = problem(cache), problem(cache, q_tile=64)
     t_all, t64 = fake_timer(), fake_timer()

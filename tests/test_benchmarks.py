@@ -73,6 +73,18 @@ def test_problem_set():
         problems.select(problems.load(quick=True), "q1d,nope")
 
 
+def test_anchor_problems_load_after_the_headline_ones():
+    both = problems.load(anchors=True)
+    names = [p.name for p in both]
+    assert names[:len(problems.load())] == [p.name for p in problems.load()]
+    by = {p.name: p for p in both}
+    assert {"2d_flux", "3d_hunyuan", "2d_flux_gna", "3d_hunyuan_gna"} <= set(by)
+    assert by["2d_flux_gna"].stride == (16, 16) and by["2d_flux_gna"].kernel == (80, 80)
+    if os.path.exists(problems.SHARED_ANCHORS):  # the copy that travels equals the shared file
+        with open(problems.SHARED_ANCHORS, "rb") as a, open(problems.LOCAL_ANCHORS, "rb") as b:
+            assert a.read() == b.read(), "benchmarks/problems-anchors.json differs"
+
+
 def test_useful_flops_and_bytes():
     for p in problems.load() + problems.load(quick=True) + SMALL:
         if p.tokens < 1000:

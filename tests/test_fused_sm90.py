@@ -8,7 +8,6 @@ configuration selects (``auto`` on a GPU where sm90 runs or not; the custom call
 tests/test_config.py checks the attributes of explicit configs.
 """
 
-import itertools
 
 import jax
 import numpy as np
@@ -18,7 +17,6 @@ import natten_jax
 from natten_jax import FusedConfig, _ffi, autotune, tiles
 from natten_jax.backends import fused
 from natten_jax.checks import check_na_call
-from natten_jax.tiles import _candidates
 from test_fused import (CASES, _inputs, check_forward, check_forward_case,  # POISON_OUTPUTS
                         reference_forward)
 
@@ -68,17 +66,20 @@ def test_forward_matches_reference(sm90, case, dtype):
 @pytest.mark.parametrize("rank", [1, 2, 3])
 @pytest.mark.parametrize("D", [64, 128])
 def test_every_tile_shape(sm90, rank, D):
-    """64-query (one consumer warpgroup) and 128-query (two) tiles, KV boxes of every shape."""
+    """64-query (one consumer warpgroup) and 128-query (two) tiles, KV boxes of every shape
+    (64 keys; 128 keys with 128-query tiles)."""
     spatial = {1: (150,), 2: (21, 19), 3: (7, 9, 11)}[rank]
     kernel = {1: 13, 2: (5, 6), 3: (3, 4, 5)}[rank]
     dilation = {1: 2, 2: (1, 2), 3: (2, 1, 1)}[rank]
     q, k, v = _inputs(jax.random.PRNGKey(10 + rank), spatial, 1, 2, 1, D, "bfloat16")
     p = check_na_call(rank, q, k, v, kernel, 1, dilation, False, None, backend_config=SM90)
     refs = reference_forward(q, k, v, kernel, 1, dilation, False)
-    pairs = list(itertools.product(_candidates(rank, 6) + _candidates(rank, 7),
-                                   _candidates(rank, 6)))
+    pairs = list(tiles.tile_shapes(rank, (6, 7), "sm90"))
+    wide = [i for i, (_, kt) in enumerate(pairs) if sum(kt) == 7]
     rng = np.random.default_rng(rank * 7 + D)
-    for i in rng.choice(len(pairs), size=min(len(pairs), 12), replace=False):
+    picks = set(rng.choice(len(pairs), size=min(len(pairs), 12), replace=False).tolist())
+    picks |= set(rng.choice(wide, size=min(len(wide), 6), replace=False).tolist())
+    for i in sorted(picks):
         qt, kt = pairs[i]
         out, lse = fused._forward_call(p, q, k, v, tiles=(qt, kt), impl="sm90")
         check_forward(out, lse, refs, name=f"tiles {qt} {kt}")
@@ -92,7 +93,18 @@ LARGE = [
     ((72, 80), (31, 23), (1, 1), (1, 1), (False, False)),
     ((40, 64), (13, 17), (2, 1), (2, 3), (True, False)),
     ((10, 24, 24), (5, 9, 9), (1, 1, 1), (1, 1, 1), (True, False, False)),
+    # block-dense (GNA strides: every Q tile sees whole KV boxes), and its causal variant
+    ((64, 64), (32, 32), (16, 16), (1, 1), (False, False)),
+    ((16, 32, 32), (8, 16, 16), (8, 8, 8), (1, 1, 1), (True, False, False)),
 ]
+
+
+def _best_tiles(spatial, p, D, qn, kn):
+    """The cost model's shape among Q tiles of 2^qn and KV boxes of 2^kn tokens."""
+    shapes = [t for t in tiles.tile_shapes(len(spatial), (qn,), "sm90")
+              if sum(t[1]) == kn]
+    return min(shapes, key=lambda t: tiles.visited_pairs(tuple(spatial), p.kernel_size, p.stride,
+                                                         p.dilation, p.is_causal, *t))
 
 
 @pytest.mark.gpu
@@ -104,9 +116,10 @@ def test_large_windows(sm90, case, D):
     q, k, v = _inputs(jax.random.PRNGKey(300 + case), spatial, 1, 2, 1, D, "bfloat16")
     p = check_na_call(rank, q, k, v, kernel, stride, dilation, causal, None, backend_config=SM90)
     refs = reference_forward(q, k, v, kernel, stride, dilation, causal)
-    for qn in (6, 7):  # both consumer-warpgroup variants, with the cost model's shapes
-        tl = tiles._choose_tiles(tuple(spatial), p.kernel_size, p.stride, p.dilation,
-                                 p.is_causal, D, (qn,), "sm90")
+    # every kernel variant (one or two consumer warpgroups; 64- or 128-key boxes), each with
+    # its fewest visited pairs
+    for qn, kn in ((6, 6), (7, 6), (7, 7)):
+        tl = _best_tiles(spatial, p, D, qn, kn)
         out, lse = fused._forward_call(p, q, k, v, tiles=tl, impl="sm90")
         check_forward(out, lse, refs, name=f"{1 << qn}-query tiles {tl}")
 

@@ -31,6 +31,7 @@ def test_occupancies_and_kv_tile_agree_with_the_kernel_table():
     t = table()
     assert tuple(t["sm80_occupancies"]) == config.SM80_OCCUPANCIES
     assert t["kv_tile_tokens"] == 1 << tiles.KV_TILE_LOG2
+    assert t["sm90_forward_wide_kv_tile_tokens"] == 1 << tiles.SM90_WIDE_KV_TILE_LOG2
 
 
 def test_float32_rules_agree_with_the_kernel_table():

@@ -1,8 +1,9 @@
-"""The benchmark problems: problems.json (+ its dilated / causal variants) and GQA variants.
+"""The benchmark problems: problems.json (+ its dilated / causal variants) and GQA variants,
+and on request the showcase problems of problems-anchors.json (+ their block-dense gna variants).
 
-``problems.json`` is the shared file ``../shared/bench/problems.json`` (next to the repository)
-when it exists, else ``benchmarks/problems.json`` (the copy travels with the repository to the
-GPU machine; a test checks the two are identical).
+Each file is the shared one under ``../shared/bench/`` (next to the repository) when it exists,
+else the copy under ``benchmarks/`` (the copies travel with the repository to the GPU machine; a
+test checks that they equal the shared files).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ BENCH_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCAL_JSON = os.path.join(BENCH_DIR, "problems.json")
 SHARED_JSON = os.path.normpath(os.path.join(BENCH_DIR, "..", "..", "shared", "bench",
                                             "problems.json"))
+ANCHORS_NAME = "problems-anchors.json"
+LOCAL_ANCHORS = os.path.join(BENCH_DIR, ANCHORS_NAME)
+SHARED_ANCHORS = os.path.join(os.path.dirname(SHARED_JSON), ANCHORS_NAME)
 
 # Key/value head counts of the GQA variants, per base problem (named e.g. "2d_gen_gqa4").
 GQA = {"2d_gen": (4, 1), "3d_video": (4, 1)}
@@ -98,8 +102,10 @@ def make_problem(name: str, spec: dict, heads_kv: Optional[int] = None) -> Probl
     )
 
 
-def json_path() -> str:
-    return SHARED_JSON if os.path.exists(SHARED_JSON) else LOCAL_JSON
+def json_path(anchors: bool = False) -> str:
+    """problems.json (``anchors``: problems-anchors.json), the shared file where it exists."""
+    shared, local = (SHARED_ANCHORS, LOCAL_ANCHORS) if anchors else (SHARED_JSON, LOCAL_JSON)
+    return shared if os.path.exists(shared) else local
 
 
 def expand(data: dict, gqa: Dict[str, Sequence[int]]) -> List[Problem]:
@@ -116,12 +122,17 @@ def expand(data: dict, gqa: Dict[str, Sequence[int]]) -> List[Problem]:
     return out
 
 
-def load(quick: bool = False) -> List[Problem]:
-    """All benchmark problems (``quick``: the tiny CPU-sized set)."""
+def load(quick: bool = False, anchors: bool = False) -> List[Problem]:
+    """All benchmark problems (``quick``: the tiny CPU-sized set; ``anchors``: then the
+    showcase problems of problems-anchors.json too)."""
     if quick:
         return expand(QUICK, QUICK_GQA)
     with open(json_path()) as f:
-        return expand(json.load(f), GQA)
+        out = expand(json.load(f), GQA)
+    if anchors:
+        with open(json_path(anchors=True)) as f:
+            out += expand(json.load(f), {})
+    return out
 
 
 def select(problems: List[Problem], names: Optional[str]) -> List[Problem]:

@@ -84,7 +84,7 @@ ffi::Error fill_params(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const f
   NJ_RETURN_IF_ERROR(window_attrs("fna", rank, p.extent, kernel_size, &stride, dilation,
                                   is_causal, p.kernel, stride_, dilation_, p.causal));
   NJ_RETURN_IF_ERROR(axis_attr("fna", "q_tile", q_tile, rank, 0, 0, 7, p.q_tile_log2));
-  NJ_RETURN_IF_ERROR(axis_attr("fna", "kv_tile", kv_tile, rank, 0, 0, 6, p.kv_tile_log2));
+  NJ_RETURN_IF_ERROR(axis_attr("fna", "kv_tile", kv_tile, rank, 0, 0, 7, p.kv_tile_log2));
   int64_t groups = 1;
   for (int a = 0; a < 3; ++a) {
     p.stride[a] = FastDiv(stride_[a]);

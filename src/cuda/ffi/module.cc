@@ -77,6 +77,7 @@ nb::dict fused_kernels() {
   d["sm90_head_dims"] = sm90;
   d["sm80_occupancies"] = occupancies;
   d["kv_tile_tokens"] = natten_jax::fna::kKvTileTokens;
+  d["sm90_forward_wide_kv_tile_tokens"] = natten_jax::fna::kSm90FwdWideKvTileTokens;
   d["float32_max_head_dim_before_90"] = natten_jax::fna::kFloat32MaxHeadDimBefore90;
   d["float32_q_tile_tokens"] = natten_jax::fna::kFloat32QTileTokens;
   return d;

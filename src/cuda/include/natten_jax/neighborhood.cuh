@@ -11,7 +11,8 @@
 //   * Tiles and boxes: decoding a flat tile index into per-axis origins, the in-group extent of a
 //     tile, and the classification of a box of keys against a set of windows as invisible
 //     (skipped), fully visible (no mask) or partly visible (masked) per axis.
-//   * Masks: the key-in-window test and the 64-bit key mask of a 64-token box (BoxKeyMask).
+//   * Masks: the key-in-window test and the 64-bit key masks of a 64- or 128-token box
+//     (BoxKeyMask).
 //
 // The Python ground truth of every function here is natten_jax/window.py (window_bounds,
 // inverse_window, tile_union); tests/test_window_cuda.py compares the two through the
@@ -269,12 +270,14 @@ NJ_HOST_DEVICE void classify_box(const int* o, const int* l, const int* ulo, con
   }
 }
 
-// Key masks of a 64-token box of 2^l[0] x 2^l[1] x 2^l[2] tokens (row-major: token index
-// c0 << sh0 | c1 << sh1 | c2): the tokens whose coordinate on axis a lies in [lo, hi) are bits
-// [lo << sh[a], hi << sh[a]) of every period of 2^(l[a] + sh[a]) bits, i.e. that interval times
-// rep[a] (ones at the period starts).
+// Key masks of a box of 2^l[0] x 2^l[1] x 2^l[2] tokens, 64 or 128 (row-major: token index
+// c0 << sh0 | c1 << sh1 | c2), as 64-bit words (word h: tokens [64h, 64h + 64)): the tokens whose
+// coordinate on axis a lies in [lo, hi) are bits [lo << sh[a], hi << sh[a]) of every period of
+// 2^(l[a] + sh[a]) bits, i.e. that interval times rep[a] (ones at the period starts) where the
+// period is at most 64 bits (the same in every word), and that interval less 64h in word h
+// where the period is the whole 128-token box (wide[a] = 64).
 struct BoxKeyMask {
-  int sh[3], ext[3];
+  int sh[3], ext[3], wide[3];
   uint64_t rep[3];
 
   // Bits [0, n) set, n in [0, 64].
@@ -287,12 +290,14 @@ struct BoxKeyMask {
 #pragma unroll
     for (int a = 0; a < 3; ++a) {
       ext[a] = 1 << l[a];
+      wide[a] = l[a] + sh[a] > 6 ? 64 : 0;
       rep[a] = 1ull;
       for (int period = 1 << (l[a] + sh[a]); period < 64; period <<= 1) rep[a] |= rep[a] << period;
     }
   }
-  // Tokens of the box at `org` whose coordinate lies in [lo[a], hi[a]) on every axis a with
-  // !full[a] (axes with full[a] are not tested).
+  // Word H of the mask of the tokens of the box at `org` whose coordinate lies in [lo[a], hi[a])
+  // on every axis a with !full[a] (axes with full[a] are not tested).
+  template <int H = 0>
   NJ_HOST_DEVICE uint64_t mask(const int (&lo)[3], const int (&hi)[3], const int (&org)[3],
                                const bool (&full)[3]) const {
     uint64_t m = ~0ull;
@@ -301,8 +306,13 @@ struct BoxKeyMask {
       if (full[a]) continue;
       const int klo = window_detail::imin(window_detail::imax(lo[a] - org[a], 0), ext[a]);
       const int khi = window_detail::imax(window_detail::imin(hi[a] - org[a], ext[a]), 0);
-      const uint64_t iv = low_bits(khi << sh[a]) & ~low_bits(klo << sh[a]);
-      m &= a == 0 ? iv : iv * rep[a];  // axis 0's period is the whole box (64 keys)
+      int blo = klo << sh[a], bhi = khi << sh[a];  // in [0, 64], or [0, 128] if wide
+      if constexpr (H > 0) {
+        blo = window_detail::imax(blo - H * wide[a], 0);
+        bhi = window_detail::imax(bhi - H * wide[a], 0);
+      }
+      const uint64_t iv = low_bits(bhi) & ~low_bits(blo);
+      m &= a == 0 ? iv : iv * rep[a];  // axis 0's period is the whole box
     }
     return m;
   }

@@ -4,9 +4,9 @@
 //
 // Same problem decomposition as the sm80 kernel (fna_fwd_sm80.cuh): one CTA computes one Q tile
 // of 64 * NWG queries (a multi-dimensional box of 2^a x 2^b x 2^c tokens of one dilation group)
-// for one (batch, head); it visits the union of its queries' windows as KV boxes of 64 keys (also
-// multi-dimensional, starting at the union's corner). Outputs (O, and the natural-log LSE in
-// fp32) follow the sm80 kernel's conventions exactly.
+// for one (batch, head); it visits the union of its queries' windows as KV boxes of BK keys (64,
+// or 128 with two consumer warpgroups; also multi-dimensional, starting at the union's corner).
+// Outputs (O, and the natural-log LSE in fp32) follow the sm80 kernel's conventions exactly.
 //
 // Warpgroup roles (4 warps each):
 //   * WG 0, producer: loads the Q tile, then box after box K and V into `kStages` stages with
@@ -15,13 +15,15 @@
 //     tracked by a `full` mbarrier (one cp.async.mbarrier.arrive.noinc per producer thread). It
 //     waits for a stage's `empty` mbarrier (one arrival per consumer warp) before refilling it.
 //   * WG 1..NWG, consumers: WG w owns Q-tile rows [64(w-1), 64w). Per box it touches:
-//     S = Q K^T (wgmma m64n64k16, Q and K from shared memory), the neighborhood mask where the
-//     box is not inside every window of the warp's rows (a 64-bit key mask per row: BoxKeyMask of
-//     the neighborhood policy), online softmax in fp32 registers, then O += P V (wgmma m64nDk16, P from
-//     registers, V from shared memory as an MN-major operand). The P V product of box j is issued
-//     together with S of the next touched box, so the softmax of one box overlaps the P V GEMM of
-//     the previous one; the two consumer warpgroups also overlap each other. A box outside the
-//     union of the warpgroup's windows is skipped (released without any MMA).
+//     S = Q K^T (wgmma m64nBKk16, Q and K from shared memory), the neighborhood mask where the
+//     box is not inside every window of the warp's rows (64-bit key masks per row, one per 64
+//     keys: BoxKeyMask of the neighborhood policy), online softmax in fp32 registers, then
+//     O += P V (wgmma m64nDk16, P from registers, V from shared memory as an MN-major operand).
+//     The P V product of box j is issued together with S of the next touched box, so the
+//     softmax of one box overlaps the P V GEMM of the previous one. Two consumer warpgroups take
+//     turns to issue their GEMMs (ping-pong on named barriers), so that one's softmax overlaps
+//     the other's GEMMs. A box outside the union of the warpgroup's windows is skipped (released
+//     without any MMA).
 // O is staged through the warpgroup's part of the Q buffer for 16-byte global stores. Ragged
 // batches: a tile outside its sample stores zeros (O and LSE) and computes nothing; padded rows
 // of a partly covered tile store zeros.
@@ -46,12 +48,20 @@ namespace natten_jax {
 namespace fna {
 namespace sm90 {
 
-constexpr int kBoxKeys = 64;  // keys per KV box
+// BK: keys per KV box, 64 or 128 (a 64 x 128 score tile per consumer warpgroup; with two
+// consumer warpgroups only, as the stages of one CTA of 128-key boxes fill the shared memory).
+// Named barriers of the consumers: 1 + w, warpgroup w's epilogue; kTurnBarrier + w, its turn
+// to issue GEMMs (ping-pong of two consumer warpgroups).
+constexpr int kTurnBarrier = 3;
 
-template <int D, int NWG>
+template <int D, int NWG, int BK>
 struct FwdConfig {
   static_assert(D == 64 || D == 128, "head dim 64 or 128");
   static_assert(NWG == 1 || NWG == 2, "one or two consumer warpgroups");
+  static_assert(BK == 64 || (BK == 128 && NWG == 2), "64-key boxes, or 128 with two consumers");
+  static constexpr int kBoxKeys = BK;
+  static constexpr int kScoreRegs = BK / 2;  // fp32 scores of a box per consumer thread
+  static constexpr int kPvSteps = BK / 16;   // k16 steps of P V
   static constexpr int kThreads = kWGThreads * (NWG + 1);
   // One consumer warpgroup: two CTAs per SM (registers and shared memory sized for it).
   static constexpr int kMinBlocks = NWG == 1 ? 2 : 1;
@@ -60,12 +70,16 @@ struct FwdConfig {
   static constexpr int kBoxBlockBytes = kBoxKeys * kRowBytes;  // one column block of a box
   static constexpr int kQBytes = kQRows * D * 2;
   static constexpr int kBoxBytes = kBoxKeys * D * 2;  // K (or V) of one box
-  static constexpr int kStages = NWG == 2 ? (D == 128 ? 4 : 6) : (D == 128 ? 3 : 6);
+  static constexpr int kStages =
+      BK == 128 ? (D == 128 ? 3 : 5) : NWG == 2 ? (D == 128 ? 4 : 6) : (D == 128 ? 3 : 6);
   static constexpr int kStageOffset = kQBytes;        // stage s: K, then V
   static constexpr int kBarOffset = kQBytes + kStages * 2 * kBoxBytes;
   static constexpr int kSmemBytes = kBarOffset + (2 * kStages + 1) * 8;
+  // Producer threads per K / V row (TileLoader): fewer for 128-key boxes, whose producer holds
+  // half the row offsets in 40 registers.
+  static constexpr int kLoadRowThreads = BK == 128 ? 8 : D / 8;
   static constexpr int kProducerRegs = 64;
-  static constexpr int kConsumerRegs = NWG == 2 ? 216 : 192;
+  static constexpr int kConsumerRegs = BK == 128 ? 216 : NWG == 2 ? 216 : 192;
   // Registers at launch x threads must cover what the warpgroups hold after reallocation.
   static_assert(kProducerRegs * 128 + kConsumerRegs * 128 * NWG <=
                     (65536 / kMinBlocks / kThreads) / 8 * 8 * kThreads,
@@ -76,10 +90,10 @@ struct FwdConfig {
 using CtaWork = QTileWork;  // what both roles know about the CTA's work
 
 // ---- Producer warpgroup: Q tile, then every KV box of the union.
-template <typename T, int D, int NWG>
+template <typename T, int D, int NWG, int BK>
 __device__ __forceinline__ void fwd_produce(const FnaFwdParams& p, const CtaWork& c,
                                             uint32_t sbase, int pt) {
-  using Cfg = FwdConfig<D, NWG>;
+  using Cfg = FwdConfig<D, NWG, BK>;
   using QLoader = TileLoader<T, D, Cfg::kQRows>;
   const uint32_t bar_full = sbase + Cfg::kBarOffset;
   const uint32_t bar_empty = bar_full + 8 * Cfg::kStages;
@@ -99,7 +113,7 @@ __device__ __forceinline__ void fwd_produce(const FnaFwdParams& p, const CtaWork
     qld.load(dst, src, off, tile_inside(c.q0, c.ql, c.nb.glen), c.q0, c.nb.glen, c.ql);
     cp_async_arrive_noinc(bar_q);
   }
-  produce_kv_boxes<T, D, Cfg::kStages, 2 * Cfg::kBoxBytes, Cfg::kBoxBytes, D / 8>(
+  produce_kv_boxes<T, D, Cfg::kStages, 2 * Cfg::kBoxBytes, Cfg::kBoxBytes, Cfg::kLoadRowThreads, BK>(
       p, c, pt, sbase + Cfg::kStageOffset, bar_full, bar_empty);
 }
 
@@ -136,11 +150,11 @@ struct ConsumerWindows {
 // ---- Consumer epilogue: normalise, stage O in this warpgroup's rows of the Q buffer (every
 // wgmma of the warpgroup has completed: each warp waited for its last group), write the LSE and
 // then O with 16-byte stores of the rows inside the group.
-template <typename T, int D, int NWG>
+template <typename T, int D, int NWG, int BK>
 __device__ __forceinline__ void fwd_epilogue(const FnaFwdParams& p, const CtaWork& c,
                                              const OnlineSoftmax& sm, const float (&o_acc)[D / 2],
                                              uint32_t sbase, int w, int t) {
-  using Cfg = FwdConfig<D, NWG>;
+  using Cfg = FwdConfig<D, NWG, BK>;
   const int warp = t / 32, lane = t % 32, grow = lane / 4;
   named_barrier_sync(1 + w, kWGThreads);
   float inv[2], lse[2];
@@ -177,10 +191,11 @@ __device__ __forceinline__ void fwd_epilogue(const FnaFwdParams& p, const CtaWor
 }
 
 // ---- Consumer warpgroup w (0-based): Q-tile rows [64w, 64w + 64).
-template <typename T, int D, int NWG>
+template <typename T, int D, int NWG, int BK>
 __device__ __forceinline__ void fwd_consume(const FnaFwdParams& p, const CtaWork& c,
                                             uint32_t sbase, int w, int t) {
-  using Cfg = FwdConfig<D, NWG>;
+  using Cfg = FwdConfig<D, NWG, BK>;
+  constexpr int NS = Cfg::kScoreRegs, KK = Cfg::kPvSteps, NH = BK / 64;
   const int warp = t / 32, lane = t % 32, quad = lane % 4, grow = lane / 4;
   const int row_base = 64 * w + 16 * warp;  // first Q-tile row of this warp
   const uint32_t bar_full = sbase + Cfg::kBarOffset;
@@ -196,9 +211,9 @@ __device__ __forceinline__ void fwd_consume(const FnaFwdParams& p, const CtaWork
   for (int i = 0; i < D / 2; ++i) o_acc[i] = 0.f;
   // The last touched box whose P V is not issued yet ("pending"): its P, the factor that takes O
   // to its row maxima (applied just before its P V is issued) and its stage.
-  uint32_t p_prev[4][4];
+  uint32_t p_prev[KK][4];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) p_prev[i][0] = p_prev[i][1] = p_prev[i][2] = p_prev[i][3] = 0u;
+  for (int i = 0; i < KK; ++i) p_prev[i][0] = p_prev[i][1] = p_prev[i][2] = p_prev[i][3] = 0u;
   float alpha_prev[2] = {1.f, 1.f};
   bool pending = false;
   int prev_stage = 0;
@@ -216,42 +231,63 @@ __device__ __forceinline__ void fwd_consume(const FnaFwdParams& p, const CtaWork
       o_acc[4 * n + 3] *= alpha_prev[1];
     }
   };
+  // Ping-pong of the two consumer warpgroups (FlashAttention-3's warp scheduler barriers):
+  // a warpgroup issues a box's GEMMs only after the other issued its GEMMs of the previous box,
+  // so that one warpgroup's softmax runs while the other's GEMMs keep the tensor cores busy.
+  // Turn barrier kTurnBarrier + w (both warpgroups: this one syncs, the other arrives). Each
+  // warpgroup takes one turn per box, computed or skipped, so the turns stay matched; the first
+  // warpgroup gives itself the first turn.
+  constexpr bool kPingPong = NWG == 2;
+  auto take_turn = [&]() {
+    if constexpr (kPingPong) named_barrier_sync(kTurnBarrier + w, 2 * kWGThreads);
+  };
+  auto pass_turn = [&]() {
+    if constexpr (kPingPong) named_barrier_arrive(kTurnBarrier + 1 - w, 2 * kWGThreads);
+  };
   // O += P_prev V(stage prev_stage).
   auto issue_pv = [&]() { issue_rs<T, D>(o_acc, p_prev, stage_k(prev_stage) + Cfg::kBoxBytes); };
   // One arrival per warp once the warp's wgmmas reading the stage completed (wgmma.wait_group is
   // warp-synchronous: every lane has passed it).
   auto release = [&](int s) { mbar_arrive_if(bar_empty + 8 * s, lane == 0); };
-  // Finishes the P V of the previous computed box (issued and waited on here), frees its stage.
-  auto finish_pending_pv = [&](int prev) {
+  // Finishes the P V of the previous computed box: issues it, calls after_issue (the end of
+  // the warpgroup's turn, if it has one), waits for it and frees its stage.
+  auto finish_pending_pv = [&](int prev, auto&& after_issue) {
     rescale_o();
     reg_fence(o_acc);
     reg_fence(p_prev);
     wgmma_fence();
     issue_pv();
     wgmma_commit();
+    after_issue();
     wgmma_wait<0>();
     reg_fence(o_acc);
     reg_fence(p_prev);
     release(prev);
   };
   // S = Q K^T for the box in stage `stg`.
-  auto issue_s = [&](float (&sc)[32], int stg) {
+  auto issue_s = [&](float (&sc)[NS], int stg) {
     issue_ss<T, D, Cfg::kQBlockBytes, Cfg::kBoxBlockBytes>(sc, q_addr, stage_k(stg));
   };
   // Key mask (where the box at org is not inside every window of the warp's rows on every
   // axis; full_ax[a]: no mask needed on axis a), then online softmax: sc becomes P (fp32),
   // alpha the factor that takes O to the new row maxima.
-  auto softmax = [&](float (&sc)[32], const int (&org)[3], const bool (&full_ax)[3],
+  auto softmax = [&](float (&sc)[NS], const int (&org)[3], const bool (&full_ax)[3],
                      float (&alpha)[2]) {
     if (!(full_ax[0] && full_ax[1] && full_ax[2])) {
-      const uint64_t m[2] = {bm.mask(win.rlo[0], win.rhi[0], org, full_ax) >> (2 * quad),
-                             bm.mask(win.rlo[1], win.rhi[1], org, full_ax) >> (2 * quad)};
+      uint64_t m[NH][2];
+      m[0][0] = bm.mask(win.rlo[0], win.rhi[0], org, full_ax) >> (2 * quad);
+      m[0][1] = bm.mask(win.rlo[1], win.rhi[1], org, full_ax) >> (2 * quad);
+      if constexpr (NH == 2) {  // the box's second 64 keys
+        m[NH - 1][0] = bm.mask<1>(win.rlo[0], win.rhi[0], org, full_ax) >> (2 * quad);
+        m[NH - 1][1] = bm.mask<1>(win.rlo[1], win.rhi[1], org, full_ax) >> (2 * quad);
+      }
       apply_key_mask(sc, m, -INFINITY);
     }
     sm.step(sc, scale_log2, alpha);
   };
 
   mbar_wait(bar_q, 0);
+  if (w == 0) named_barrier_arrive(kTurnBarrier, 2 * kWGThreads);
 
   for_each_box<Cfg::kStages>(c, [&](int stage, uint32_t phase, const int (&o)[3]) {
     bool full[3];
@@ -268,8 +304,9 @@ __device__ __forceinline__ void fwd_consume(const FnaFwdParams& p, const CtaWork
       // batch reads is written between the batch's first wgmma and its wait, and after the last
       // wait only the release and register moves remain (nothing that would pull the wait ahead
       // of the softmax).
-      float s[32];
+      float s[NS];
       if (pending) {
+        take_turn();
         rescale_o();
         reg_fence(o_acc);
         reg_fence(p_prev);
@@ -278,6 +315,7 @@ __device__ __forceinline__ void fwd_consume(const FnaFwdParams& p, const CtaWork
         wgmma_commit();
         issue_pv();
         wgmma_commit();
+        pass_turn();
         wgmma_wait<1>();
         reg_fence(s);
         float alpha[2];
@@ -292,9 +330,11 @@ __device__ __forceinline__ void fwd_consume(const FnaFwdParams& p, const CtaWork
         alpha_prev[0] = alpha[0];
         alpha_prev[1] = alpha[1];
       } else {
+        take_turn();
         wgmma_fence();
         issue_s(s, stage);
         wgmma_commit();
+        pass_turn();
         wgmma_wait<0>();
         reg_fence(s);
         softmax(s, o, full, alpha_prev);
@@ -305,23 +345,27 @@ __device__ __forceinline__ void fwd_consume(const FnaFwdParams& p, const CtaWork
     } else {
       // Skipped box. A pending P V is finished first, so that no stage is held across a box
       // this warpgroup does not compute (the producer refills stages in order).
+      take_turn();
       if (pending) {
-        finish_pending_pv(prev_stage);
+        finish_pending_pv(prev_stage, pass_turn);
         pending = false;
+      } else {
+        pass_turn();
       }
       release(stage);
     }
   });
-  if (pending) finish_pending_pv(prev_stage);
+  if (pending) finish_pending_pv(prev_stage, [] {});
 
-  fwd_epilogue<T, D, NWG>(p, c, sm, o_acc, sbase, w, t);
+  fwd_epilogue<T, D, NWG, BK>(p, c, sm, o_acc, sbase, w, t);
 }
 
-template <typename T, int D, int NWG>
-__global__ void __launch_bounds__(FwdConfig<D, NWG>::kThreads, FwdConfig<D, NWG>::kMinBlocks)
+template <typename T, int D, int NWG, int BK>
+__global__ void __launch_bounds__(FwdConfig<D, NWG, BK>::kThreads,
+                                  FwdConfig<D, NWG, BK>::kMinBlocks)
     fna_fwd_sm90_kernel(const __grid_constant__ FnaFwdParams p) {
 #if NJ_SM90A
-  using Cfg = FwdConfig<D, NWG>;
+  using Cfg = FwdConfig<D, NWG, BK>;
   // The swizzled layouts need 1024-byte-aligned blocks: the kernel has no static shared memory
   // (the host checks), so its dynamic shared memory starts at the declared alignment.
   extern __shared__ __align__(1024) unsigned char smem[];
@@ -349,10 +393,10 @@ __global__ void __launch_bounds__(FwdConfig<D, NWG>::kThreads, FwdConfig<D, NWG>
   const int wg = __shfl_sync(0xffffffff, static_cast<int>(threadIdx.x) / kWGThreads, 0);
   if (wg == 0) {
     setmaxnreg_dec<Cfg::kProducerRegs>();
-    fwd_produce<T, D, NWG>(p, c, sbase, threadIdx.x);
+    fwd_produce<T, D, NWG, BK>(p, c, sbase, threadIdx.x);
   } else {
     setmaxnreg_inc<Cfg::kConsumerRegs>();
-    fwd_consume<T, D, NWG>(p, c, sbase, wg - 1, threadIdx.x - kWGThreads * wg);
+    fwd_consume<T, D, NWG, BK>(p, c, sbase, wg - 1, threadIdx.x - kWGThreads * wg);
   }
 #else
   (void)p;
@@ -362,10 +406,10 @@ __global__ void __launch_bounds__(FwdConfig<D, NWG>::kThreads, FwdConfig<D, NWG>
 
 // All of the unified L1 / shared memory as shared memory: two CTAs of the one-consumer variant
 // need ~226 KB per SM.
-template <typename T, int D, int NWG>
+template <typename T, int D, int NWG, int BK>
 cudaError_t launch(const FnaFwdParams& p, cudaStream_t stream) {
-  using Cfg = FwdConfig<D, NWG>;
-  return launch_kernel(fna_fwd_sm90_kernel<T, D, NWG>, q_tile_grid(p), Cfg::kThreads,
+  using Cfg = FwdConfig<D, NWG, BK>;
+  return launch_kernel(fna_fwd_sm90_kernel<T, D, NWG, BK>, q_tile_grid(p), Cfg::kThreads,
                        Cfg::kSmemBytes, true, p, stream);
 }
 

@@ -4,8 +4,8 @@
 // that names it, before anything is launched) and by Python (natten_jax._C.fused_kernels(),
 // which tests compare with natten_jax.tiles).
 //
-// Every kernel takes 64-key KV boxes / tiles; the forward takes Q tiles of 64 or 128 queries,
-// the backward 64. dtypes: float16 and bfloat16 everywhere; float32 (TF32 products, two
+// Every kernel takes 64-key KV boxes / tiles, and the sm90 forward with 128-query tiles 128-key
+// boxes too; the forward takes Q tiles of 64 or 128 queries, the backward 64. dtypes: float16 and bfloat16 everywhere; float32 (TF32 products, two
 // precisions) on the sm80 kernels with 64-query tiles, head dim 128 on compute capability 9.x.
 #pragma once
 
@@ -24,6 +24,8 @@ namespace fna {
 enum class Impl : int { kSm80 = 0, kSm90 = 1 };  // the FFI attribute `impl`
 
 constexpr int kKvTileTokens = 64;
+// The sm90 forward's wide KV boxes (with 128-query tiles only).
+constexpr int kSm90FwdWideKvTileTokens = 128;
 // float32 (TF32 products): sm80 kernels, 64-query tiles; above this head dim only on 9.x.
 constexpr int kFloat32MaxHeadDimBefore90 = 64;
 constexpr int kFloat32QTileTokens = 64;
@@ -63,11 +65,14 @@ inline std::string fna_kernel_unsupported(bool backward, Impl impl, int head_dim
   if (!head_dim_built(impl, head_dim))
     return "no " + std::string(name) + " " + dir + " kernel for head_dim " +
            std::to_string(head_dim) + " (built: " + head_dims_built(impl) + ")";
-  if (kv_tokens != kKvTileTokens)
-    return "kv_tile must hold 64 tokens, got " + std::to_string(kv_tokens);
   if (backward ? q_tokens != 64 : (q_tokens != 64 && q_tokens != 128))
     return "q_tile must hold " + std::string(backward ? "64" : "64 or 128") + " tokens, got " +
            std::to_string(q_tokens);
+  const bool wide_ok = !backward && impl == Impl::kSm90 && q_tokens == 128;
+  if (kv_tokens != kKvTileTokens && !(wide_ok && kv_tokens == kSm90FwdWideKvTileTokens))
+    return std::string("kv_tile must hold 64 tokens") +
+           (wide_ok ? " or " + std::to_string(kSm90FwdWideKvTileTokens) : "") + ", got " +
+           std::to_string(kv_tokens);
   bool occ_ok = occupancy == 0 || occupancy == kDefaultSm80Occupancy;
   std::string occupancies = std::to_string(kDefaultSm80Occupancy);
 #define NJ_OCC(N)                   \

@@ -129,6 +129,17 @@ struct Gmma<T> {                                                                
         : NJ_ACC32(d, 0)                                                                           \
         : "l"(desc_a), "l"(desc_b), "r"(scale_d)));                                                \
   }                                                                                                \
+  /* S (64 x 128, fp32) = A (64 x 16, shared memory, K-major) x B (16 x 128, shared memory, */     \
+  /* K-major): the scores of a 128-key box. */                                                     \
+  static __device__ __forceinline__ void ss_n128(float (&d)[64], uint64_t desc_a, uint64_t desc_b, \
+                                                 int scale_d) {                                    \
+    NJ_GMMA_BODY(asm volatile(                                                                     \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                               \
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32." PTX "." PTX " "                             \
+        "{" NJ_ACC_REGS_0_31 ", " NJ_ACC_REGS_32_63 "}, %64, %65, p, 1, 1, 0, 0;\n}\n"             \
+        : NJ_ACC32(d, 0), NJ_ACC32(d, 32)                                                          \
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d)));                                                \
+  }                                                                                                \
   /* d (64 x 64, fp32) += A (64 x 16, registers) x B (16 x 64, shared memory, MN-major). */        \
   static __device__ __forceinline__ void rs_n64(float (&d)[32], const uint32_t (&a)[4],            \
                                                  uint64_t desc_b) {                                \
@@ -262,6 +273,13 @@ __device__ __forceinline__ void setmaxnreg_inc() {
 __device__ __forceinline__ void named_barrier_sync(int id, int count) {
 #if NJ_SM90A
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+#endif
+}
+
+// Arrival of `count`-thread named barrier `id` without waiting (the other side syncs on it).
+__device__ __forceinline__ void named_barrier_arrive(int id, int count) {
+#if NJ_SM90A
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 #endif
 }
 

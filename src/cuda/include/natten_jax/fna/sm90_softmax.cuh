@@ -1,6 +1,7 @@
-// Online softmax (base 2, fp32) over the 64 x 64 score fragments of a consumer warpgroup of the
-// sm_90a forward kernel (wgmma accumulator layout: thread holds rows grow and grow + 8 of its
-// warp's 16, columns 8n + 2 quad + e), with the neighborhood key mask of partly visible boxes.
+// Online softmax (base 2, fp32) over the 64 x 64 or 64 x 128 score fragments of a consumer
+// warpgroup of the sm_90a forward kernel (wgmma accumulator layout: thread holds rows grow and
+// grow + 8 of its warp's 16, columns 8n + 2 quad + e), with the neighborhood key mask of partly
+// visible boxes.
 #pragma once
 
 #include <cstdint>
@@ -13,16 +14,19 @@ namespace fna {
 namespace sm90 {
 
 // Sets the scores of keys whose bit is clear in row mask m[r] (already shifted right by 2 quad)
-// to `fill`.
-__device__ __forceinline__ void apply_key_mask(float (&sc)[32], const uint64_t (&m)[2],
+// to `fill`; sc + 32 h: the 64 columns of 64-key half h of the box (mask m[h]).
+template <int NA>
+__device__ __forceinline__ void apply_key_mask(float (&sc)[NA], const uint64_t (&m)[NA / 32][2],
                                                float fill) {
 #pragma unroll
-  for (int r = 0; r < 2; ++r)
+  for (int h = 0; h < NA / 32; ++h)
 #pragma unroll
-    for (int n = 0; n < 8; ++n)
+    for (int r = 0; r < 2; ++r)
 #pragma unroll
-      for (int e = 0; e < 2; ++e)
-        if (!mask_bit(m[r], n, e)) sc[4 * n + 2 * r + e] = fill;
+      for (int n = 0; n < 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+          if (!mask_bit(m[h][r], n, e)) sc[32 * h + 4 * n + 2 * r + e] = fill;
 }
 
 // Running maximum (scaled, base 2) and sum of exponentials of the thread's two rows.
@@ -30,15 +34,17 @@ struct OnlineSoftmax {
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.f, 0.f};
 
-  // sc (scores of one box) becomes P = exp2(scale_log2 * sc - max); alpha[r] is the factor that
-  // takes earlier P V sums of row r to the new maximum. The scale (> 0) is folded into the
-  // exponent.
-  __device__ __forceinline__ void step(float (&sc)[32], float scale_log2, float (&alpha)[2]) {
+  // sc (scores of one box: NA / 4 column groups of 8) becomes P = exp2(scale_log2 * sc - max);
+  // alpha[r] is the factor that takes earlier P V sums of row r to the new maximum. The scale
+  // (> 0) is folded into the exponent.
+  template <int NA>
+  __device__ __forceinline__ void step(float (&sc)[NA], float scale_log2, float (&alpha)[2]) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float mx = -INFINITY;
 #pragma unroll
-      for (int n = 0; n < 8; ++n) mx = fmaxf(mx, fmaxf(sc[4 * n + 2 * r], sc[4 * n + 2 * r + 1]));
+      for (int n = 0; n < NA / 4; ++n)
+        mx = fmaxf(mx, fmaxf(sc[4 * n + 2 * r], sc[4 * n + 2 * r + 1]));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
       const float m_new = fmaxf(row_max[r], mx * scale_log2);
@@ -47,7 +53,7 @@ struct OnlineSoftmax {
       row_max[r] = m_new;
       float sum = 0.f;
 #pragma unroll
-      for (int n = 0; n < 8; ++n) {
+      for (int n = 0; n < NA / 4; ++n) {
         sc[4 * n + 2 * r] = fast_exp2(fmaf(sc[4 * n + 2 * r], scale_log2, -m_use));
         sc[4 * n + 2 * r + 1] = fast_exp2(fmaf(sc[4 * n + 2 * r + 1], scale_log2, -m_use));
         sum += sc[4 * n + 2 * r] + sc[4 * n + 2 * r + 1];

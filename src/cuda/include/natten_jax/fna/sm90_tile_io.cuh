@@ -164,12 +164,13 @@ __device__ __forceinline__ void for_each_box(const QTileWork& c, Body&& body) {
 // stage0 + s * kStageBytes: K, then V kVOffset bytes further). Before refilling a stage it waits
 // for the stage's `empty` mbarrier; after issuing a box, one `full` arrival per thread (tracked
 // cp.async). A box inside the union on every axis needs no predicates. kRowThreads: see
-// TileLoader.
-template <typename T, int D, int kStages, int kStageBytes, int kVOffset, int kRowThreads = 8>
+// TileLoader; kBoxKeys: keys per box (64, or 128 in the forward).
+template <typename T, int D, int kStages, int kStageBytes, int kVOffset, int kRowThreads = 8,
+          int kBoxKeys = 64>
 __device__ __forceinline__ void produce_kv_boxes(const FnaFwdParams& p, const QTileWork& c,
                                                  int pt, uint32_t stage0, uint32_t bar_full,
                                                  uint32_t bar_empty) {
-  using Loader = TileLoader<T, D, 64, kRowThreads>;
+  using Loader = TileLoader<T, D, kBoxKeys, kRowThreads>;
   const Loader ld(pt);
   int64_t goff, st[3];
   group_layout(c.nb.g, c.nb.dil, p.kv_token_stride, goff, st);
