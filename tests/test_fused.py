@@ -190,7 +190,8 @@ def test_default_backend_is_fused_on_gpu():
 
 @pytest.mark.gpu
 def test_unsupported_head_dim_raises_and_default_falls_back():
-    q, k, v = _inputs(jax.random.PRNGKey(4), (16,), 1, 2, 2, 48, "bfloat16")
+    """Above the largest built head dim (smaller ones run zero-padded: test_head_dim_padding)."""
+    q, k, v = _inputs(jax.random.PRNGKey(4), (16,), 1, 2, 2, 160, "bfloat16")
     with pytest.raises(NotImplementedError, match="head_dim"):
         natten_jax.na1d(q, k, v, 5, backend="fused")
     # backend=None: the reference backend runs it (no fused custom call), with its result.

@@ -157,7 +157,7 @@ def _worker(dump_dir):  # noqa: C901 (one linear list of cases)
 
     def forward_case(m, H, Hkv, spec_q, spec_kv, B=4, N=0, spec_x=None, backend="fused",
                      spec_e=None):
-        q, k, v, (ek, ev) = data(B, (6, 5), H, Hkv, 16, N)
+        q, k, v, (ek, ev) = data(B, (6, 5), H, Hkv, D, N)
         ext = EXT if spec_e is not None else None
         ref = na("reference")(q, k, v, ek, ev, ext)
         f = jax.jit(na(backend))
@@ -223,7 +223,7 @@ def _worker(dump_dir):  # noqa: C901 (one linear list of cases)
     @case("vmap")
     def _():
         # vmap folds the mapped axis into batch: a sharded mapped axis stays local.
-        q, k, v, _ = data(8, (6, 5), 4, 2, 16)
+        q, k, v, _ = data(8, (6, 5), 4, 2, D)
         split = lambda x: x.reshape((4, 2) + x.shape[1:])  # noqa: E731
         ref = jax.vmap(na("reference"))(split(q), split(k), split(v))
         f = jax.jit(jax.vmap(na("fused")))
@@ -239,7 +239,7 @@ def _worker(dump_dir):  # noqa: C901 (one linear list of cases)
     @case("constraint")
     def _():
         # Unsharded inputs, shardings imposed inside the jitted function.
-        q, k, v, _ = data(4, (6, 5), 4, 2, 16)
+        q, k, v, _ = data(4, (6, 5), 4, 2, D)
         ref = na("reference")(q, k, v)
         sh = NamedSharding(mesh2, bh("x", "y"))
         f = jax.jit(lambda *xs: na("fused")(
@@ -255,7 +255,7 @@ def _worker(dump_dir):  # noqa: C901 (one linear list of cases)
     @case("shard_map")
     def _():
         # Inside a fully manual shard_map the call runs as is, on the manual shards.
-        q, k, v, _ = data(4, (6, 5), 4, 2, 16)
+        q, k, v, _ = data(4, (6, 5), 4, 2, D)
         ref = na("reference")(q, k, v)
         f = jax.jit(jax.shard_map(na("fused"), mesh=mesh1, in_specs=P("x"),
                                   out_specs=P("x")))
@@ -266,7 +266,7 @@ def _worker(dump_dir):  # noqa: C901 (one linear list of cases)
                 "local": [s for _, s in seen]}
 
     def grad_case(mode, m, H, Hkv, spec_q, spec_kv, remat=False, spec_e=None):
-        q, k, v, _ = data(4, (6, 5), H, Hkv, 16, seed=1)
+        q, k, v, _ = data(4, (6, 5), H, Hkv, D, seed=1)
         ext = EXT if spec_e is not None else None
         rng = np.random.default_rng(2)
         wo = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
@@ -364,7 +364,7 @@ def _shapes_of(r):
     return {tuple(tuple(s) for s in shapes) for shapes in r["local"]}
 
 
-S, D = (6, 5), 16  # spatial extent and head dim of the worker's cases
+S, D = (6, 5), 32  # spatial extent and head dim (a built one: no padding) of the worker's cases
 
 
 def _fwd_shapes(b, h, hkv):

@@ -25,6 +25,11 @@ refused), at head dims 32, 64 and 128; head dim 128 needs ~205 KB of shared memo
 compute capability 9.x (:func:`can_run` refuses it elsewhere, so ``backend=None`` falls back to
 the reference). 16-bit inputs ignore the precision (attribute 0).
 
+Head dims: the kernels are built at 32, 64 and 128 (``HEAD_DIMS``); a call at any head dim up
+to 128, and value head dims that differ from the query's, runs at the smallest built one that
+holds both, with q, k and v zero-padded to it and the output cut back (exact; the padding costs
+the larger head dim's work and a copy of the inputs).
+
 Ragged batches (issue 24): ``valid_extent`` (int32 ``[B, rank]``) is the optional trailing
 operand of both custom calls (array kind ``"ext"`` of :mod:`natten_jax.sharding`: partitioned
 over batch, folded into the batch under vmap). The kernels clamp it
@@ -39,6 +44,7 @@ extra-token products. Calls without these arguments build the same custom calls 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Optional
 
@@ -57,6 +63,31 @@ from natten_jax.window import sample_extent, used_extra, valid_tokens
 TARGET = "natten_jax_fna_forward"
 TARGET_BACKWARD = "natten_jax_fna_backward"
 HEAD_DIMS = (32, 64, 128)
+
+
+def kernel_head_dim(head_dim: int, head_dim_v: int) -> Optional[int]:
+    """The head dim the fused kernels run a call at: the smallest built one (``HEAD_DIMS``)
+    that holds both the query / key and the value head dims (None above the largest). Smaller
+    head dims are zero-padded to it, which is exact: a zero column adds nothing to a score and
+    the output's padded columns are cut off."""
+    need = max(head_dim, head_dim_v)
+    return next((d for d in HEAD_DIMS if d >= need), None)
+
+
+def kernel_problem(p: NAProblem) -> NAProblem:
+    """``p`` at the head dim its kernels run (:func:`kernel_head_dim`; ``p`` itself when that is
+    its own). Only for problems :func:`can_run` accepts."""
+    d = kernel_head_dim(p.head_dim, p.head_dim_v)
+    if d == p.head_dim == p.head_dim_v:
+        return p
+    return dataclasses.replace(p, head_dim=d, head_dim_v=d)
+
+
+def _pad_head_dim(x, d: int):
+    """``x`` with its last axis zero-padded to ``d``."""
+    if x.shape[-1] == d:
+        return x
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, d - x.shape[-1])])
 DTYPES = ("float16", "bfloat16", "float32")  # float32: TF32 kernels (see above)
 
 # Tests set this: the custom call then fills its outputs with NaN before the kernel runs, so an
@@ -84,9 +115,11 @@ def can_run(p: NAProblem):
                        f"or the default device for uncommitted or traced arrays)")
     if p.dtype not in DTYPES:
         return False, f"dtype {p.dtype} is not supported {DTYPES}"
-    if p.head_dim not in HEAD_DIMS or p.head_dim_v != p.head_dim:
-        return False, (f"head_dim {p.head_dim} / value head_dim {p.head_dim_v}: the kernel "
-                       f"needs equal head dims in {HEAD_DIMS}")
+    if kernel_head_dim(p.head_dim, p.head_dim_v) is None:
+        return False, (f"head_dim {p.head_dim} / value head_dim {p.head_dim_v}: the fused "
+                       f"kernels take head dims up to {HEAD_DIMS[-1]} (built at {HEAD_DIMS}; "
+                       f"smaller ones run zero-padded to the next of these)")
+    p = kernel_problem(p)  # the kernels' head dim decides the rest
     with np.errstate(over="ignore"):  # a huge scale is inf in float32: refused below
         scale32 = float(np.float32(p.scale))
     if not (np.isfinite(scale32) and scale32 > 0):
@@ -326,7 +359,12 @@ def run(p: NAProblem, q, k, v, extra_k=None, extra_v=None, valid_extent=None,
     """Neighborhood attention on ``p`` -> (out, lse). ``valid_extent`` (int32 ``[B, rank]``)
     and ``additional_lengths`` (int32 ``[B]``, with the extra tokens): a ragged batch (module
     docstring); both unclamped."""
-    out, lse = _na_fused(p, q, k, v, valid_extent)
+    kp = kernel_problem(p)
+    d = kp.head_dim
+    out, lse = _na_fused(kp, _pad_head_dim(q, d), _pad_head_dim(k, d), _pad_head_dim(v, d),
+                         valid_extent)
+    if out.shape[-1] != p.head_dim_v:
+        out = out[..., :p.head_dim_v]
     if extra_k is not None:
         valid = None if valid_extent is None else valid_queries(p, valid_extent)
         out, lse = _merge_extra(p, q, out, lse, extra_k, extra_v, additional_lengths, valid)
