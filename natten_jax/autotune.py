@@ -29,7 +29,7 @@ Kernel implementations (``FusedConfig.forward_impl`` / ``backward_impl``): tiles
 implementation (each entry is keyed with its ``impl``); :func:`select_config` also picks the
 forward implementation, timing both when the setting is ``auto`` and tuning is on.
 
-Winners are stored in ``<cache_dir>/autotune-v1.json`` (``FusedConfig.cache_dir``, default
+Winners are stored in ``<cache_dir>/autotune-v2.json`` (``FusedConfig.cache_dir``, default
 ``~/.cache/natten_jax``), keyed by the device kind, dtype, shapes, window parameters, direction,
 the configuration fields that change which kernel runs (implementation, Q tile, occupancy), for
 float32 inputs the precision (their TF32 and 3xTF32 kernels; sm80 only, 64-token Q tiles) and
@@ -66,7 +66,9 @@ from natten_jax.checks import NAProblem
 from natten_jax.config import AUTOTUNE_MODES as MODES
 from natten_jax.config import FusedConfig, default_config
 
-CACHE_FILE = "autotune-v1.json"
+# v2 (2026-12-03): the sm90 forward's candidates include 128-key boxes, which v1's winners
+# were never timed against, so they are not reused.
+CACHE_FILE = "autotune-v2.json"
 CACHE_FORMAT = 1
 TOP_K = 6  # candidates timed in mode "on"
 # A timed candidate (tiles, or a kernel implementation) replaces the cost model's choice only when

@@ -75,11 +75,11 @@ struct FwdConfig {
   static constexpr int kStageOffset = kQBytes;        // stage s: K, then V
   static constexpr int kBarOffset = kQBytes + kStages * 2 * kBoxBytes;
   static constexpr int kSmemBytes = kBarOffset + (2 * kStages + 1) * 8;
-  // Producer threads per K / V row (TileLoader): fewer for 128-key boxes, whose producer holds
-  // half the row offsets in 40 registers.
+  // Producer threads per K / V row (TileLoader): 8 for 128-key boxes, so that a thread keeps
+  // the offsets of 8 rows (not 16) within the producer's 64 registers (16: ptxas spills 280 B).
   static constexpr int kLoadRowThreads = BK == 128 ? 8 : D / 8;
   static constexpr int kProducerRegs = 64;
-  static constexpr int kConsumerRegs = BK == 128 ? 216 : NWG == 2 ? 216 : 192;
+  static constexpr int kConsumerRegs = NWG == 2 ? 216 : 192;
   // Registers at launch x threads must cover what the warpgroups hold after reallocation.
   static_assert(kProducerRegs * 128 + kConsumerRegs * 128 * NWG <=
                     (65536 / kMinBlocks / kThreads) / 8 * 8 * kThreads,
