@@ -63,9 +63,9 @@ def main():
     import natten_jax
 
     bench = os.path.join(HERE, "..", "benchmarks")
-    spec = problems(os.path.join(bench, "problems.json"),
-                    os.path.join(bench, "problems-anchors.json"))
-    names = args.problems or list(problems(os.path.join(bench, "problems.json")))
+    headline = problems(os.path.join(bench, "problems.json"))
+    spec = {**headline, **problems(os.path.join(bench, "problems-anchors.json"))}
+    names = args.problems or list(headline)
     rows = []
     for name in names:
         p = spec[name]

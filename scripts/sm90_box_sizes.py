@@ -3,9 +3,9 @@
 For each problem (benchmarks/problems.json and problems-anchors.json, bf16) and each size class
 the sm90 forward takes (64-query tiles with 64-key boxes, 128 with 64, 128 with 128), the shape
 of that class with the fewest visited pairs is timed through the forward custom call (one jitted
-call per iteration, median of --reps batches), with the useful and visited TFLOP/s, the visited
-pairs' cost relative to the class the cost model (natten_jax.tiles._SM90_PAIR_COST) calls 0.55,
-and the class the cost model picks.
+call per iteration, median of --reps batches), with the useful and visited TFLOP/s (the ratios
+of the classes' visited rates are what natten_jax.tiles._SM90_PAIR_COST holds) and the class
+the cost model picks.
 
     python3 scripts/sm90_box_sizes.py --problems 2d_flux_gna 2d_gen [--out sizes.json]
 """
@@ -26,8 +26,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from headline_times import problems, timed  # noqa: E402
+from headline_times import timed  # noqa: E402
 
+from benchmarks.harness import flops, problems  # noqa: E402
 from natten_jax import FusedConfig, tiles  # noqa: E402
 from natten_jax.backends import fused  # noqa: E402
 from natten_jax.checks import check_na_call  # noqa: E402
@@ -42,23 +43,17 @@ def main():
     ap.add_argument("--budget-ms", type=float, default=300.0)
     ap.add_argument("--out")
     args = ap.parse_args()
-    bench = os.path.join(HERE, "..", "benchmarks")
-    spec = problems(os.path.join(bench, "problems.json"),
-                    os.path.join(bench, "problems-anchors.json"))
     rows = []
-    for name in args.problems:
-        s = spec[name]
-        rank = len(s["spatial"])
-        shape = (s["batch"], *s["spatial"], s["heads"], s["head_dim"])
+    for prob in problems.select(problems.load(anchors=True), ",".join(args.problems)):
+        name, rank = prob.name, prob.rank
         q, k, v = (jax.random.normal(kk, shape, jnp.bfloat16)
-                   for kk in jax.random.split(jax.random.PRNGKey(0), 3))
-        p = check_na_call(rank, q, k, v, tuple(s["kernel"]), tuple(s.get("stride", [1] * rank)),
-                          tuple(s.get("dilation", [1] * rank)),
-                          tuple(s.get("is_causal", [False] * rank)), None,
-                          backend_config=FusedConfig(forward_impl="sm90"))
+                   for kk, shape in zip(jax.random.split(jax.random.PRNGKey(0), 3),
+                                        prob.shapes()))
+        p = check_na_call(rank, q, k, v, prob.kernel, prob.stride, prob.dilation, prob.causal,
+                          None, backend_config=FusedConfig(forward_impl="sm90"))
         geo = (tuple(p.spatial), tuple(p.kernel_size), tuple(p.stride), tuple(p.dilation),
                tuple(p.is_causal))
-        useful = None
+        useful = flops.useful_flops(prob)
         picked = tiles.choose_tiles(*geo, p.head_dim, impl="sm90")
         for qn, kn in CLASSES:
             shapes = [t for t in tiles.tile_shapes(rank, (qn,), "sm90") if sum(t[1]) == kn]
@@ -69,10 +64,7 @@ def main():
                                                                    impl="sm90")[0])
             first = timed(fn, (q, k, v), 1, 1)
             ms = timed(fn, (q, k, v), max(1, int(args.budget_ms / max(first, 1e-3))), args.reps)
-            visited = 4 * s["batch"] * s["heads"] * s["head_dim"] * tiles.visited_pairs(*geo, *tl)
-            if useful is None:
-                from benchmarks.harness import flops, problems as hp
-                useful = flops.useful_flops(hp.make_problem(name, s))
+            visited = 4 * prob.batch * prob.heads * prob.head_dim * tiles.visited_pairs(*geo, *tl)
             row = dict(problem=name, q_log2=qn, kv_log2=kn, tiles=[list(tl[0]), list(tl[1])],
                        ms=ms, useful_tflops=useful / ms / 1e9, visited_tflops=visited / ms / 1e9,
                        picked=[list(x) for x in picked] == [list(tl[0]), list(tl[1])])

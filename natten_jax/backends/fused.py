@@ -63,6 +63,11 @@ from natten_jax.window import sample_extent, used_extra, valid_tokens
 TARGET = "natten_jax_fna_forward"
 TARGET_BACKWARD = "natten_jax_fna_backward"
 HEAD_DIMS = (32, 64, 128)
+DTYPES = ("float16", "bfloat16", "float32")  # float32: TF32 kernels (see above)
+
+# Tests set this: the custom call then fills its outputs with NaN before the kernel runs, so an
+# element the kernel fails to write cannot pass as a stale correct value.
+POISON_OUTPUTS = False
 
 
 def kernel_head_dim(head_dim: int, head_dim_v: int) -> Optional[int]:
@@ -88,11 +93,6 @@ def _pad_head_dim(x, d: int):
     if x.shape[-1] == d:
         return x
     return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, d - x.shape[-1])])
-DTYPES = ("float16", "bfloat16", "float32")  # float32: TF32 kernels (see above)
-
-# Tests set this: the custom call then fills its outputs with NaN before the kernel runs, so an
-# element the kernel fails to write cannot pass as a stale correct value.
-POISON_OUTPUTS = False
 
 
 def can_run(p: NAProblem):

@@ -5,8 +5,9 @@
 // which tests compare with natten_jax.tiles).
 //
 // Every kernel takes 64-key KV boxes / tiles, and the sm90 forward with 128-query tiles 128-key
-// boxes too; the forward takes Q tiles of 64 or 128 queries, the backward 64. dtypes: float16 and bfloat16 everywhere; float32 (TF32 products, two
-// precisions) on the sm80 kernels with 64-query tiles, head dim 128 on compute capability 9.x.
+// boxes too; the forward takes Q tiles of 64 or 128 queries, the backward 64. dtypes: float16
+// and bfloat16 everywhere; float32 (TF32 products, two precisions) on the sm80 kernels with
+// 64-query tiles, head dim 128 on compute capability 9.x.
 #pragma once
 
 #include <string>
