@@ -287,7 +287,7 @@ __device__ __forceinline__ void fwd_consume(const FnaFwdParams& p, const CtaWork
   };
 
   mbar_wait(bar_q, 0);
-  if (w == 0) named_barrier_arrive(kTurnBarrier, 2 * kWGThreads);
+  if (kPingPong && w == 0) named_barrier_arrive(kTurnBarrier, 2 * kWGThreads);
 
   for_each_box<Cfg::kStages>(c, [&](int stage, uint32_t phase, const int (&o)[3]) {
     bool full[3];
