@@ -42,7 +42,10 @@
 #include "natten_jax/fna/sm90_gemm.cuh"
 #include "natten_jax/fna/sm90_softmax.cuh"
 #include "natten_jax/fna/sm90_tile_io.cuh"
+#include "natten_jax/fna/sm90_tma.cuh"
 #include "natten_jax/neighborhood.cuh"
+
+#include <type_traits>
 
 namespace natten_jax {
 namespace fna {
@@ -89,11 +92,13 @@ struct FwdConfig {
 
 using CtaWork = QTileWork;  // what both roles know about the CTA's work
 
-// ---- Producer warpgroup: Q tile, then every KV box of the union.
-template <typename T, int D, int NWG, int BK>
-__device__ __forceinline__ void fwd_produce(const FnaFwdParams& p, const CtaWork& c,
-                                            uint32_t sbase, int pt) {
+// ---- Producer warpgroup: Q tile, then every KV box of the union (cp.async, or with Args =
+// FwdTmaArgs TMA copies by one thread: sm90_tma.cuh).
+template <typename T, int D, int NWG, int BK, typename Args>
+__device__ __forceinline__ void fwd_produce(const Args& args, const CtaWork& c, uint32_t sbase,
+                                            int pt) {
   using Cfg = FwdConfig<D, NWG, BK>;
+  const FnaFwdParams& p = params_of(args);
   using QLoader = TileLoader<T, D, Cfg::kQRows>;
   const uint32_t bar_full = sbase + Cfg::kBarOffset;
   const uint32_t bar_empty = bar_full + 8 * Cfg::kStages;
@@ -113,8 +118,13 @@ __device__ __forceinline__ void fwd_produce(const FnaFwdParams& p, const CtaWork
     qld.load(dst, src, off, tile_inside(c.q0, c.ql, c.nb.glen), c.q0, c.nb.glen, c.ql);
     cp_async_arrive_noinc(bar_q);
   }
-  produce_kv_boxes<T, D, Cfg::kStages, 2 * Cfg::kBoxBytes, Cfg::kBoxBytes, Cfg::kLoadRowThreads, BK>(
-      p, c, pt, sbase + Cfg::kStageOffset, bar_full, bar_empty);
+  if constexpr (std::is_same<Args, FwdTmaArgs>::value) {
+    produce_kv_boxes_tma<D, Cfg::kStages, 2 * Cfg::kBoxBytes, Cfg::kBoxBytes, BK>(
+        args, c, pt, sbase + Cfg::kStageOffset, bar_full, bar_empty);
+  } else {
+    produce_kv_boxes<T, D, Cfg::kStages, 2 * Cfg::kBoxBytes, Cfg::kBoxBytes, Cfg::kLoadRowThreads,
+                     BK>(p, c, pt, sbase + Cfg::kStageOffset, bar_full, bar_empty);
+  }
 }
 
 // Which keys the rows of one consumer thread see (neighborhood policy): boxes outside the
@@ -190,8 +200,9 @@ __device__ __forceinline__ void fwd_epilogue(const FnaFwdParams& p, const CtaWor
                                       span, c.ql, 64 * w, t);
 }
 
-// ---- Consumer warpgroup w (0-based): Q-tile rows [64w, 64w + 64).
-template <typename T, int D, int NWG, int BK>
+// ---- Consumer warpgroup w (0-based): Q-tile rows [64w, 64w + 64). kTma: the stages are
+// written by TMA (async proxy), so no proxy fence after a stage's wait.
+template <typename T, int D, int NWG, int BK, bool kTma>
 __device__ __forceinline__ void fwd_consume(const FnaFwdParams& p, const CtaWork& c,
                                             uint32_t sbase, int w, int t) {
   using Cfg = FwdConfig<D, NWG, BK>;
@@ -295,7 +306,7 @@ __device__ __forceinline__ void fwd_consume(const FnaFwdParams& p, const CtaWork
     // Wait even for a box this warpgroup skips: its release must not run ahead of the
     // producer's refill of the stage (arrivals are only counted, not attributed to a use).
     mbar_wait(bar_full + 8 * stage, phase);
-    fence_proxy_async();
+    if constexpr (!kTma) fence_proxy_async();
 
     if (touch) {
       // S = Q K^T and, if a box is pending, its P V behind it (O rescaled first), so that this
@@ -360,12 +371,14 @@ __device__ __forceinline__ void fwd_consume(const FnaFwdParams& p, const CtaWork
   fwd_epilogue<T, D, NWG, BK>(p, c, sm, o_acc, sbase, w, t);
 }
 
-template <typename T, int D, int NWG, int BK>
+template <typename T, int D, int NWG, int BK, typename Args = FnaFwdParams>
 __global__ void __launch_bounds__(FwdConfig<D, NWG, BK>::kThreads,
                                   FwdConfig<D, NWG, BK>::kMinBlocks)
-    fna_fwd_sm90_kernel(const __grid_constant__ FnaFwdParams p) {
+    fna_fwd_sm90_kernel(const __grid_constant__ Args args) {
 #if NJ_SM90A
   using Cfg = FwdConfig<D, NWG, BK>;
+  constexpr bool kTma = std::is_same<Args, FwdTmaArgs>::value;
+  const FnaFwdParams& p = params_of(args);
   // The swizzled layouts need 1024-byte-aligned blocks: the kernel has no static shared memory
   // (the host checks), so its dynamic shared memory starts at the declared alignment.
   extern __shared__ __align__(1024) unsigned char smem[];
@@ -382,7 +395,7 @@ __global__ void __launch_bounds__(FwdConfig<D, NWG, BK>::kThreads,
   if (threadIdx.x == 0) {
 #pragma unroll 1
     for (int s = 0; s < Cfg::kStages; ++s) {
-      mbar_init(bar_full + 8 * s, kWGThreads);                    // full: producer threads
+      mbar_init(bar_full + 8 * s, kTma ? 1 : kWGThreads);  // full: producer threads (TMA: 1)
       mbar_init(bar_full + 8 * (Cfg::kStages + s), 4 * NWG);      // empty: consumer warps
     }
     mbar_init(bar_full + 16 * Cfg::kStages, kWGThreads);          // Q loaded
@@ -393,13 +406,13 @@ __global__ void __launch_bounds__(FwdConfig<D, NWG, BK>::kThreads,
   const int wg = __shfl_sync(0xffffffff, static_cast<int>(threadIdx.x) / kWGThreads, 0);
   if (wg == 0) {
     setmaxnreg_dec<Cfg::kProducerRegs>();
-    fwd_produce<T, D, NWG, BK>(p, c, sbase, threadIdx.x);
+    fwd_produce<T, D, NWG, BK>(args, c, sbase, threadIdx.x);
   } else {
     setmaxnreg_inc<Cfg::kConsumerRegs>();
-    fwd_consume<T, D, NWG, BK>(p, c, sbase, wg - 1, threadIdx.x - kWGThreads * wg);
+    fwd_consume<T, D, NWG, BK, kTma>(p, c, sbase, wg - 1, threadIdx.x - kWGThreads * wg);
   }
 #else
-  (void)p;
+  (void)args;
   __trap();  // built for another architecture: the host launcher never starts this
 #endif
 }
@@ -411,6 +424,14 @@ cudaError_t launch(const FnaFwdParams& p, cudaStream_t stream) {
   using Cfg = FwdConfig<D, NWG, BK>;
   return launch_kernel(fna_fwd_sm90_kernel<T, D, NWG, BK>, q_tile_grid(p), Cfg::kThreads,
                        Cfg::kSmemBytes, true, p, stream);
+}
+
+// The TMA variant (two consumer warpgroups, 128-key boxes; sm90_tma.cuh).
+template <typename T, int D>
+cudaError_t launch_tma(const FwdTmaArgs& a, cudaStream_t stream) {
+  using Cfg = FwdConfig<D, 2, 128>;
+  return launch_kernel(fna_fwd_sm90_kernel<T, D, 2, 128, FwdTmaArgs>, q_tile_grid(a.p),
+                       Cfg::kThreads, Cfg::kSmemBytes, true, a, stream);
 }
 
 }  // namespace sm90
