@@ -24,7 +24,8 @@
 #   ncu          Nsight Compute (--set full) on one launch of the kernels matching $NCU_KERNEL
 #                (default fna_fwd) in `benchmarks.bench_na $NCU_ARGS` (default: 2d_nat_t forward,
 #                fused); the report, its details page and its raw metrics go into the archive, the
-#                occupancy, throughput and stall lines into the summary
+#                occupancy, throughput and stall lines into the summary, and the stall samples
+#                per SASS instruction (its source page through scripts/ncu_stalls.py)
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-/tmp/out}
@@ -102,7 +103,10 @@ for s in "${steps[@]}"; do
         -s "${NCU_SKIP:-2}" -c "${NCU_COUNT:-1}" -f -o "$OUT/ncu" python3 -m benchmarks.bench_na \
         ${NCU_ARGS:---problems 2d_nat_t --fwd-only --backends fused --peers none --reps 3 --no-loop} \
         && ncu -i "$OUT/ncu.ncu-rep" --page details > "$OUT/ncu_details.txt" 2>&1 \
-        && ncu -i "$OUT/ncu.ncu-rep" --page raw --csv > "$OUT/ncu_raw.csv" 2>&1 ;;
+        && ncu -i "$OUT/ncu.ncu-rep" --page raw --csv > "$OUT/ncu_raw.csv" 2>&1 \
+        && { ncu -i "$OUT/ncu.ncu-rep" --page source --csv --print-source sass \
+               > "$OUT/ncu_source.csv" 2>&1; python3 scripts/ncu_stalls.py "$OUT/ncu_source.csv" \
+               > "$OUT/ncu_stalls.txt" 2>&1; true; } ;;
     "") ;;
     *) echo "unknown step $s" >> "$SUMMARY" ;;
   esac
@@ -134,6 +138,10 @@ stalls = sorted(((float(v.replace(",", "")), n[len(pref):]) for n, v in zip(name
                  and v.replace(",", "").replace(".", "").isdigit()), reverse=True)
 print("  " + ", ".join(f"{n.replace('_per_issue_active.ratio', '')} {v:.2f}" for v, n in stalls[:10]))
 PY
+fi
+if [ -f "$OUT/ncu_stalls.txt" ]; then
+  echo "---- ncu (stall samples per SASS instruction: scripts/ncu_stalls.py)"
+  head -45 "$OUT/ncu_stalls.txt" | cut -c1-170
 fi
 echo "================ session summary ================"
 echo "gpu_check rc=$check_rc"
