@@ -8,13 +8,16 @@
 # last with their ratio. Every log and JSON is also packed into $OUT/ab.tgz (the device tool
 # brings back only a few files).
 #
-#   AB_ROUNDS=3 AB_PROBLEMS="2d_gen 3d_video 1d_long 2d_nat_t" bash scripts/gpu_headline_ab.sh
+#   AB_ROUNDS=3 AB_PROBLEMS="2d_gen 3d_video 1d_long 2d_nat_t" [AB_MODES=fwd] bash scripts/gpu_headline_ab.sh
+#
+# AB_MODES: "fwd", "fwdbwd" or both (default): the modes headline_times.py times.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-/tmp/out}
 A=${AB_TREE:-.ab/base}
 ROUNDS=${AB_ROUNDS:-3}
 PROBLEMS=${AB_PROBLEMS:-2d_gen 3d_video 1d_long 2d_nat_t}
+MODES=${AB_MODES:-fwd fwdbwd}
 mkdir -p "$OUT/ab"
 export PYTHONUNBUFFERED=1
 
@@ -29,7 +32,7 @@ for ((r = 0; r < ROUNDS; r++)); do
     tree=$PWD
     [ "$v" = A ] && tree=$(cd "$A" && pwd)
     # shellcheck disable=SC2086
-    PYTHONPATH="$tree" python3 scripts/headline_times.py --problems $PROBLEMS \
+    PYTHONPATH="$tree" python3 scripts/headline_times.py --problems $PROBLEMS --modes $MODES \
       --out "$OUT/ab/$v.$r.json" > "$OUT/ab/$v.$r.log" 2>&1 ||
       { echo "$v round $r failed"; tail -5 "$OUT/ab/$v.$r.log"; }
   done

@@ -4,6 +4,7 @@ Uses only ``natten_jax.na1d/na2d/na3d(q, k, v, kernel_size, stride, dilation, is
 the same script times any natten_jax tree: put the tree first on PYTHONPATH.
 
     PYTHONPATH=<tree> python3 scripts/headline_times.py --out times.json [--problems 2d_gen ...]
+        [--modes fwd]
 
 Problems: benchmarks/problems.json of this checkout (the four problems and their variants) and
 benchmarks/problems-anchors.json (NATTEN's showcase problems and their block-dense gna variants).
@@ -59,6 +60,8 @@ def main():
     ap.add_argument("--problems", nargs="*")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--budget-ms", type=float, default=300.0, help="time per timed batch")
+    ap.add_argument("--modes", nargs="+", choices=("fwd", "fwdbwd"), default=["fwd", "fwdbwd"],
+                    help="forward only saves most of an A/B call of a forward kernel")
     args = ap.parse_args()
     import natten_jax
 
@@ -81,6 +84,8 @@ def main():
         loss = lambda q, k, v: jnp.sum(na(q, k, v, **kw).astype(jnp.float32) * g)  # noqa: E731
         fwdbwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
         for mode, fn in (("fwd", fwd), ("fwdbwd", fwdbwd)):
+            if mode not in args.modes:
+                continue
             first = timed(fn, (q, k, v), 1, 1)
             iters = max(1, int(args.budget_ms / max(first, 1e-3)))
             ms = timed(fn, (q, k, v), iters, args.reps)
