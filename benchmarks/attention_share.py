@@ -11,8 +11,9 @@ MLPs, norms and the optimizer are unchanged). The attention's share of the step 
 ``1 - t_without / t_with``, and ``1 / (1 - share)`` is the most any attention kernel could speed
 the step up: what bounds issue 22's training target (1.4x images/s) before any kernel work.
 
-The backend is the first of ``--backends`` other than ``dense`` (default: fused). Flags are
-those of benchmarks.model_throughput (its ``--out`` here names this script's JSON).
+The backend is the first of ``--backends`` in model_throughput's run order (fused, gemm, naive,
+reference; default fused); ``dense`` is never used. Flags are those of
+benchmarks.model_throughput (its ``--out`` here names this script's JSON).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def attention_removed():
 
 def main(argv=None) -> list:
     args = mt.parse_args(argv)
-    backend = next((b for b in args.backend_names if b != "dense"), None)
+    backend = next((b for b in mt.RUN_ORDER if b in args.backend_names and b != "dense"), None)
     if backend is None:
         raise SystemExit("--backends: name a neighborhood-attention backend (not only dense)")
     rows = []

@@ -48,3 +48,14 @@ def test_quick_run():
     assert row["ms_with_attention"] > 0 and row["ms_without_attention"] > 0
     assert math.isclose(row["attention_share"],
                         1 - row["ms_without_attention"] / row["ms_with_attention"])
+
+
+def test_backend_choice(monkeypatch):
+    seen = []
+    monkeypatch.setattr(mt, "measure", lambda variant, backend, *a: seen.append(backend) or
+                        {"ms": 2.0})
+    monkeypatch.setattr(mt, "make_batches", lambda *a: None)
+    share.main(["--quick", "--dtypes", "fp32", "--modes", "infer"])  # every backend named
+    share.main(["--quick", "--dtypes", "fp32", "--modes", "infer", "--backends",
+                "reference,gemm,dense"])
+    assert seen == ["fused", "fused", "gemm", "gemm"]
