@@ -130,6 +130,19 @@ def visited_pairs(spatial: Tuple[int, ...], kernel_size, stride, dilation, is_ca
     return out
 
 
+def sm90_class_tiles(spatial: Tuple[int, ...], kernel_size, stride, dilation, is_causal):
+    """Per size class of the sm90 forward ((Q tile, KV box) log2 token counts, the keys of its
+    per-pair costs): the shape of that class with the fewest visited pairs, for timing or
+    running each kernel variant (scripts/sm90_box_sizes.py, scripts/sanitize_fna.py)."""
+    geo = (tuple(spatial), tuple(kernel_size), tuple(stride), tuple(dilation), tuple(is_causal))
+    out = {}
+    for qn, kn in _SM90_PAIR_COST:
+        shapes = [t for t in tile_shapes(len(spatial), (qn,), "sm90") if sum(t[1]) == kn]
+        if shapes:
+            out[(qn, kn)] = min(shapes, key=lambda t: visited_pairs(*geo, *t))
+    return out
+
+
 def _candidates(rank: int, log2_sum: int):
     return [t for t in itertools.product(range(log2_sum + 1), repeat=rank) if sum(t) == log2_sum]
 

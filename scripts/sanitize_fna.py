@@ -96,12 +96,9 @@ def forward_variants(p, q, k, v) -> bool:
     element is finite."""
     if tiles.IMPLS[int(np.asarray(fused._attrs(p)["impl"]))] != "sm90":
         return True
-    geo = (tuple(p.spatial), tuple(p.kernel_size), tuple(p.stride), tuple(p.dilation),
-           tuple(p.is_causal))
     ok = True
-    for qn, kn in ((6, 6), (7, 6), (7, 7)):
-        shapes = [t for t in tiles.tile_shapes(p.rank, (qn,), "sm90") if sum(t[1]) == kn]
-        tl = min(shapes, key=lambda t: tiles.visited_pairs(*geo, *t))
+    for tl in tiles.sm90_class_tiles(p.spatial, p.kernel_size, p.stride, p.dilation,
+                                     p.is_causal).values():
         out, lse = fused._forward_call(p, q, k, v, tiles=tl, impl="sm90")
         finite = bool(jnp.isfinite(out.astype(jnp.float32)).all())
         ok &= finite

@@ -33,8 +33,6 @@ from natten_jax import FusedConfig, tiles  # noqa: E402
 from natten_jax.backends import fused  # noqa: E402
 from natten_jax.checks import check_na_call  # noqa: E402
 
-CLASSES = ((6, 6), (7, 6), (7, 7))
-
 
 def main():
     ap = argparse.ArgumentParser()
@@ -55,11 +53,7 @@ def main():
                tuple(p.is_causal))
         useful = flops.useful_flops(prob)
         picked = tiles.choose_tiles(*geo, p.head_dim, impl="sm90")
-        for qn, kn in CLASSES:
-            shapes = [t for t in tiles.tile_shapes(rank, (qn,), "sm90") if sum(t[1]) == kn]
-            if not shapes:
-                continue
-            tl = min(shapes, key=lambda t: tiles.visited_pairs(*geo, *t))
+        for (qn, kn), tl in tiles.sm90_class_tiles(*geo).items():
             fn = jax.jit(lambda q, k, v, tl=tl: fused._forward_call(p, q, k, v, tiles=tl,
                                                                    impl="sm90")[0])
             first = timed(fn, (q, k, v), 1, 1)

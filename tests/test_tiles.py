@@ -93,3 +93,14 @@ def test_visited_flops_counts_at_least_useful_work():
         pairs = tiles.visited_pairs(spatial, kernel, (1, 1), (1, 1), (False, False), qt, kt)
         assert tiles.visited_flops(spatial, kernel, (1, 1), (1, 1), (False, False), 2, 3, 64,
                                    q_tile=q_tile) == 4 * 2 * 3 * 64 * pairs
+
+
+def test_sm90_class_tiles():
+    geo = ((40, 56), (7, 9), (1, 2), (1, 1), (False, True))
+    got = tiles.sm90_class_tiles(*geo)
+    assert set(got) == set(tiles._SM90_PAIR_COST)
+    for (qn, kn), (qt, kt) in got.items():
+        assert sum(qt) == qn and sum(kt) == kn
+        best = min(tiles.visited_pairs(*geo, *t) for t in tiles.tile_shapes(2, (qn,), "sm90")
+                   if sum(t[1]) == kn)
+        assert tiles.visited_pairs(*geo, qt, kt) == best
