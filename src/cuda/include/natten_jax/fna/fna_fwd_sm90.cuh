@@ -298,10 +298,6 @@ __device__ __forceinline__ void fwd_consume(const FnaFwdParams& p, const CtaWork
   };
 
   mbar_wait(bar_q, 0);
-  // The Q tile was written by cp.async (generic proxy) and is read by wgmma (async proxy). The
-  // cp.async producer's boxes need this fence per box anyway (below), which covers Q too; the
-  // TMA producer's do not, so Q gets its own.
-  if constexpr (kTma) fence_proxy_async();
   if (kPingPong && w == 0) named_barrier_arrive(kTurnBarrier, 2 * kWGThreads);
 
   for_each_box<Cfg::kStages>(c, [&](int stage, uint32_t phase, const int (&o)[3]) {
